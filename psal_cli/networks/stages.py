@@ -1,0 +1,66 @@
+"""How networks are split so that one engine can tile any of them.
+
+A network is written as *local stages* (convolutions: each output pixel depends only on
+inputs within `radius` pixels) around *whole-map stages* (PSAL: global). Its `run` method
+calls every stage through an `Executor`: `Direct` just calls them (training, small
+images); the engine's tiled executor runs local stages tile by tile with an overlap of
+`radius` and whole-map stages once on the full map, so tiling changes nothing but memory.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+class LocalStage(nn.Module):
+    """A module whose output at a pixel depends only on inputs within `radius` pixels.
+
+    `radius` is counted in input pixels on each side; `scale` is output size / input size
+    (2 for a ×2 upsampler, Fraction(1, 2) for a stride-2 encoder). All inputs of a stage
+    share one resolution. Subclasses set both in `__init__`.
+    """
+
+    radius: int = 0
+    scale: Fraction = Fraction(1)
+
+
+class Executor(Protocol):
+    """Runs the stages of a network; `Direct` or the engine's tiled executor."""
+
+    def local(self, stage: LocalStage, *inputs: Tensor) -> Tensor: ...
+
+    def whole(self, fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor: ...
+
+
+class Direct:
+    """Calls every stage on whole tensors where they are: training and small images."""
+
+    def local(self, stage: LocalStage, *inputs: Tensor) -> Tensor:
+        return stage(*inputs)
+
+    def whole(self, fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
+        return fn(*inputs)
+
+
+def conv_radius(*modules: nn.Module) -> int:
+    """Receptive radius of a chain of stride-1 convolutions (sum of their half-extents)."""
+    radius = 0
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                k = m.kernel_size[0]
+                radius += (k // 2) * m.dilation[0]
+    return radius
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Replicate-pad bottom/right so H and W divide `multiple` (crop the result back)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    return torch.nn.functional.pad(x, (0, pw, 0, ph), mode="replicate")
