@@ -1,0 +1,269 @@
+"""Image files in and out with Pillow, and the float tensors the networks see.
+
+Reading applies the EXIF orientation and normalises the many Pillow modes to a few
+families: gray (L, I;16) or colour (RGB), each with or without alpha. Tensors are float
+in [0, 1], shape (1, C, H, W), so 16-bit images keep their precision end to end.
+Writing goes back to the input's family (16-bit stays 16-bit where the format allows),
+carries the ICC profile and EXIF, and is atomic: a temporary file renamed into place,
+so an interrupted run never leaves a partial output behind.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+log = logging.getLogger("psal")
+
+# Format name (Pillow's) for each extension we read and write.
+FORMATS = {
+    ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP",
+    ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP",
+}
+EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp"}
+_LOSSY = {"JPEG", "WEBP"}
+_SIXTEEN = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+# Modes each output format can hold; others are converted (with a warning if alpha is lost).
+_WRITABLE = {
+    "PNG": {"L", "LA", "RGB", "RGBA", "I;16"},
+    "TIFF": {"L", "LA", "RGB", "RGBA", "I;16"},
+    "WEBP": {"RGB", "RGBA"},
+    "JPEG": {"L", "RGB"},
+    "BMP": {"L", "RGB"},
+}
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or written; the message says why in one line."""
+
+
+# -- files -------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_write(path: Path, *, overwrite: bool = False) -> Iterator[BinaryIO]:
+    """Write to a hidden temporary file beside `path`, then move it into place.
+
+    On any exception (Ctrl-C included) the temporary file is removed and `path` is
+    untouched. Without `overwrite`, an existing `path` is never replaced, even if it
+    appeared while we were writing (the final step is an exclusive link).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".psal-tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if path exists: no check-then-write race
+            except FileExistsError:
+                raise ImageError(f"{path}: already exists (use --overwrite to replace it)") from None
+            except OSError:  # file system without hard links
+                if path.exists():
+                    raise ImageError(f"{path}: already exists (use --overwrite to replace it)") from None
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def format_for(path: str | Path) -> str:
+    """Pillow format name for an output path, from its extension."""
+    ext = Path(path).suffix.lower()
+    if ext not in FORMATS:
+        known = ", ".join(sorted(FORMATS))
+        raise ImageError(f"{path}: unknown image extension {ext or '(none)'!r} (use one of {known})")
+    return FORMATS[ext]
+
+
+# -- reading ----------------------------------------------------------------------------
+
+
+def read_image(source: str | Path | BinaryIO | bytes, name: str | None = None) -> Image.Image:
+    """Open an image (path, bytes or binary stream), apply its EXIF orientation, load it.
+
+    The result is in one of the modes L, LA, I;16, RGB, RGBA; its `info` keeps the ICC
+    profile and EXIF (orientation removed, since it has been applied).
+    """
+    name = name or (str(source) if isinstance(source, (str, Path)) else "<stdin>")
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    try:
+        with Image.open(source) as opened:
+            fmt = opened.format
+            img = ImageOps.exif_transpose(opened)
+            img.load()
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{name}: damaged or truncated image ({e})") from None
+    img = _normalise_mode(img, name)
+    img.format = fmt  # for writing to stdout in the input's format
+    return img
+
+
+def _normalise_mode(img: Image.Image, name: str) -> Image.Image:
+    info = dict(img.info)
+    mode = img.mode
+    if mode in ("L", "LA", "RGB", "RGBA", "I;16"):
+        return img
+    if mode in _SIXTEEN:  # other 16-bit layouts and 32-bit int (16-bit TIFF/PNG variants)
+        a = np.asarray(img).astype(np.int64)
+        out = Image.fromarray(np.clip(a, 0, 65535).astype(np.uint16))
+    elif mode == "1":
+        out = img.convert("L")
+    elif mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in img.info
+        out = img.convert("RGBA" if has_alpha else "RGB")
+    elif mode == "La":
+        out = img.convert("LA")
+    elif mode == "RGBa":
+        out = img.convert("RGBA")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        out = img.convert("RGB")
+        info.pop("icc_profile", None)  # a CMYK profile does not describe the RGB pixels
+    else:
+        raise ImageError(f"{name}: unsupported image mode {mode}")
+    out.info = info
+    return out
+
+
+def is_gray(img: Image.Image) -> bool:
+    return img.mode in ("L", "LA", "I;16")
+
+
+def to_tensor(img: Image.Image) -> tuple[Tensor, Tensor | None]:
+    """Split an image into colour (1, C, H, W), C = 1 (gray) or 3, and alpha (1, 1, H, W) or None."""
+    scale = 65535.0 if img.mode == "I;16" else 255.0
+    a = np.asarray(img).astype(np.float32) / scale
+    if a.ndim == 2:
+        a = a[:, :, None]
+    t = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None]  # (1, C, H, W)
+    if img.mode in ("LA", "RGBA"):
+        return t[:, :-1], t[:, -1:]
+    return t, None
+
+
+def luminance(rgb: Tensor) -> Tensor:
+    """(B, 3, H, W) RGB -> (B, 1, H, W) luminance with Pillow's "L" weights (ITU-R 601-2)."""
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=rgb.dtype, device=rgb.device)
+    return (rgb * w[:, None, None]).sum(1, keepdim=True)
+
+
+def to_rgb(x: Tensor) -> Tensor:
+    """(B, 1 or 3, H, W) -> (B, 3, H, W); gray is repeated."""
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+# -- writing ----------------------------------------------------------------------------
+
+
+def from_tensor(color: Tensor, alpha: Tensor | None, like: Image.Image) -> Image.Image:
+    """Assemble an image from float tensors, in `like`'s bit depth, with its ICC profile and EXIF.
+
+    `color` is (1, 1 or 3, H, W); `alpha` (1, 1, H, W) or None. A gray result of a
+    16-bit input stays 16-bit (I;16); everything else is 8 bits per channel.
+    """
+    c = color[0].detach().float().clamp(0, 1).cpu()
+    sixteen = like.mode == "I;16" and c.shape[0] == 1 and alpha is None
+    scale = 65535.0 if sixteen else 255.0
+    if alpha is not None:
+        c = torch.cat([c, alpha[0].detach().float().clamp(0, 1).cpu()])
+    a = (c.numpy().transpose(1, 2, 0) * scale).round().astype(np.uint16 if sixteen else np.uint8)
+    img = Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a)  # L, I;16, LA, RGB or RGBA
+    img.info = {k: like.info[k] for k in ("icc_profile", "exif") if like.info.get(k)}
+    return img
+
+
+def _fit_mode(img: Image.Image, fmt: str, name: str) -> Image.Image:
+    """Convert to a mode the format can store; say so when alpha or bit depth is lost."""
+    if img.mode in _WRITABLE[fmt]:
+        return img
+    info = img.info
+    if img.mode == "I;16":
+        log.warning("%s: %s has no 16-bit gray; writing 8 bits", name, fmt)
+        out = Image.fromarray((np.asarray(img).astype(np.float32) / 257).round().astype(np.uint8))
+        if "L" not in _WRITABLE[fmt]:
+            out = out.convert("RGB")
+    elif img.mode in ("LA", "RGBA"):
+        if fmt == "WEBP":
+            out = img.convert("RGBA")
+        else:
+            log.warning("%s: %s has no alpha channel; transparency dropped", name, fmt)
+            out = img.convert("L" if img.mode == "LA" else "RGB")
+    else:  # L into WebP
+        out = img.convert("RGB")
+    out.info = info
+    return out
+
+
+def _icc_fits(icc: bytes, mode: str) -> bool:
+    """Whether an ICC profile's colour space (header bytes 16-20) matches the pixel mode."""
+    space = icc[16:20]
+    return space == (b"GRAY" if mode in ("L", "LA", "I;16") else b"RGB ")
+
+
+def encode_image(img: Image.Image, fmt: str, *, quality: int | None = None, name: str = "") -> bytes:
+    """Encode to bytes in `fmt` (a key of EXTENSIONS), keeping ICC and EXIF where possible."""
+    img = _fit_mode(img, fmt, name)
+    params: dict[str, object] = {}
+    icc = img.info.get("icc_profile")
+    if icc and fmt != "BMP":
+        if _icc_fits(icc, img.mode):
+            params["icc_profile"] = icc
+        else:
+            log.info("%s: colour profile dropped (it describes %s, the output is %s)",
+                     name, icc[16:20].decode("ascii", "replace").strip(), img.mode)
+    if img.info.get("exif") and fmt != "BMP":
+        params["exif"] = img.info["exif"]
+    if fmt in _LOSSY:
+        params["quality"] = 95 if quality is None else quality
+    if fmt == "TIFF":
+        params["compression"] = "tiff_deflate"
+    buf = io.BytesIO()
+    try:
+        img.save(buf, fmt, **params)
+    except (OSError, ValueError) as e:
+        raise ImageError(f"{name}: cannot write {fmt} ({e})") from None
+    return buf.getvalue()
+
+
+def write_image(
+    img: Image.Image,
+    path: str | Path,
+    *,
+    quality: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write atomically; the format follows the extension; `quality` (1-100) for JPEG/WebP."""
+    path = Path(path)
+    data = encode_image(img, format_for(path), quality=quality, name=str(path))
+    with atomic_write(path, overwrite=overwrite) as f:
+        f.write(data)
+    return path
