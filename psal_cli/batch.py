@@ -1,0 +1,251 @@
+"""Batches: which files to read, where each result goes, and the loop that writes them.
+
+Shared by every command, so `inpaint`, `colorize` and `upscale` differ only in the
+per-image function they pass to `run_batch`. Nothing here knows about networks.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+from PIL import Image
+
+from psal_cli.imageio import FORMATS, ImageError, encode_image, format_for, read_image, write_image
+
+log = logging.getLogger("psal")
+STDIO = "-"
+
+
+class UsageError(ValueError):
+    """A mistake in the command line (exit status 2), as opposed to a bad input file."""
+
+
+@dataclass
+class Item:
+    """One input and where its result goes; `None` paths mean standard input/output."""
+
+    source: Path | None
+    rel: Path  # path below the folder or glob root it came from: output layout, stem matching
+    output: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.source) if self.source else STDIO
+
+    @property
+    def output_name(self) -> str:
+        return str(self.output) if self.output else STDIO
+
+
+@dataclass
+class Result:
+    input: str
+    output: str
+    status: Literal["done", "skipped", "failed"]
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in FORMATS and not path.name.startswith(".")
+
+
+def expand_inputs(specs: list[str], *, recursive: bool = False) -> list[Item]:
+    """Files, folders (images inside; `recursive` descends) and glob patterns, in order given."""
+    items: list[Item] = []
+    for spec in specs:
+        if spec == STDIO:
+            items.append(Item(None, Path("stdin")))
+            continue
+        path = Path(spec)
+        if path.is_dir():
+            found = path.rglob("*") if recursive else path.iterdir()
+            items += [Item(p, p.relative_to(path)) for p in sorted(found) if p.is_file() and _is_image(p)]
+        elif path.exists():
+            items.append(Item(path, Path(path.name)))
+        elif glob.has_magic(spec):
+            parts = Path(spec).parts
+            fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+            root = Path(*parts[:fixed]) if fixed else Path()
+            matches = sorted(Path(p) for p in glob.glob(spec, recursive=True))
+            items += [Item(p, p.relative_to(root)) for p in matches if p.is_file() and _is_image(p)]
+            if not matches:
+                raise UsageError(f"{spec}: no file matches")
+        else:
+            raise UsageError(f"{spec}: no such file or folder")
+    if not items:
+        raise UsageError(f"no image files in {' '.join(specs)}")
+    if sum(i.source is None for i in items) > 1:
+        raise UsageError("standard input (-) can be read only once")
+    return items
+
+
+def shard(items: list[Item], spec: str | None) -> list[Item]:
+    """Keep the I-th (1-based) of N interleaved slices, e.g. "2/4": items 2, 6, 10, ..."""
+    if not spec:
+        return items
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {spec}: expected I/N, e.g. 1/4") from None
+    if not 1 <= i <= n:
+        raise UsageError(f"--shard {spec}: I must be between 1 and N")
+    return items[i - 1 :: n]
+
+
+def plan_outputs(items: list[Item], output: str | None, *, many: bool, suffix: str | None,
+                 ext: str | None, default_suffix: str) -> list[Item]:
+    """Decide each item's output path (None = standard output).
+
+    `-o -`: standard output (one input). `-o FILE`: one input. `-o DIR` (or several
+    inputs, or a folder/glob input): DIR/<relative path>/<stem><suffix><ext>. No `-o`:
+    beside each input with `default_suffix` (standard input goes to standard output).
+    """
+    ext = normalise_ext(ext)
+    if output == STDIO:
+        if len(items) > 1:
+            raise UsageError(f"-o - (standard output) takes one input, not {len(items)}")
+        items[0].output = None
+        return items
+    out = Path(output) if output else None
+    to_dir = out is not None and (many or len(items) > 1 or out.is_dir() or output.endswith(("/", os.sep)))
+    if out is not None and not to_dir:
+        if suffix is not None or ext is not None:
+            raise UsageError("--suffix and --ext name the files in -o DIR; -o FILE is the name itself")
+        format_for_usage(out)
+        items[0].output = out
+    else:
+        if to_dir and out.suffix.lower() in FORMATS and not out.is_dir():
+            raise UsageError(f"-o {output} looks like a file, but there are {len(items)} inputs: give a folder")
+        sfx = suffix if suffix is not None else ("" if to_dir else default_suffix)
+        for item in items:
+            if item.source is None and out is None:
+                item.output = None
+                continue
+            name = f"{item.rel.stem}{sfx}{ext or item.rel.suffix or '.png'}"
+            item.output = (out / item.rel.parent if out else item.source.parent) / name
+    seen: dict[Path, Item] = {}
+    for item in items:
+        if item.output is None:
+            continue
+        key = item.output.resolve()
+        if key in seen:
+            raise UsageError(f"{seen[key].name} and {item.name} would both be written to {item.output}")
+        seen[key] = item
+    return items
+
+
+def normalise_ext(ext: str | None) -> str | None:
+    """"jpg" or ".JPG" -> ".jpg"; UsageError for an extension we cannot write."""
+    if ext is None:
+        return None
+    ext = (ext if ext.startswith(".") else f".{ext}").lower()
+    if ext not in FORMATS:
+        raise UsageError(f"--ext {ext}: unknown image format (use one of {', '.join(sorted(FORMATS))})")
+    return ext
+
+
+def format_for_usage(path: Path) -> str:
+    try:
+        return format_for(path)
+    except ImageError as e:
+        raise UsageError(str(e)) from None
+
+
+class Companions:
+    """Masks or references: one file for every input, or a folder matched by relative path/stem."""
+
+    def __init__(self, spec: Path, what: str) -> None:
+        self.what = what
+        self.spec = spec
+        if not spec.exists():
+            raise UsageError(f"{what} {spec}: no such file or folder")
+        self.index: dict[Path, Path] = {}
+        if spec.is_dir():
+            for p in sorted(spec.rglob("*"), reverse=True):  # reverse: shallowest wins below
+                if p.is_file() and _is_image(p):
+                    rel = p.relative_to(spec).with_suffix("")
+                    self.index[rel] = p
+                    self.index[Path(rel.name)] = self.index.get(Path(rel.name), p)
+        self._cache: dict[Path, Image.Image] = {}
+
+    def for_item(self, item: Item) -> Image.Image:
+        """The companion image of `item` (read once and cached when shared)."""
+        path = self.spec
+        if self.spec.is_dir():
+            key = item.rel.with_suffix("")
+            path = self.index.get(key) or self.index.get(Path(key.name))
+            if path is None:
+                raise ImageError(f"{item.name}: no {self.what} named {key.name}.* in {self.spec}")
+        if path not in self._cache:
+            self._cache = {path: read_image(path)}  # keep one: a folder's files are used once
+        return self._cache[path]
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    if isinstance(e, (ValueError, OSError)):
+        return str(e)
+    if "out of memory" in str(e).lower():
+        return "out of memory; try a smaller --tile"
+    return f"internal error: {type(e).__name__}: {e} (run with --debug for details)"
+
+
+def run_batch(
+    items: list[Item],
+    process: Callable[[Item, Image.Image], Image.Image],
+    *,
+    stdin: BinaryIO,
+    stdout: BinaryIO,
+    quality: int | None = None,
+    overwrite: bool = False,
+    skip_existing: bool = False,
+    stdout_format: str | None = None,
+    debug: bool = False,
+) -> Iterator[Result]:
+    """Read each item, `process` it, write the result; yield one Result per item.
+
+    A failing item is reported and the batch goes on. Outputs are written atomically;
+    an existing output is skipped (`skip_existing`), replaced (`overwrite`) or refused.
+    An input is never overwritten.
+    """
+    for item in items:
+        start = time.perf_counter()
+        result = Result(item.name, item.output_name, "done")
+        try:
+            out = item.output
+            if out is not None and item.source is not None and out.resolve() == item.source.resolve():
+                raise ImageError(f"{out}: is the input; refusing to overwrite it")
+            if out is not None and out.exists():
+                if skip_existing:
+                    result.status = "skipped"
+                    yield result
+                    continue
+                if not overwrite:
+                    raise ImageError(f"{out}: already exists (use --overwrite or --skip-existing)")
+            image = read_image(item.source) if item.source else read_image(stdin.read(), STDIO)
+            fmt = stdout_format or image.format or "PNG"
+            image = process(item, image)
+            if out is None:
+                stdout.write(encode_image(image, fmt, quality=quality, name=STDIO))
+                stdout.flush()
+            else:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_image(image, out, quality=quality, overwrite=overwrite)
+        except Exception as e:  # a bad file in a batch is reported; the batch goes on
+            if debug:
+                traceback.print_exc()
+            result.status, result.error = "failed", _describe(e)
+        result.seconds = round(time.perf_counter() - start, 3)
+        yield result
+
+

@@ -1,0 +1,495 @@
+"""The `psal` command line: parse, call the library, report.
+
+`inpaint`, `colorize` and `upscale` share one pipeline (`batch_command`): the same
+input/output/device options, batch loop, progress, JSON summary and exit statuses
+(0 all done, 1 some inputs failed, 2 usage error). Each command only says how to load
+its model and edit one image.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import click
+import typer
+
+from psal_cli import __version__
+
+log = logging.getLogger("psal")
+TASKS = ("upscale", "colorize", "inpaint")
+
+app = typer.Typer(
+    name="psal",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# -- shared options -----------------------------------------------------------------------
+
+IO, BATCH, RUN = "Input and output", "Batches", "Device and tiling"
+
+
+def _opt(*names: str, help: str, panel: str, **kw: Any) -> typer.models.OptionInfo:
+    return typer.Option(*names, help=help, rich_help_panel=panel, **kw)
+
+
+# (name, annotation, default) of the options every image command takes, after its own.
+COMMON: list[tuple[str, Any, Any]] = [
+    ("output", Annotated[Optional[str], _opt(
+        "--output", "-o", metavar="PATH", panel=IO,
+        help="Output file (one input), folder (several inputs; their relative layout is kept) "
+        "or [bold]-[/] for standard output. Default: beside each input, with --suffix.")], None),
+    ("model", Annotated[Optional[Path], _opt(
+        "--model", "-m", metavar="FILE", panel=IO,
+        help="Model file (.safetensors). Default: the installed one in weights/ "
+        "(see [bold]psal models[/]).")], None),
+    ("quality", Annotated[Optional[int], _opt(
+        "--quality", min=1, max=100, panel=IO,
+        help="JPEG/WebP quality, 1-100.  [dim]\\[default: 95][/]")], None),
+    ("recursive", Annotated[bool, _opt(
+        "--recursive", "-r", panel=BATCH, help="Descend into sub-folders of folder inputs.")], False),
+    ("suffix", Annotated[Optional[str], _opt(
+        "--suffix", panel=BATCH,
+        help="Added to each output file name's stem. Default: none with -o DIR, else _<command>ed.")],
+     None),
+    ("ext", Annotated[Optional[str], _opt(
+        "--ext", panel=BATCH, help="Output format for -o DIR or -o - (png, jpg, webp, tif, bmp). "
+        "Default: the input's.")], None),
+    ("overwrite", Annotated[bool, _opt(
+        "--overwrite", panel=BATCH, help="Replace existing outputs (inputs are never replaced).")],
+     False),
+    ("skip_existing", Annotated[bool, _opt(
+        "--skip-existing", panel=BATCH, help="Skip inputs whose output exists: resumes a batch.")],
+     False),
+    ("shard", Annotated[Optional[str], _opt(
+        "--shard", metavar="I/N", panel=BATCH,
+        help="Process only the I-th (1..N) of N deterministic slices of the inputs.")], None),
+    ("json_summary", Annotated[bool, _opt(
+        "--json", panel=BATCH,
+        help="Print one JSON summary on standard output (per input: output, seconds, status, error).")],
+     False),
+    ("quiet", Annotated[bool, _opt(
+        "--quiet", "-q", panel=BATCH, help="Print errors only: no progress, no per-file lines.")],
+     False),
+    ("debug", Annotated[bool, _opt(
+        "--debug", panel=BATCH, help="Show tracebacks and debug messages.")], False),
+    ("device", Annotated[str, _opt(
+        "--device", "-d", panel=RUN, help="auto, cpu, cuda, cuda:N or mps.")], "auto"),
+    ("half", Annotated[bool, _opt(
+        "--half", panel=RUN, help="Compute in float16 on the GPU: faster, less memory.")], False),
+    ("threads", Annotated[Optional[int], _opt(
+        "--threads", min=1, panel=RUN, help="CPU threads. Default: torch's choice.")], None),
+    ("seed", Annotated[int, _opt(
+        "--seed", panel=RUN,
+        help="Random seed (PSAL's patch search is stochastic): same seed, device and input, "
+        "same output.")], 0),
+    ("tile", Annotated[Optional[int], _opt(
+        "--tile", min=0, metavar="PIXELS", panel=RUN,
+        help="Tile size for local stages; 0 = whole image.  [dim]\\[default: auto, from memory][/]")],
+     None),
+    ("tile_overlap", Annotated[Optional[int], _opt(
+        "--tile-overlap", min=0, metavar="PIXELS", panel=RUN,
+        help="Tile overlap.  [dim]\\[default: each stage's receptive field: seamless][/]")], None),
+]
+
+INPUTS = ("inputs", Annotated[list[str], typer.Argument(
+    metavar="INPUT", show_default=False,
+    help="Image files, folders or glob patterns; [bold]-[/] reads standard input.")])
+
+
+@dataclass
+class Common:
+    """The parsed shared options."""
+
+    inputs: list[str]
+    output: str | None
+    model: Path | None
+    quality: int | None
+    recursive: bool
+    suffix: str | None
+    ext: str | None
+    overwrite: bool
+    skip_existing: bool
+    shard: str | None
+    json_summary: bool
+    quiet: bool
+    debug: bool
+    device: str
+    half: bool
+    threads: int | None
+    seed: int
+    tile: int | None
+    tile_overlap: int | None
+
+
+@dataclass
+class Session:
+    """What a command's body gets: the options, and how to load its model and report tiles."""
+
+    task: str
+    common: Common
+    options: Any  # engine.Options
+    on_tile: Callable[[int, int], None] = field(default=lambda done, total: None)
+
+    def load_model(self, scale: int | None = None) -> Any:
+        """--model, or the installed default; exits with one clear line if there is none."""
+        from psal_cli.modelfile import default_model_path, load_model
+
+        path = self.common.model
+        if path is None:
+            path = default_model_path(self.task, scale)
+            if not path.exists():
+                what = f"{self.task} ×{scale}" if scale else self.task
+                raise NoModel(f"no trained {what} model is installed (looked for {path}); "
+                              f"pass --model FILE, or train one with `psal train {self.task}`")
+        elif not path.exists():
+            raise _usage(f"--model {path}: no such file")
+        model, info = load_model(path, task=self.task)
+        log.debug("model %s: %s %s", path, info.architecture, info.config)
+        return model
+
+
+class NoModel(Exception):
+    """No model installed for the command (exit status 1, one line)."""
+
+
+def _usage(message: str) -> Exception:
+    from psal_cli.batch import UsageError
+
+    return UsageError(message)
+
+
+def batch_command(task: str, help_examples: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register `fn` as the `task` command, with INPUT... first and COMMON options after its own.
+
+    `fn(session, **own_options)` checks its options, loads its model and returns the
+    per-image function `(item, image) -> image`; everything else is shared.
+    """
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)  # drop `session`
+               for p in list(inspect.signature(fn, eval_str=True).parameters.values())[1:]]
+        kw = inspect.Parameter.KEYWORD_ONLY
+        params = ([inspect.Parameter(INPUTS[0], kw, annotation=INPUTS[1])] + own
+                  + [inspect.Parameter(n, kw, default=d, annotation=a) for n, a, d in COMMON])
+
+        def command(**kwargs: Any) -> None:
+            common = Common(**{n: kwargs.pop(n) for n in ["inputs"] + [c[0] for c in COMMON]})
+            raise typer.Exit(_run(task, common, lambda session: fn(session, **kwargs)))
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__doc__ = f"{inspect.getdoc(fn)}\n\n{help_examples}"
+        app.command(task)(command)
+        return fn
+
+    return register
+
+
+# -- the shared pipeline ------------------------------------------------------------------
+
+
+def _setup_logging(quiet: bool, debug: bool) -> None:
+    class Stderr(logging.Handler):  # looks up sys.stderr at each call: progress bars redirect it
+        def emit(self, record: logging.LogRecord) -> None:
+            prefix = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+            print(f"{prefix}{record.getMessage()}", file=sys.stderr)
+
+    log.handlers[:] = [Stderr()]
+    log.propagate = False
+    log.setLevel(logging.DEBUG if debug else logging.ERROR if quiet else logging.INFO)
+
+
+def _run(task: str, c: Common, body: Callable[[Session], Callable[..., Any]]) -> int:
+    """Plan, load, run the batch, report; returns the exit status."""
+    _setup_logging(c.quiet, c.debug)
+    from psal_cli import batch
+    from psal_cli.engine import Options, resolve_device
+    from psal_cli.modelfile import ModelFileError
+
+    try:
+        if c.json_summary and c.output == batch.STDIO:
+            raise batch.UsageError("--json and -o - both write to standard output; use one")
+        items = batch.expand_inputs(c.inputs, recursive=c.recursive)
+        many = len(c.inputs) > 1 or any(Path(s).is_dir() or not Path(s).exists() for s in c.inputs
+                                         if s != batch.STDIO)
+        items = batch.plan_outputs(items, c.output, many=many, suffix=c.suffix, ext=c.ext,
+                                   default_suffix=f"_{task.removesuffix('e')}ed")
+        items = batch.shard(items, c.shard)
+        if any(i.output is None for i in items) and click.get_binary_stream("stdout").isatty():
+            raise batch.UsageError("refusing to write an image to the terminal; give -o FILE")
+        try:
+            device = resolve_device(c.device)
+        except ValueError as e:
+            raise batch.UsageError(f"--device {c.device}: {e}") from None
+        if c.half and device.type == "cpu":
+            raise batch.UsageError("--half needs a GPU (--device cuda or mps)")
+        if c.threads:
+            import torch
+
+            torch.set_num_threads(c.threads)
+        options = Options(device=c.device, tile=c.tile, tile_overlap=c.tile_overlap,
+                          half=c.half, seed=c.seed)
+        with Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
+            session = Session(task, c, options, reporter.tile)
+            process = body(session)
+            stdout_fmt = None
+            if c.output == batch.STDIO and c.ext:
+                stdout_fmt = batch.FORMATS[batch.normalise_ext(c.ext)]
+            results = []
+            for item, result in zip(items, batch.run_batch(
+                    items, process, stdin=click.get_binary_stream("stdin"),
+                    stdout=click.get_binary_stream("stdout"), quality=c.quality,
+                    overwrite=c.overwrite, skip_existing=c.skip_existing,
+                    stdout_format=stdout_fmt, debug=c.debug)):
+                reporter.done(item, result)
+                results.append(result)
+    except batch.UsageError as e:
+        log.error("%s", e)
+        return 2
+    except (NoModel, ModelFileError) as e:
+        log.error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 - a user never sees a traceback without --debug
+        if c.debug:
+            raise
+        log.error("%s", e if isinstance(e, (ValueError, OSError)) else
+                  f"internal error: {type(e).__name__}: {e} (run with --debug for details)")
+        return 1
+    failed = sum(r.status == "failed" for r in results)
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+    if c.json_summary:
+        typer.echo(json.dumps({"command": task, **counts, "results": [asdict(r) for r in results]},
+                              indent=2))
+    if len(results) > 1 or failed:
+        log.info("%s", ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    return 1 if failed else 0
+
+
+class Reporter:
+    """Per-file lines on stderr, and Rich progress bars (files, tiles) when stderr is a terminal."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.progress: Any = None
+
+    def __enter__(self) -> Reporter:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeRemainingColumn(), console=Console(stderr=True), redirect_stdout=False,
+                transient=True)
+            self.progress.__enter__()
+            self.files = self.progress.add_task("images", total=self.total)
+            self.tiles = self.progress.add_task("tiles", total=None, visible=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress:
+            self.progress.__exit__(*exc)
+
+    def tile(self, done: int, total: int) -> None:
+        if self.progress:
+            self.progress.update(self.tiles, completed=done, total=total, visible=total > 1)
+
+    def done(self, item: Any, result: Any) -> None:
+        if self.progress:
+            self.progress.update(self.tiles, visible=False, completed=0)
+            self.progress.advance(self.files)
+        if result.status == "failed":
+            log.error("%s", result.error)
+        elif result.status == "skipped":
+            log.info("skipped %s: %s exists", result.input, result.output)
+        else:
+            log.info("%s -> %s (%.1f s)", result.input, result.output, result.seconds)
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+@batch_command("upscale", """[bold]Examples[/]
+
+  psal upscale photo.jpg --scale 4 -o photo_x4.png
+
+  psal upscale photos/ -r -o big/ --ext webp --quality 90
+
+  cat small.png | psal upscale - -o - > big.png""")
+def upscale(
+    session: Session,
+    scale: Annotated[Optional[int], typer.Option(
+        "--scale", "-s", min=2, help="Enlargement factor; picks weights/upscale-x<scale>.safetensors. "
+        "[dim]\\[default: 4, or the --model's][/]")] = None,
+) -> Callable[..., Any]:
+    """Enlarge images by 2, 3 or 4; alpha is enlarged alongside."""
+    from psal_cli import edit
+
+    model = session.load_model(scale=scale if session.common.model else scale or 4)
+    if scale and model.config.scale != scale:
+        raise _usage(f"--scale {scale}, but {session.common.model} is a ×{model.config.scale} model")
+    return lambda item, image: edit.upscale(model, image, session.options, session.on_tile)
+
+
+@batch_command("colorize", """[bold]Examples[/]
+
+  psal colorize gray.png --reference colour.jpg -o out.png
+
+  psal colorize scans/ --reference refs/ -o coloured/   [dim](refs matched by file name)[/]""")
+def colorize(
+    session: Session,
+    reference: Annotated[Path, typer.Option(
+        "--reference", "-R", metavar="FILE|DIR", show_default=False,
+        help="Colour reference: one image for all inputs, or a folder matched by file stem.")],
+) -> Callable[..., Any]:
+    """Colour gray images after a colour reference; colour inputs are reduced to gray first."""
+    from psal_cli import batch, edit
+
+    refs = batch.Companions(reference, "reference")
+    model = session.load_model()
+    return lambda item, image: edit.colorize(model, image, refs.for_item(item), session.options,
+                                             session.on_tile)
+
+
+@batch_command("inpaint", """[bold]Examples[/]
+
+  psal inpaint photo.png --mask hole.png -o filled.png
+
+  psal inpaint photos/ --mask masks/ --dilate 4 -o filled/   [dim](masks matched by file name)[/]
+
+  psal inpaint cutout.png --mask-from-alpha -o filled.png""")
+def inpaint(
+    session: Session,
+    mask: Annotated[Optional[Path], typer.Option(
+        "--mask", "-M", metavar="FILE|DIR",
+        help="Mask image, non-zero = hole: one for all inputs, or a folder matched by file stem.")] = None,
+    invert_mask: Annotated[bool, typer.Option(
+        "--invert-mask", help="Treat zero as hole instead.")] = False,
+    mask_from_alpha: Annotated[bool, typer.Option(
+        "--mask-from-alpha", help="The hole is the input's transparent (alpha < max) pixels.")] = False,
+    dilate: Annotated[int, typer.Option(
+        "--dilate", min=0, metavar="PIXELS", help="Grow the hole by this many pixels.")] = 0,
+) -> Callable[..., Any]:
+    """Fill the holes a mask marks; known pixels are kept exactly."""
+    from psal_cli import batch, edit
+
+    if (mask is None) == (not mask_from_alpha):
+        raise _usage("give either --mask FILE|DIR or --mask-from-alpha")
+    masks = batch.Companions(mask, "mask") if mask else None
+
+    model = session.load_model()
+
+    def process(item: Any, image: Any) -> Any:
+        hole = edit.hole_mask(image, masks.for_item(item) if masks else None, invert=invert_mask,
+                              from_alpha=mask_from_alpha, dilate=dilate)
+        return edit.inpaint(model, image, hole, session.options, session.on_tile)
+
+    return process
+
+
+@app.command()
+def models(
+    files: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="[FILE...]", show_default=False, help="Model files to describe too.")] = None,
+    json_summary: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the installed models (weights/) and the given files: architecture, task, scale,
+    parameters, size and the metrics `psal eval` measured.
+
+    A damaged or foreign file is listed with its problem (exit status 1).
+    """
+    from psal_cli.modelfile import ModelFileError, default_model_path, read_info, weights_dir
+
+    wdir = weights_dir()
+    paths = sorted(wdir.glob("*.safetensors")) if wdir.is_dir() else []
+    paths += [p for p in files or [] if p not in paths]
+    rows, bad = [], 0
+    for path in paths:
+        try:
+            info = read_info(path)
+            rows.append({"file": str(path), "architecture": info.architecture, "task": info.task,
+                         "scale": info.scale, "parameters": info.parameters, "size": info.size,
+                         "metrics": info.metrics, "training": info.training, "error": None})
+        except ModelFileError as e:
+            bad += 1
+            rows.append({"file": str(path), "error": e.problem})
+    missing = [str(p) for p in (default_model_path(t, 4 if t == "upscale" else None) for t in TASKS)
+               if not p.exists()]
+    if json_summary:
+        typer.echo(json.dumps({"models": rows, "not_installed": missing}, indent=2))
+    else:
+        _print_models(rows, missing)
+    raise typer.Exit(1 if bad else 0)
+
+
+def _print_models(rows: list[dict[str, Any]], missing: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("file", "architecture", "task", "scale", "parameters", "size", "metrics",
+                  box=None, header_style="bold")
+    for r in rows:
+        if r["error"]:
+            table.add_row(r["file"], f"[red]{r['error']}[/]", *[""] * 5)
+            continue
+        metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in r["metrics"].items()) or "[dim]not evaluated[/]"
+        table.add_row(r["file"], r["architecture"], r["task"], str(r["scale"] or ""),
+                      _human(r["parameters"], ""), _human(r["size"], "B"), metrics)
+    console = Console()
+    if rows:
+        console.print(table)
+    for path in missing:
+        console.print(f"[dim]not installed: {path}[/]")
+
+
+def _human(n: int, unit: str) -> str:
+    for prefix in ("", "k", "M", "G"):
+        if n < 1000:
+            return f"{n:.3g} {prefix}{unit}".strip()
+        n /= 1000
+    return f"{n:.3g} T{unit}"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"psal {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option(
+        "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Edit images with neural networks built around PSAL, the Patch-based Stochastic Attention
+    Layer: fill holes ([bold]inpaint[/]), colour gray photos after a reference
+    ([bold]colorize[/]), enlarge ([bold]upscale[/]).
+
+    Every command reads files, folders, globs or standard input (-) and writes atomically.
+    Run [bold]psal COMMAND --help[/] for its options and examples.
+    """
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: temporary files are removed
+
+
+def main() -> None:
+    """Console entry point (`psal`, `python -m psal_cli`)."""
+    signal.signal(signal.SIGTERM, _terminate)
+    app(prog_name="psal")

@@ -1,0 +1,105 @@
+"""The three edits on Pillow images: what the CLI runs per file, callable from Python.
+
+Each function takes and returns `PIL.Image` (as read by `imageio.read_image`) and does
+the pre- and post-processing every network shares: alpha is split off and put back
+(resized alongside for `upscale`), gray images go through the network as RGB and come
+back gray, 16-bit stays 16-bit, ICC profile and EXIF are carried over.
+
+    >>> from psal_cli import edit, imageio, modelfile
+    >>> model, _ = modelfile.load_model("weights/upscale-x4.safetensors")
+    >>> big = edit.upscale(model, imageio.read_image("examples/chelsea.png"))
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from psal_cli.engine import Options, run_network
+from psal_cli.imageio import from_tensor, is_gray, luminance, to_rgb, to_tensor
+
+log = logging.getLogger("psal")
+OnTile = Callable[[int, int], None]
+
+
+def upscale(model: nn.Module, image: Image.Image, options: Options | None = None,
+            on_tile: OnTile | None = None) -> Image.Image:
+    """Enlarge by the model's scale; alpha is resized bicubically to the same size."""
+    color, alpha = to_tensor(image)
+    out = run_network(model, {"image": to_rgb(color)}, options or Options(), on_tile)
+    if is_gray(image):
+        out = luminance(out)
+    if alpha is not None:
+        alpha = F.interpolate(alpha, size=out.shape[-2:], mode="bicubic", align_corners=False)
+    return from_tensor(out, alpha, like=image)
+
+
+def colorize(model: nn.Module, image: Image.Image, reference: Image.Image,
+             options: Options | None = None, on_tile: OnTile | None = None) -> Image.Image:
+    """Colour a gray image after a colour reference; a colour input is reduced to luminance first."""
+    color, alpha = to_tensor(image)
+    gray = color if color.shape[1] == 1 else luminance(color)
+    ref = to_rgb(to_tensor(reference)[0])
+    out = run_network(model, {"gray": gray, "reference": ref}, options or Options(), on_tile)
+    return from_tensor(out, alpha, like=image)
+
+
+def hole_mask(image: Image.Image, mask: Image.Image | None = None, *, invert: bool = False,
+              from_alpha: bool = False, dilate: int = 0) -> Tensor:
+    """The hole as a (1, 1, H, W) float tensor, 1 = hole.
+
+    From `mask` (any non-zero pixel is a hole; resized nearest if its size differs, with a
+    warning) or, with `from_alpha`, from the image's transparency (any alpha below opaque).
+    `invert` swaps hole and known; `dilate` grows the hole by that many pixels.
+    """
+    if from_alpha:
+        alpha = to_tensor(image)[1]
+        if alpha is None:
+            raise ValueError("--mask-from-alpha: the image has no alpha channel")
+        hole = alpha < 1
+    else:
+        if mask is None:
+            raise ValueError("no mask given")
+        if mask.size != image.size:
+            log.warning("mask is %dx%d, the image %dx%d: mask resized (nearest)",
+                        *mask.size, *image.size)
+            mask = mask.resize(image.size, Image.Resampling.NEAREST)
+        m = to_tensor(mask)[0]
+        hole = (m > 0).any(1, keepdim=True)
+    if invert:
+        hole = ~hole
+    hole = hole.float()
+    if dilate > 0:
+        hole = F.max_pool2d(hole, 2 * dilate + 1, stride=1, padding=dilate)
+    return hole
+
+
+def inpaint(model: nn.Module, image: Image.Image, hole: Tensor, options: Options | None = None,
+            on_tile: OnTile | None = None) -> Image.Image:
+    """Fill the hole (see `hole_mask`); known pixels are kept exactly.
+
+    An empty hole returns the image unchanged (with a warning); a hole covering every
+    pixel is an error, since there is nothing to fill it from.
+    """
+    color, alpha = to_tensor(image)
+    if hole.shape[-2:] != color.shape[-2:]:
+        raise ValueError(f"hole is {hole.shape[-1]}x{hole.shape[-2]}, the image {image.width}x{image.height}")
+    if not hole.any():
+        log.warning("the mask is empty: nothing to inpaint, output = input")
+        return from_tensor(color, alpha, like=image)
+    if hole.all():
+        raise ValueError("the mask covers the whole image: nothing to inpaint from")
+    rgb = to_rgb(color)
+    out = run_network(model, {"image": rgb * (1 - hole), "mask": hole}, options or Options(), on_tile)
+    filled = hole.bool()
+    out = torch.where(filled, out.float().cpu(), rgb)
+    if is_gray(image):
+        out = torch.where(filled, luminance(out), color)
+    if alpha is not None:
+        alpha = torch.where(filled, 1.0, alpha)  # filled pixels are opaque
+    return from_tensor(out, alpha, like=image)
