@@ -247,10 +247,13 @@ def encode_image(img: Image.Image, fmt: str, *, quality: int | None = None, name
     if fmt == "TIFF":
         params["compression"] = "tiff_deflate"
     buf = io.BytesIO()
+    info, img.info = img.info, {}  # Pillow falls back on `info`: only `params` may be written
     try:
         img.save(buf, fmt, **params)
     except (OSError, ValueError) as e:
         raise ImageError(f"{name}: cannot write {fmt} ({e})") from None
+    finally:
+        img.info = info
     return buf.getvalue()
 
 

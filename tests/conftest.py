@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny model files installed as the defaults, small images, subprocess runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tiny_networks import write_models
+
+torch.set_num_threads(1)
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights folder with tiny models: upscale-x2, upscale-x4, colorize, inpaint."""
+    folder = tmp_path_factory.mktemp("weights")
+    write_models(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _isolated(weights: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every test sees the tiny models as the installed ones and runs in its own folder."""
+    monkeypatch.setenv("PSAL_WEIGHTS", str(weights))
+    monkeypatch.chdir(tmp_path)
+
+
+def make_image(path: Path | str, mode: str = "RGB", size: tuple[int, int] = (20, 12), seed: int = 0,
+               **save: object) -> Path:
+    """Write a random image of `mode` (L, LA, RGB, RGBA, P, I;16) and return its path."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    elif mode == "P":
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).quantize(16)
+    else:
+        a = rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8)
+        img = Image.fromarray(a[:, :, 0] if len(mode) == 1 else a)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **save)
+    return path
+
+
+def stray_files(root: Path | str) -> list[Path]:
+    """Temporary files an interrupted or failed write might have left."""
+    return [p for p in Path(root).rglob("*") if p.name.endswith(".psal-tmp")]
+
+
+def psal_command(*args: str) -> list[str]:
+    """A real `psal` process that also knows the tiny test networks."""
+    code = "import sys, tiny_networks; from psal_cli.cli import main; sys.argv[0] = 'psal'; main()"
+    return [sys.executable, "-c", code, *args]
+
+
+def run_psal(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(psal_command(*args), input=input, capture_output=True, env=env, timeout=120)

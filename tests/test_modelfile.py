@@ -1,0 +1,149 @@
+"""Model files: round trip, metadata, and one clear message for every kind of bad file."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import stray_files
+from psal_cli.modelfile import (ModelFileError, default_model_path, load_model, read_info,
+                                read_metadata, save_model)
+from tiny_networks import TinyInpaint, TinyUpscale
+
+
+def _rewrite_metadata(src: Path, dst: Path, **changes: str) -> Path:
+    """Copy a model file with some metadata values changed (weights untouched)."""
+    data = src.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"].update(changes)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    dst.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    return dst
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[TinyUpscale, Path]:
+    model = TinyUpscale(TinyUpscale.Config(scale=3))
+    return model, save_model(model, tmp_path / "m.safetensors", training={"steps": 7},
+                             metrics={"psnr": 31.5})
+
+
+def test_round_trip(saved: tuple[TinyUpscale, Path]) -> None:
+    model, path = saved
+    loaded, info = load_model(path, task="upscale")
+    assert isinstance(loaded, TinyUpscale) and not loaded.training
+    assert loaded.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    assert (info.architecture, info.task, info.scale) == ("test-tiny-upscale", "upscale", 3)
+    assert info.training == {"steps": 7} and info.metrics == {"psnr": 31.5}
+    assert info.parameters == sum(p.numel() for p in model.parameters())
+    meta = read_metadata(path)
+    assert meta["format"] == "psal-model" and meta["format_version"] == "1"
+    assert json.loads(meta["config"]) == {"scale": 3}
+    assert not stray_files(path.parent)
+
+
+def test_half_storage_loads_as_float32(tmp_path: Path, saved: tuple[TinyUpscale, Path]) -> None:
+    model, full = saved
+    half = save_model(model, tmp_path / "h.safetensors", half=True)
+    assert half.stat().st_size < full.stat().st_size
+    loaded, _ = load_model(half)
+    assert loaded.body.conv.weight.dtype == torch.float32
+    assert torch.allclose(loaded.body.conv.weight, model.body.conv.weight, atol=1e-3)
+
+
+def test_default_paths_follow_psal_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PSAL_WEIGHTS", str(tmp_path))
+    assert default_model_path("upscale", 4) == tmp_path / "upscale-x4.safetensors"
+    assert default_model_path("inpaint") == tmp_path / "inpaint.safetensors"
+    with pytest.raises(ValueError):
+        default_model_path("sharpen")
+
+
+def _truncated(p: Path, d: Path) -> Path:
+    (d / "t.safetensors").write_bytes(p.read_bytes()[:-5])
+    return d / "t.safetensors"
+
+
+def _header_cut(p: Path, d: Path) -> Path:
+    (d / "h.safetensors").write_bytes(p.read_bytes()[:40])
+    return d / "h.safetensors"
+
+
+def _junk(p: Path, d: Path) -> Path:
+    (d / "j.safetensors").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+    return d / "j.safetensors"
+
+
+def _empty(p: Path, d: Path) -> Path:
+    (d / "e.safetensors").write_bytes(b"")
+    return d / "e.safetensors"
+
+
+def _foreign(p: Path, d: Path) -> Path:
+    save_file({"w": torch.zeros(2)}, d / "f.safetensors")
+    return d / "f.safetensors"
+
+
+def _unknown_arch(p: Path, d: Path) -> Path:
+    return _rewrite_metadata(p, d / "u.safetensors", architecture="psal-teleport")
+
+
+def _mismatch(p: Path, d: Path) -> Path:
+    return _rewrite_metadata(p, d / "x.safetensors", config=json.dumps({"scale": 2}))
+
+
+def _bad_config(p: Path, d: Path) -> Path:
+    return _rewrite_metadata(p, d / "c.safetensors", config=json.dumps({"depth": 9}))
+
+
+def _future(p: Path, d: Path) -> Path:
+    return _rewrite_metadata(p, d / "v.safetensors", format_version="99")
+
+
+def _nan(p: Path, d: Path) -> Path:
+    model = TinyUpscale(TinyUpscale.Config(scale=3))
+    with torch.no_grad():
+        model.body.conv.bias[0] = float("nan")
+    return save_model(model, d / "n.safetensors")
+
+
+@pytest.mark.parametrize("make, problem", [
+    (_truncated, "truncated"),
+    (_header_cut, "truncated"),
+    (_junk, "not a safetensors model file"),
+    (_empty, r"not a safetensors model file \(only 0 bytes\)"),
+    (_foreign, "not a psal model"),
+    (_unknown_arch, "unknown architecture 'psal-teleport'"),
+    (_mismatch, "weights do not match architecture 'test-tiny-upscale'"),
+    (_bad_config, "config does not fit architecture"),
+    (_future, "format version '99' is not supported"),
+    (_nan, "NaN"),
+])
+def test_bad_files_name_the_file_and_problem(tmp_path: Path, saved: tuple[TinyUpscale, Path],
+                                             make, problem: str) -> None:
+    bad = make(saved[1], tmp_path)
+    with pytest.raises(ModelFileError, match=problem) as err:
+        load_model(bad)
+    assert str(err.value).startswith(f"{bad}: ")
+
+
+def test_wrong_task_and_missing_file(tmp_path: Path, saved: tuple[TinyUpscale, Path]) -> None:
+    with pytest.raises(ModelFileError, match="is a model for upscale, not for inpaint"):
+        load_model(saved[1], task="inpaint")
+    with pytest.raises(ModelFileError, match="no such file"):
+        read_info(tmp_path / "nope.safetensors")
+
+
+def test_save_refuses_unregistered_modules(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="not a registered psal network"):
+        save_model(torch.nn.Linear(2, 2), tmp_path / "l.safetensors")
+    assert TinyInpaint.architecture == "test-tiny-inpaint"
