@@ -432,29 +432,37 @@ def models(
     if json_summary:
         typer.echo(json.dumps({"models": rows, "not_installed": missing}, indent=2))
     else:
-        _print_models(rows, missing)
+        _print_models(rows, missing, wdir)
     raise typer.Exit(1 if bad else 0)
 
 
-def _print_models(rows: list[dict[str, Any]], missing: list[str]) -> None:
+def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("file", "architecture", "task", "scale", "parameters", "size", "metrics",
-                  box=None, header_style="bold")
+    table = Table(box=None, header_style="bold", title_justify="left",
+                  title=f"[bold]models[/] (installed ones in {wdir})")
+    table.add_column("model", overflow="fold")
+    table.add_column("architecture", overflow="fold")
+    for column in ("task", "scale", "params", "size"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("metrics", overflow="fold", min_width=12)
+    for r in rows:
+        path = Path(r["file"])
+        if not r["error"]:
+            metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in r["metrics"].items()) or "[dim]not evaluated[/]"
+            table.add_row(path.stem if path.parent == wdir else str(path), r["architecture"],
+                          r["task"], str(r["scale"] or ""), _human(r["parameters"], ""),
+                          _human(r["size"], "B"), metrics)
+    console = Console()
+    if table.rows:
+        console.print(table)
     for r in rows:
         if r["error"]:
-            table.add_row(r["file"], f"[red]{r['error']}[/]", *[""] * 5)
-            continue
-        metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in r["metrics"].items()) or "[dim]not evaluated[/]"
-        table.add_row(r["file"], r["architecture"], r["task"], str(r["scale"] or ""),
-                      _human(r["parameters"], ""), _human(r["size"], "B"), metrics)
-    console = Console()
-    if rows:
-        console.print(table)
+            console.print(f"[red]{r['file']}: {r['error']}[/]", highlight=False)
     for path in missing:
-        console.print(f"[dim]not installed: {path}[/]")
+        console.print(f"[dim]not installed: {path}[/]", highlight=False)
 
 
 def _human(n: int, unit: str) -> str:

@@ -1,0 +1,323 @@
+"""The `psal` command line, run for real on files in a temporary folder.
+
+Most runs go through Typer's runner in this process (fast); a few start real `psal`
+processes (pipes, `python -m`). Every failure is checked for its message, its exit
+status, no traceback and no stray file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import make_image, run_psal, stray_files
+from psal_cli import imageio
+from psal_cli.cli import app
+
+runner = CliRunner()
+
+
+def psal(*args: str | Path, input: bytes | None = None, code: int = 0):
+    """Run `psal ARGS` in-process; check the exit status and that no traceback was shown."""
+    result = runner.invoke(app, [str(a) for a in args], input=input)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.exit_code == code, f"exit {result.exit_code}: {result.stderr}{result.exception!r}"
+    return result
+
+
+def pixels(path: Path | str) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+# -- shell ---------------------------------------------------------------------------------
+
+
+def test_help_lists_commands_and_version() -> None:
+    out = psal("--help").stdout
+    for command in ("inpaint", "colorize", "upscale", "models"):
+        assert command in out
+    assert psal("--version").stdout.strip().startswith("psal ")
+    for command in ("inpaint", "colorize", "upscale"):
+        text = psal(command, "--help").stdout
+        assert "Examples" in text and "--output" in text and "--tile" in text
+
+
+def test_python_m_and_console_script_entry() -> None:
+    result = run_psal("--version")
+    assert result.returncode == 0 and result.stdout.startswith(b"psal ")
+
+
+# -- the three commands, every image mode ----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "I;16"])
+def test_upscale_every_mode(mode: str) -> None:
+    make_image("in.png", mode, size=(10, 6))
+    psal("upscale", "in.png", "--scale", "2", "-o", "out.png")
+    out = Image.open("out.png")
+    assert out.size == (20, 12)
+    assert out.mode == {"P": "RGB"}.get(mode, mode)
+    if mode.endswith("A"):  # alpha upscaled alongside
+        src_alpha = np.asarray(Image.open("in.png").getchannel("A"), dtype=float)
+        assert abs(pixels("out.png")[..., -1].mean() - src_alpha.mean()) < 10
+
+
+def test_upscale_default_scale_is_4_and_sixteen_bit_tiff() -> None:
+    make_image("in.tif", "I;16", size=(8, 6))
+    psal("upscale", "in.tif", "-o", "out.tif")
+    out = Image.open("out.tif")
+    assert (out.size, out.mode) == ((32, 24), "I;16")
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "I;16"])
+def test_colorize_every_mode(mode: str) -> None:
+    make_image("gray.png", mode)
+    make_image("ref.jpg", "RGB", size=(16, 16), seed=1)
+    psal("colorize", "gray.png", "--reference", "ref.jpg", "-o", "out.png")
+    out = Image.open("out.png")
+    assert out.size == (20, 12)
+    assert out.mode == ("RGBA" if mode.endswith("A") else "RGB")
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "I;16"])
+def test_inpaint_every_mode_keeps_known_pixels(mode: str) -> None:
+    make_image("in.png", mode)
+    mask = np.zeros((12, 20), np.uint8)
+    mask[3:7, 5:12] = 255
+    Image.fromarray(mask).save("mask.png")
+    psal("inpaint", "in.png", "--mask", "mask.png", "-o", "out.png")
+    src, out = pixels("in.png"), pixels("out.png")
+    assert Image.open("out.png").mode == mode
+    assert np.array_equal(src[mask == 0], out[mask == 0])
+
+
+def test_inpaint_mask_options(caplog: pytest.LogCaptureFixture) -> None:
+    make_image("in.png", "RGBA")
+    rgba = pixels("in.png").copy()
+    rgba[..., 3] = 255
+    rgba[2:5, 2:5, 3] = 0
+    Image.fromarray(rgba).save("cut.png")
+    psal("inpaint", "cut.png", "--mask-from-alpha", "-o", "a.png")
+    assert (pixels("a.png")[..., 3] == 255).all()  # the hole is filled and opaque
+    mask = np.zeros((12, 20), np.uint8)
+    mask[:, :10] = 1  # any non-zero value is a hole
+    Image.fromarray(mask).save("m.png")
+    psal("inpaint", "in.png", "--mask", "m.png", "--invert-mask", "-o", "i.png")
+    assert np.array_equal(pixels("i.png")[:, :10], pixels("in.png")[:, :10])
+    psal("inpaint", "in.png", "--mask", "m.png", "--dilate", "2", "-o", "d.png")
+    assert np.array_equal(pixels("d.png")[:, 12:], pixels("in.png")[:, 12:])
+    assert not np.array_equal(pixels("d.png")[:, 10:12], pixels("in.png")[:, 10:12])
+
+
+def test_inpaint_mask_problems() -> None:
+    make_image("in.png", "RGB")
+    Image.new("L", (40, 24)).save("empty.png")
+    result = psal("inpaint", "in.png", "--mask", "empty.png", "-o", "same.png")
+    assert "mask is 40x24, the image 20x12: mask resized" in result.stderr
+    assert "the mask is empty" in result.stderr
+    assert np.array_equal(pixels("same.png"), pixels("in.png"))
+    Image.new("L", (20, 12), 255).save("full.png")
+    result = psal("inpaint", "in.png", "--mask", "full.png", "-o", "x.png", code=1)
+    assert "covers the whole image" in result.stderr and not Path("x.png").exists()
+    result = psal("inpaint", "in.png", "--mask-from-alpha", "-o", "x.png", code=1)
+    assert "no alpha channel" in result.stderr
+    assert "--mask" in psal("inpaint", "in.png", "-o", "x.png", code=2).stderr
+    Path("notes.png").write_text("not an image")
+    result = psal("inpaint", "in.png", "--mask", "notes.png", "-o", "x.png", code=1)
+    assert "notes.png: not an image file" in result.stderr
+    assert not Path("x.png").exists() and not stray_files(".")
+
+
+def test_seed_makes_runs_repeatable() -> None:
+    make_image("in.png")
+    psal("upscale", "in.png", "--scale", "2", "--seed", "3", "-o", "a.png")
+    psal("upscale", "in.png", "--scale", "2", "--seed", "3", "-o", "b.png")
+    assert Path("a.png").read_bytes() == Path("b.png").read_bytes()
+
+
+# -- standard input and output ----------------------------------------------------------------
+
+
+def test_stdin_to_stdout_in_process() -> None:
+    data = make_image("in.png").read_bytes()
+    result = psal("upscale", "-", "--scale", "2", "-o", "-", "--ext", "webp", input=data)
+    assert Image.open(__import__("io").BytesIO(result.stdout_bytes)).format == "WEBP"
+    assert result.stderr == "" or "->" in result.stderr  # logs go to stderr only
+
+
+def test_pipeline_of_real_processes() -> None:
+    """cat a.png | psal upscale - --scale 2 -o - | psal colorize - --reference r.png -o out.png"""
+    data = make_image("a.png", "L").read_bytes()
+    make_image("r.png", "RGB", seed=2)
+    up = run_psal("upscale", "-", "--scale", "2", "-o", "-", input=data)
+    assert up.returncode == 0, up.stderr
+    col = run_psal("colorize", "-", "--reference", "r.png", "-o", "out.png", input=up.stdout)
+    assert col.returncode == 0, col.stderr
+    assert Image.open("out.png").size == (40, 24) and Image.open("out.png").mode == "RGB"
+
+
+def test_json_summary_and_refusing_stdout_with_json() -> None:
+    make_image("in.png")
+    summary = json.loads(psal("upscale", "in.png", "--scale", "2", "-o", "o.png", "--json").stdout)
+    assert summary["done"] == 1 and summary["failed"] == 0
+    (item,) = summary["results"]
+    assert item["output"] == "o.png" and item["status"] == "done" and item["error"] is None
+    assert "--json" in psal("upscale", "in.png", "-o", "-", "--json", code=2).stderr
+
+
+# -- batches ------------------------------------------------------------------------------
+
+
+def test_batch_with_a_corrupt_file_goes_on() -> None:
+    for name in ("a", "b", "sub/c"):
+        make_image(f"in/{name}.png")
+    Path("in/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    result = psal("upscale", "in", "-r", "--scale", "2", "-o", "out", "--json", code=1)
+    assert "in/broken.png: " in result.stderr
+    assert sorted(p.as_posix() for p in Path("out").rglob("*.png")) == ["out/a.png", "out/b.png",
+                                                                      "out/sub/c.png"]
+    summary = json.loads(result.stdout)
+    assert (summary["done"], summary["failed"]) == (3, 1)
+    assert not stray_files(".")
+
+
+def test_batch_naming_glob_suffix_ext_quality() -> None:
+    make_image("pics/a.png")
+    make_image("pics/b.png")
+    psal("upscale", "pics/*.png", "--scale", "2", "-o", "out", "--suffix", "_x2", "--ext", "jpg",
+         "--quality", "80")
+    assert sorted(p.name for p in Path("out").iterdir()) == ["a_x2.jpg", "b_x2.jpg"]
+    psal("upscale", "pics/a.png", "--scale", "2")  # no -o: beside the input
+    assert Path("pics/a_upscaled.png").exists()
+
+
+def test_masks_and_references_matched_by_stem() -> None:
+    for name in ("a", "b"):
+        make_image(f"in/{name}.png")
+        make_image(f"refs/{name}.jpg", seed=3)
+    mask = np.zeros((12, 20), np.uint8)
+    mask[4:8, 4:8] = 255
+    Path("masks").mkdir()
+    Image.fromarray(mask).save("masks/a.png")
+    psal("colorize", "in", "--reference", "refs", "-o", "col")
+    assert len(list(Path("col").iterdir())) == 2
+    result = psal("inpaint", "in", "--mask", "masks", "-o", "fill", code=1)
+    assert "in/b.png: no mask named b.* in masks" in result.stderr
+    assert [p.name for p in Path("fill").iterdir()] == ["a.png"]
+
+
+def test_skip_existing_overwrite_and_never_the_input() -> None:
+    make_image("in/a.png")
+    make_image("in/b.png")
+    psal("upscale", "in", "--scale", "2", "-o", "out")
+    Path("out/a.png").write_bytes(b"keep me")
+    result = psal("upscale", "in", "--scale", "2", "-o", "out", code=1)
+    assert "out/a.png: already exists" in result.stderr
+    assert Path("out/a.png").read_bytes() == b"keep me"
+    result = psal("upscale", "in", "--scale", "2", "-o", "out", "--skip-existing", "--json")
+    assert [r["status"] for r in json.loads(result.stdout)["results"]] == ["skipped", "skipped"]
+    psal("upscale", "in", "--scale", "2", "-o", "out", "--overwrite")
+    assert Image.open("out/a.png").size == (40, 24)
+    before = Path("in/a.png").read_bytes()
+    result = psal("upscale", "in/a.png", "--scale", "2", "-o", "in/a.png", "--overwrite", code=1)
+    assert "is the input" in result.stderr and Path("in/a.png").read_bytes() == before
+
+
+def test_shards_partition_the_inputs() -> None:
+    for i in range(5):
+        make_image(f"in/{i}.png")
+    seen = []
+    for shard in ("1/2", "2/2"):
+        result = psal("upscale", "in", "--scale", "2", "-o", "out", "--shard", shard, "--json")
+        seen += [r["input"] for r in json.loads(result.stdout)["results"]]
+    assert sorted(seen) == sorted(str(p) for p in Path("in").iterdir())
+    assert "--shard 3/2" in psal("upscale", "in", "--shard", "3/2", code=2).stderr
+
+
+def test_interrupted_write_leaves_no_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    make_image("in.png")
+
+    def interrupted(fd: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(imageio.os, "fsync", interrupted)
+    result = psal("upscale", "in.png", "--scale", "2", "-o", "out.png", code=130)
+    assert "interrupted" in result.stderr
+    assert sorted(p.name for p in Path(".").iterdir()) == ["in.png"]
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["upscale", "nope.png"], "nope.png: no such file or folder"),
+    (["upscale", "*.gif"], "*.gif: no file matches"),
+    (["upscale", "a.png", "b.png", "-o", "x.png"], "looks like a file, but there are 2 inputs"),
+    (["upscale", "a.png", "-o", "x.gif"], "unknown image extension '.gif'"),
+    (["upscale", "a.png", "--ext", "gif", "-o", "d/"], "--ext .gif: unknown image format"),
+    (["upscale", "a.png", "--model", "nope.safetensors"], "--model nope.safetensors: no such file"),
+    (["upscale", "a.png", "--device", "tpu"], "--device tpu"),
+    (["upscale", "a.png", "--half", "--device", "cpu"], "--half needs a GPU"),
+    (["upscale", "a.png", "--bogus"], "No such option"),
+    (["colorize", "a.png"], "Missing option '--reference'"),
+    (["colorize", "a.png", "--reference", "none.png"], "reference none.png: no such file"),
+])
+def test_usage_errors_exit_2(args: list[str], message: str) -> None:
+    make_image("a.png")
+    make_image("b.png")
+    result = psal(*args, code=2)
+    assert message in result.stderr
+    assert sorted(p.name for p in Path(".").iterdir()) == ["a.png", "b.png"]
+
+
+def test_non_image_input_and_debug_traceback() -> None:
+    Path("notes.png").write_text("hello")
+    result = psal("upscale", "notes.png", "-o", "out.png", code=1)
+    assert "notes.png: not an image file" in result.stderr
+    result = runner.invoke(app, ["upscale", "notes.png", "-o", "out.png", "--debug"])
+    assert result.exit_code == 1 and "Traceback" in result.stderr
+    assert not Path("out.png").exists()
+
+
+def test_no_installed_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PSAL_WEIGHTS", str(tmp_path / "empty"))
+    make_image("in.png")
+    result = psal("upscale", "in.png", "--scale", "3", "-o", "out.png", code=1)
+    assert "no trained upscale ×3 model is installed" in result.stderr
+    assert "upscale-x3.safetensors" in result.stderr and not Path("out.png").exists()
+
+
+def test_damaged_and_wrong_task_model(weights: Path) -> None:
+    make_image("in.png")
+    Path("cut.safetensors").write_bytes((weights / "inpaint.safetensors").read_bytes()[:-7])
+    result = psal("inpaint", "in.png", "--mask", "in.png", "--model", "cut.safetensors", code=1)
+    assert result.stderr.strip() == "error: cut.safetensors: truncated: " + result.stderr.split(
+        "truncated: ")[1].strip()
+    result = psal("upscale", "in.png", "--model", weights / "colorize.safetensors", code=1)
+    assert "is a model for colorize, not for upscale" in result.stderr
+    result = psal("upscale", "in.png", "--scale", "3", "--model", weights / "upscale-x2.safetensors",
+                  code=2)
+    assert "is a ×2 model" in result.stderr
+    assert sorted(p.name for p in Path(".").iterdir()) == ["cut.safetensors", "in.png"]
+
+
+# -- models -----------------------------------------------------------------------------------
+
+
+def test_models_lists_installed_and_given_files(weights: Path) -> None:
+    shutil.copy(weights / "inpaint.safetensors", "mine.safetensors")
+    Path("bad.safetensors").write_bytes(b"junk")
+    result = psal("models", "mine.safetensors", "bad.safetensors", "--json", code=1)
+    rows = {Path(r["file"]).name: r for r in json.loads(result.stdout)["models"]}
+    assert rows["upscale-x4.safetensors"]["scale"] == 4
+    assert rows["mine.safetensors"]["architecture"] == "test-tiny-inpaint"
+    assert rows["mine.safetensors"]["metrics"] == {"psnr": 12.5}
+    assert "not a safetensors model file" in rows["bad.safetensors"]["error"]
+    table = psal("models").stdout
+    assert "test-tiny-colorize" in table and "psnr=12.5" in table and "bad.safetensors" not in table
