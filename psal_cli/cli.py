@@ -206,7 +206,6 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
             print(f"{prefix}{record.getMessage()}", file=sys.stderr)
 
     log.handlers[:] = [Stderr()]
-    log.propagate = False
     log.setLevel(logging.DEBUG if debug else logging.ERROR if quiet else logging.INFO)
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import io
 import logging
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,32 +57,57 @@ class ImageError(ValueError):
 def atomic_write(path: Path, *, overwrite: bool = False) -> Iterator[BinaryIO]:
     """Write to a hidden temporary file beside `path`, then move it into place.
 
-    On any exception (Ctrl-C included) the temporary file is removed and `path` is
-    untouched. Without `overwrite`, an existing `path` is never replaced, even if it
-    appeared while we were writing (the final step is an exclusive link).
+    On any exception (Ctrl-C and SIGTERM included) the temporary file is removed and
+    `path` is untouched: creating, committing and removing the temporary file happen
+    with those signals held back, so an interruption cannot fall between the steps.
+    Without `overwrite`, an existing `path` is never replaced, even if it appeared while
+    we were writing (the final step is an exclusive link).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".psal-tmp", dir=path.parent)
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with _signals_held():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".psal-tmp", dir=path.parent)
+            f = os.fdopen(fd, "wb")
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if path exists: no check-then-write race
-            except FileExistsError:
-                raise ImageError(f"{path}: already exists (use --overwrite to replace it)") from None
-            except OSError:  # file system without hard links
-                if path.exists():
-                    raise ImageError(f"{path}: already exists (use --overwrite to replace it)") from None
-                os.replace(tmp, path)
+        with _signals_held():
+            os.chmod(tmp, 0o666 & ~_umask())
+            _commit(tmp, path, overwrite)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with _signals_held():
+            if tmp and os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _commit(tmp: str, path: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    exists = ImageError(f"{path}: already exists (use --overwrite to replace it)")
+    try:
+        os.link(tmp, path)  # fails if path exists: no check-then-write race
+    except FileExistsError:
+        raise exists from None
+    except OSError:  # a file system without hard links
+        if path.exists():
+            raise exists from None
+        os.replace(tmp, path)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back (main thread, POSIX) until the block is done."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _umask() -> int:

@@ -62,7 +62,12 @@ def psal_command(*args: str) -> list[str]:
     return [sys.executable, "-c", code, *args]
 
 
+def psal_env() -> dict[str, str]:
+    """Environment for `psal` subprocesses: this checkout and the tests importable, one thread."""
+    path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+
+
 def run_psal(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run(psal_command(*args), input=input, capture_output=True, env=env, timeout=120)
+    return subprocess.run(psal_command(*args), input=input, capture_output=True, env=psal_env(),
+                          timeout=120)

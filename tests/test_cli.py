@@ -8,7 +8,11 @@ status, no traceback and no stray file.
 from __future__ import annotations
 
 import json
+import signal
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_image, run_psal, stray_files
+from conftest import make_image, psal_command, psal_env, run_psal, stray_files
 from psal_cli import imageio
 from psal_cli.cli import app
 
@@ -48,8 +52,9 @@ def test_help_lists_commands_and_version() -> None:
         assert "Examples" in text and "--output" in text and "--tile" in text
 
 
-def test_python_m_and_console_script_entry() -> None:
-    result = run_psal("--version")
+def test_python_m_runs_the_cli() -> None:
+    result = subprocess.run([sys.executable, "-m", "psal_cli", "--version"], capture_output=True,
+                            env=psal_env(), timeout=120)
     assert result.returncode == 0 and result.stdout.startswith(b"psal ")
 
 
@@ -250,6 +255,21 @@ def test_interrupted_write_leaves_no_file(monkeypatch: pytest.MonkeyPatch) -> No
     result = psal("upscale", "in.png", "--scale", "2", "-o", "out.png", code=130)
     assert "interrupted" in result.stderr
     assert sorted(p.name for p in Path(".").iterdir()) == ["in.png"]
+
+
+def test_killed_batch_leaves_only_complete_files() -> None:
+    for i in range(150):
+        make_image(f"in/{i:03}.png", size=(48, 48), seed=i)
+    proc = subprocess.Popen(psal_command("upscale", "in", "--scale", "4", "-o", "out"),
+                            env=psal_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(Path("out").glob("*.png")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) in (0, 128 + signal.SIGTERM)
+    assert not stray_files(".")
+    for out in Path("out").iterdir():
+        Image.open(out).load()  # every file there is whole
 
 
 # -- errors --------------------------------------------------------------------------------
