@@ -1,0 +1,51 @@
+"""Image quality metrics used by `psal eval`, as the protocols in shared/data/README.md define them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rgb_to_y(rgb: Tensor) -> Tensor:
+    """ITU-R BT.601 studio-range Y in [16, 235] of RGB in [0, 1] (the SR benchmark convention)."""
+    r, g, b = rgb.unbind(1)
+    return (16 + 65.481 * r + 128.553 * g + 24.966 * b)[:, None]
+
+
+def shave(x: Tensor, border: int) -> Tensor:
+    return x[..., border : x.shape[-2] - border, border : x.shape[-1] - border] if border else x
+
+
+def psnr(a: Tensor, b: Tensor, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB over all elements (float64)."""
+    mse = (a.double() - b.double()).square().mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
+
+
+def ssim(a: Tensor, b: Tensor, data_range: float = 255.0) -> float:
+    """Mean SSIM (Wang et al. 2004): 11×11 Gaussian window σ = 1.5, K1 = 0.01, K2 = 0.03, per channel."""
+    a, b = a.double(), b.double()
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    channels = a.shape[1]
+    window = (g[:, None] * g[None, :]).expand(channels, 1, 11, 11).to(a.device)
+
+    def blur(x: Tensor) -> Tensor:
+        return F.conv2d(x, window, groups=channels)  # "valid": no padding artefacts
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.mean().item()
+
+
+def to_uint8_levels(x: Tensor) -> Tensor:
+    """Round [0, 1] values to the 8-bit levels a saved PNG would hold, so metrics match files."""
+    return (x.clamp(0, 1) * 255).round() / 255

@@ -1,0 +1,113 @@
+"""The training loop shared by every network: sample a batch, step Adam, checkpoint, resume.
+
+Each task (psal_cli/tasks/) supplies what differs: how a batch is made from the photos
+and the loss. Checkpoints are ordinary model files (safetensors with metadata), so a
+run resumes from any of them with `--init` and a shipped weights file is a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class TrainOptions:
+    steps: int = 20000
+    batch: int = 16
+    patch: int = 64  # side of the training crop, in output (target) pixels
+    lr: float = 5e-4  # peak learning rate; cosine decay to lr_final over this run's steps
+    lr_final: float = 1e-5
+    seed: int = 0
+    device: str = "cpu"
+    log_every: int = 50
+    checkpoint_every: int = 250
+    validate_every: int = 1000
+
+
+def load_photos(folder: Path, limit: int | None = None) -> list[Tensor]:
+    """Every photo of a folder as a (3, H, W) uint8 tensor, sorted by name (held in memory)."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no images found in {folder}")
+    files = files[:limit] if limit else files
+    return [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).contiguous() for f in files]
+
+
+def random_crop(photo: Tensor, size: int, rng: random.Random) -> Tensor:
+    """A size×size crop at a random place, randomly flipped and rotated by a multiple of 90°."""
+    _, h, w = photo.shape
+    size = min(size, h, w)
+    y, x = rng.randrange(h - size + 1), rng.randrange(w - size + 1)
+    crop = photo[:, y : y + size, x : x + size]
+    if rng.random() < 0.5:
+        crop = crop.flip(-1)
+    return torch.rot90(crop, rng.randrange(4), (-2, -1))
+
+
+def fit(
+    model: nn.Module,
+    sample: Callable[[random.Random], dict[str, Tensor]],
+    loss_fn: Callable[[nn.Module, dict[str, Tensor]], Tensor],
+    options: TrainOptions,
+    out: Path,
+    *,
+    training_meta: dict,
+    done_steps: int = 0,
+    validate: Callable[[nn.Module], dict[str, float]] | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Train `model` for `options.steps` more steps, writing `out` every checkpoint_every steps.
+
+    `sample(rng)` returns one batch (inputs and "target", on the CPU); `loss_fn(model, batch)`
+    the scalar loss. `done_steps` counts earlier runs, so the metadata keeps the total.
+    """
+    from psal_cli.modelfile import save_model  # the file format lives with the CLI's model files
+
+    device = torch.device(options.device)
+    model.to(device).train()
+    rng = random.Random(options.seed + done_steps)
+    torch.manual_seed(options.seed + done_steps)
+    optimizer = torch.optim.Adam(model.parameters(), lr=options.lr)
+    metrics: dict[str, float] = {}
+    start, seen_loss, seen = time.time(), 0.0, 0
+
+    def checkpoint(step: int) -> None:
+        meta = {**training_meta, "steps": done_steps + step, "options": asdict(options)}
+        save_model(model, out, training=meta, metrics=metrics)
+
+    for step in range(1, options.steps + 1):
+        progress = (step - 1) / max(1, options.steps - 1)
+        lr = options.lr_final + 0.5 * (options.lr - options.lr_final) * (1 + math.cos(math.pi * progress))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = {name: t.to(device) for name, t in sample(rng).items()}
+        loss = loss_fn(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen_loss, seen = seen_loss + loss.item(), seen + 1
+        if step % options.log_every == 0 or step == options.steps:
+            rate = step / (time.time() - start)
+            log(f"step {done_steps + step} loss {seen_loss / seen:.5f} lr {lr:.2e} {rate:.2f} steps/s")
+            seen_loss, seen = 0.0, 0
+        if validate is not None and (step % options.validate_every == 0 or step == options.steps):
+            model.eval()
+            with torch.no_grad():
+                metrics = validate(model)
+            model.train()
+            log(f"step {done_steps + step} validation " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if step % options.checkpoint_every == 0 or step == options.steps:
+            checkpoint(step)
+    model.eval()
