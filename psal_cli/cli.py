@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -139,7 +139,7 @@ class Session:
     task: str
     common: Common
     options: Any  # engine.Options
-    on_tile: Callable[[int, int], None] = field(default=lambda done, total: None)
+    on_tile: Callable[[int, int], None]
 
     def load_model(self, scale: int | None = None) -> Any:
         """--model, or the installed default; exits with one clear line if there is none."""
@@ -246,12 +246,12 @@ def _run(task: str, c: Common, body: Callable[[Session], Callable[..., Any]]) ->
             if c.output == batch.STDIO and c.ext:
                 stdout_fmt = batch.FORMATS[batch.normalise_ext(c.ext)]
             results = []
-            for item, result in zip(items, batch.run_batch(
+            for result in batch.run_batch(
                     items, process, stdin=click.get_binary_stream("stdin"),
                     stdout=click.get_binary_stream("stdout"), quality=c.quality,
                     overwrite=c.overwrite, skip_existing=c.skip_existing,
-                    stdout_format=stdout_fmt, debug=c.debug)):
-                reporter.done(item, result)
+                    stdout_format=stdout_fmt, debug=c.debug):
+                reporter.done(result)
                 results.append(result)
     except batch.UsageError as e:
         log.error("%s", e)
@@ -307,7 +307,7 @@ class Reporter:
         if self.progress:
             self.progress.update(self.tiles, completed=done, total=total, visible=total > 1)
 
-    def done(self, item: Any, result: Any) -> None:
+    def done(self, result: Any) -> None:
         if self.progress:
             self.progress.update(self.tiles, visible=False, completed=0)
             self.progress.advance(self.files)
