@@ -21,7 +21,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from psal_cli.engine import Options, run_network
-from psal_cli.imageio import from_tensor, is_gray, luminance, to_rgb, to_tensor
+from psal_cli.color import rgb_to_luma
+from psal_cli.imageio import from_tensor, is_gray, to_rgb, to_tensor
 
 log = logging.getLogger("psal")
 OnTile = Callable[[int, int], None]
@@ -33,7 +34,7 @@ def upscale(model: nn.Module, image: Image.Image, options: Options | None = None
     color, alpha = to_tensor(image)
     out = run_network(model, {"image": to_rgb(color)}, options or Options(), on_tile)
     if is_gray(image):
-        out = luminance(out)
+        out = rgb_to_luma(out)
     if alpha is not None:
         alpha = F.interpolate(alpha, size=out.shape[-2:], mode="bicubic", align_corners=False)
     return from_tensor(out, alpha, like=image)
@@ -43,7 +44,7 @@ def colorize(model: nn.Module, image: Image.Image, reference: Image.Image,
              options: Options | None = None, on_tile: OnTile | None = None) -> Image.Image:
     """Colour a gray image after a colour reference; a colour input is reduced to luminance first."""
     color, alpha = to_tensor(image)
-    gray = color if color.shape[1] == 1 else luminance(color)
+    gray = color if color.shape[1] == 1 else rgb_to_luma(color)
     ref = to_rgb(to_tensor(reference)[0])
     out = run_network(model, {"gray": gray, "reference": ref}, options or Options(), on_tile)
     return from_tensor(out, alpha, like=image)
@@ -99,7 +100,7 @@ def inpaint(model: nn.Module, image: Image.Image, hole: Tensor, options: Options
     filled = hole.bool()
     out = torch.where(filled, out.float().cpu(), rgb)
     if is_gray(image):
-        out = torch.where(filled, luminance(out), color)
+        out = torch.where(filled, rgb_to_luma(out), color)
     if alpha is not None:
         alpha = torch.where(filled, 1.0, alpha)  # filled pixels are opaque
     return from_tensor(out, alpha, like=image)

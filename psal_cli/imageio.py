@@ -197,12 +197,6 @@ def to_tensor(img: Image.Image) -> tuple[Tensor, Tensor | None]:
     return t, None
 
 
-def luminance(rgb: Tensor) -> Tensor:
-    """(B, 3, H, W) RGB -> (B, 1, H, W) luminance with Pillow's "L" weights (ITU-R 601-2)."""
-    w = torch.tensor([0.299, 0.587, 0.114], dtype=rgb.dtype, device=rgb.device)
-    return (rgb * w[:, None, None]).sum(1, keepdim=True)
-
-
 def to_rgb(x: Tensor) -> Tensor:
     """(B, 1 or 3, H, W) -> (B, 3, H, W); gray is repeated."""
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
