@@ -27,6 +27,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 log = logging.getLogger("psal")
+# Against decompression bombs Pillow warns above MAX_IMAGE_PIXELS (89 Mpixel) and refuses
+# above twice that. psal is for large photos: warn above 0.5 Gpixel, refuse above 1 Gpixel.
+Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, 2**29)
 
 # Format name (Pillow's) for each extension we read and write.
 FORMATS = {
@@ -148,7 +151,9 @@ def read_image(source: str | Path | BinaryIO | bytes, name: str | None = None) -
         raise ImageError(f"{name}: is a folder, not an image") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: too large ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: damaged or truncated image ({e})") from None
     img = _normalise_mode(img, name)
     img.format = fmt  # for writing to stdout in the input's format
