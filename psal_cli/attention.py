@@ -204,6 +204,8 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
         cands = []
         for jump in sorted({max(1, 8 >> t), 1}):
             for ey, ex in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+                if jump * abs(ey) >= Hq or jump * abs(ex) >= Wq:
+                    continue  # no neighbour that far inside the query map
                 # Candidate for x: NNF(x + s·e) − s·e, the neighbour's whole k-list.
                 src = torch.full_like(grid, -1)
                 ys = slice(max(0, -jump * ey), Hq - max(0, jump * ey))
