@@ -1,0 +1,165 @@
+"""The inference engine: runs any network on any image size, in bounded memory, on any device.
+
+Networks are written as local stages around whole-map stages (networks/stages.py). The
+engine's `Tiled` executor runs each local stage tile by tile, with an overlap of the
+stage's receptive radius, and stitches the kept centres into a buffer held in host
+memory, so the stitched map equals the untiled one. Whole-map stages (PSAL) run once on
+the full map on the compute device: attention still reaches across tiles, and PSAL
+itself bounds its memory by working in chunks of queries. Only one tile's activations
+are ever on the device at a time (unlike tools that move the whole image first).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable, ContextManager
+
+import torch
+from torch import Tensor, nn
+
+from psal_cli.networks.stages import LocalStage
+
+log = logging.getLogger("psal")
+
+OnTile = Callable[[int, int], None]
+
+
+@dataclass
+class Options:
+    """How to run a network: where, in which precision, in which tiles, with which seed."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    tile: int | None = None  # tile side in pixels (at each stage's larger resolution); 0 = whole; None = auto
+    tile_overlap: int | None = None  # context around a tile; None = the stage's receptive radius (exact)
+    half: bool = False  # float16 on CUDA/MPS; ignored on CPU
+    seed: int = 0
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device for a user's `--device`; ValueError with a clear message if unusable."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise ValueError(f"device {name!r}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {name!r} (use auto, cpu, cuda, cuda:N or mps)")
+    return device
+
+
+def auto_tile(device: torch.device) -> int:
+    """A tile side that keeps one tile's activations well inside the device's free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # ~64 float32 channels × ~8 live activations per pixel, with a safety margin of 2.
+        side = int(math.sqrt(free / (64 * 4 * 8 * 2)))
+        return max(256, min(2048, side // 64 * 64))
+    return 512
+
+
+class Tiled:
+    """Executor that tiles local stages and runs whole-map stages once (see module docstring).
+
+    Inputs and outputs of every stage stay in host memory (`storage`); each tile, and each
+    whole-map stage, is moved to `device` for the computation only.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        tile: int,
+        overlap: int | None = None,
+        half: bool = False,
+        on_tile: OnTile | None = None,
+        storage: torch.device = torch.device("cpu"),
+    ) -> None:
+        self.device, self.tile, self.overlap, self.on_tile, self.storage = device, tile, overlap, on_tile, storage
+        self.half = half and device.type in ("cuda", "mps")
+        self.tiles_done = 0
+
+    def _precision(self) -> ContextManager:
+        if self.half:
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        return nullcontext()
+
+    def whole(self, fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
+        with self._precision():
+            out = fn(*(x.to(self.device) for x in inputs))
+        return out.float().to(self.storage)
+
+    def local(self, stage: LocalStage, *inputs: Tensor) -> Tensor:
+        H, W = inputs[0].shape[-2:]
+        scale = Fraction(stage.scale)
+        align = scale.denominator  # a stride-s stage must see tiles on its stride grid
+        if H % align or W % align:
+            raise ValueError(f"{type(stage).__name__} needs sizes divisible by {align}, got {W}×{H}")
+        radius = stage.radius if self.overlap is None else self.overlap
+        context = -(-radius // align) * align  # rounded up to the stride grid
+        # The tile bounds the larger of the stage's input and output sides.
+        side = H * W if self.tile <= 0 else max(1, int(self.tile / max(Fraction(1), scale)))
+        side = max(align, side // align * align)
+        rows, cols = range(0, H, side), range(0, W, side)
+        total, out = len(rows) * len(cols), None
+        for i, y0 in enumerate(rows):
+            for j, x0 in enumerate(cols):
+                y1, x1 = min(H, y0 + side), min(W, x0 + side)
+                cy0, cx0 = max(0, y0 - context), max(0, x0 - context)
+                cy1, cx1 = min(H, y1 + context), min(W, x1 + context)
+                crops = [x[..., cy0:cy1, cx0:cx1].to(self.device) for x in inputs]
+                with self._precision():
+                    result = stage(*crops)
+                if out is None:
+                    out = torch.empty(*result.shape[:-2], int(H * scale), int(W * scale), dtype=torch.float32, device=self.storage)
+                # Keep the tile's own area: its context was only there to make it exact.
+                oy, ox = int((y0 - cy0) * scale), int((x0 - cx0) * scale)
+                oh, ow = int((y1 - y0) * scale), int((x1 - x0) * scale)
+                out[..., int(y0 * scale) : int(y0 * scale) + oh, int(x0 * scale) : int(x0 * scale) + ow] = (
+                    result[..., oy : oy + oh, ox : ox + ow].float().to(self.storage)
+                )
+                self.tiles_done += 1
+                if self.on_tile is not None:
+                    self.on_tile(i * len(cols) + j + 1, total)
+        return out
+
+
+def run_network(
+    model: nn.Module,
+    inputs: dict[str, Tensor],
+    options: Options | None = None,
+    on_tile: OnTile | None = None,
+) -> Tensor:
+    """Run `model.run` on host-memory inputs with tiling; returns the output on the CPU, float32.
+
+    The same seed, device and inputs give the same output (PSAL's random search draws
+    from the global generator, seeded here for every call).
+    """
+    options = options or Options()
+    device = resolve_device(options.device)
+    if options.half and device.type == "cpu":
+        log.warning("--half has no effect on the CPU: running in float32")
+    tile = auto_tile(device) if options.tile is None else options.tile
+    if tile < 0:
+        raise ValueError(f"tile must be >= 0 (0 = whole image), got {tile}")
+    torch.manual_seed(options.seed)
+    model = model.to(device).eval()
+    executor = Tiled(device, tile, options.tile_overlap, options.half, on_tile)
+    with torch.inference_mode():
+        out = model.run(executor, **{name: x.float().cpu() for name, x in inputs.items()})
+    return out.float().cpu()

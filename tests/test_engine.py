@@ -1,0 +1,152 @@
+"""The tiled engine against its independent truth: the same network run untiled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from psal_cli.attention import PSAL
+from psal_cli.engine import Options, Tiled, resolve_device, run_network
+from psal_cli.networks.stages import Direct, LocalStage, conv_radius, pad_to_multiple
+
+
+class Convs(LocalStage):
+    """A stack of 3×3 convolutions (radius = their count), optional stride 2 or ×2 upsampling."""
+
+    def __init__(self, cin: int, cout: int, depth: int, scale: Fraction = Fraction(1)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.scale = Fraction(scale)
+        self.radius = conv_radius(self.body) + (1 if self.scale < 1 else 0)
+        self.down = nn.Conv2d(cout, cout, 3, stride=2, padding=1) if self.scale < 1 else None
+        self.up = nn.Sequential(nn.Conv2d(cout, cout * 4, 3, padding=1), nn.PixelShuffle(2)) if self.scale > 1 else None
+        if self.up is not None:
+            self.radius += 1
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        x = self.body(torch.cat(xs, 1))
+        if self.down is not None:
+            x = self.down(x)
+        if self.up is not None:
+            x = self.up(x)
+        return x
+
+
+class Mixed(nn.Module):
+    """Every kind of stage the networks use: local, stride 2, global PSAL, ×2 upsampling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encode = Convs(3, 8, depth=2, scale=Fraction(1, 2))
+        self.attention = PSAL(patch_size=3, neighbors=3, iterations=3, aggregation="patch")
+        self.decode = Convs(16, 8, depth=2, scale=Fraction(2))
+        self.out = Convs(11, 3, depth=1)
+
+    def run(self, ex, image: Tensor) -> Tensor:
+        h, w = image.shape[-2:]
+        padded = pad_to_multiple(image, 2)
+        feat = ex.local(self.encode, padded)
+        attended = ex.whole(lambda f: self.attention(f, f, f), feat)
+        up = ex.local(self.decode, feat, attended)
+        return ex.local(self.out, up, padded)[..., :h, :w]
+
+
+@pytest.mark.parametrize("size", [(37, 53), (64, 64), (20, 9)])
+@pytest.mark.parametrize("tile", [16, 24])
+def test_tiled_equals_untiled(size: tuple[int, int], tile: int) -> None:
+    net = Mixed().eval()
+    image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        whole = net.run(Direct(), image)
+    tiled = run_network(net, {"image": image}, Options(device="cpu", tile=tile, seed=5))
+    assert tiled.shape == whole.shape == (1, 3, *size)
+    assert (tiled - whole).abs().max().item() < 1e-4
+
+
+def test_tiled_counts_tiles_and_crops_context() -> None:
+    seen: list[tuple[int, int]] = []
+    stage = Convs(3, 4, depth=3)
+    ex = Tiled(torch.device("cpu"), tile=10, on_tile=lambda done, total: seen.append((done, total)))
+    x = torch.rand(1, 3, 25, 31)
+    with torch.no_grad():
+        assert torch.allclose(ex.local(stage, x), stage(x), atol=1e-5)
+    assert seen[-1] == (12, 12) and len(seen) == 12  # 3 rows × 4 columns of tiles
+
+
+def test_too_small_overlap_is_not_exact() -> None:
+    """The overlap default is what makes tiling exact: with none, seams appear."""
+    stage = Convs(3, 4, depth=3)
+    x = torch.rand(1, 3, 40, 40)
+    with torch.no_grad():
+        exact = Tiled(torch.device("cpu"), tile=16).local(stage, x)
+        seamy = Tiled(torch.device("cpu"), tile=16, overlap=0).local(stage, x)
+        truth = stage(x)
+    assert torch.allclose(exact, truth, atol=1e-5)
+    assert (seamy - truth).abs().max() > 1e-3
+
+
+class CopyFromFar(nn.Module):
+    """Hand-built, untrained: replaces the hidden region with the best-matching visible pixels.
+
+    Queries see the whole image (a stand-in for a coarse fill); keys touching the hidden
+    region are masked, so whatever lands there must come from elsewhere in the image.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = Convs(3, 3, depth=1)
+        with torch.no_grad():  # identity features
+            self.features.body[0].weight.zero_()
+            self.features.body[0].bias.zero_()
+            for c in range(3):
+                self.features.body[0].weight[c, c, 1, 1] = 1
+        self.attention = PSAL(patch_size=5, neighbors=1, iterations=8, temperature=1e-3)
+
+    def run(self, ex, image: Tensor, hidden: Tensor) -> Tensor:
+        feat = ex.local(self.features, image)
+        copied = ex.whole(lambda f, h: self.attention(f, f, f, key_mask=h[:, 0] > 0), feat, hidden)
+        return torch.where(hidden > 0, copied, image)
+
+
+def test_attention_stays_global_under_tiling() -> None:
+    """The only visible copy of a texture lies several tiles away: it is still what gets copied."""
+    image = torch.full((1, 3, 96, 96), 0.5)
+    stripes = (torch.arange(24) % 4 < 2).float().view(1, 1, 1, 24).expand(1, 3, 24, 24)
+    image[..., 2:26, 2:26] = stripes  # top-left tile
+    image[..., 66:90, 66:90] = stripes  # bottom-right tile: hidden, to be recreated
+    image = image + 0.01 * torch.rand(image.shape, generator=torch.Generator().manual_seed(0))
+    hidden = torch.zeros(1, 1, 96, 96)
+    hidden[..., 62:94, 62:94] = 1
+    net = CopyFromFar()
+    tiled = run_network(net, {"image": image, "hidden": hidden}, Options(device="cpu", tile=32))
+    region = (..., slice(70, 86), slice(70, 86))
+    error = (tiled[region] - image[region]).abs().mean()
+    assert error < 0.05  # the stripes, in phase, from 60+ pixels and two tiles away
+    assert torch.allclose(tiled, run_network(net, {"image": image, "hidden": hidden}, Options(device="cpu", tile=0)), atol=1e-4)
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device|unsupported"):
+        resolve_device("toaster")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_same_seed_same_output() -> None:
+    net = Mixed().eval()
+    image = torch.rand(1, 3, 30, 30)
+    a = run_network(net, {"image": image}, Options(device="cpu", tile=16, seed=3))
+    b = run_network(net, {"image": image}, Options(device="cpu", tile=16, seed=3))
+    assert torch.equal(a, b)
