@@ -26,9 +26,9 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture(autouse=True)
-def _isolated(weights: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Every test sees the tiny models as the installed ones and runs in its own folder."""
+@pytest.fixture
+def isolated(weights: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The tiny models are the installed ones, and the test runs in its own empty folder."""
     monkeypatch.setenv("PSAL_WEIGHTS", str(weights))
     monkeypatch.chdir(tmp_path)
 

@@ -24,6 +24,7 @@ from conftest import make_image, psal_command, psal_env, run_psal, stray_files
 from psal_cli import imageio
 from psal_cli.cli import app
 
+pytestmark = pytest.mark.usefixtures("isolated")
 runner = CliRunner()
 
 
