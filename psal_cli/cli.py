@@ -227,6 +227,8 @@ def _run(task: str, c: Common, body: Callable[[Session], Callable[..., Any]]) ->
         items = batch.shard(items, c.shard)
         if any(i.output is None for i in items) and click.get_binary_stream("stdout").isatty():
             raise batch.UsageError("refusing to write an image to the terminal; give -o FILE")
+        if any(i.source is None for i in items) and click.get_binary_stream("stdin").isatty():
+            raise batch.UsageError("- reads an image from standard input, but it is a terminal; pipe one in")
         try:
             resolve_device(c.device)
         except ValueError as e:
