@@ -23,6 +23,8 @@ from typer.testing import CliRunner
 from conftest import make_image, psal_command, psal_env, run_psal, stray_files
 from psal_cli import imageio
 from psal_cli.cli import app
+from psal_cli.modelfile import save_model
+from psal_cli.networks import create_model
 
 pytestmark = pytest.mark.usefixtures("isolated")
 runner = CliRunner()
@@ -326,6 +328,25 @@ def test_damaged_and_wrong_task_model(weights: Path) -> None:
                   code=2)
     assert "is a ×2 model" in result.stderr
     assert sorted(p.name for p in Path(".").iterdir()) == ["cut.safetensors", "in.png"]
+
+
+# -- the real networks, randomly initialised ------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["upscale", "colorize", "inpaint"])
+def test_real_network_end_to_end(task: str) -> None:
+    pytest.importorskip(f"psal_cli.networks.{task}")
+    model = create_model(f"psal-{task}", **({"scale": 2} if task == "upscale" else {}))
+    save_model(model, "model.safetensors")
+    make_image("in.png", "RGBA", size=(24, 16))
+    make_image("ref.png", "RGB", size=(20, 20), seed=1)
+    mask = np.zeros((16, 24), np.uint8)
+    mask[4:10, 6:14] = 255
+    Image.fromarray(mask).save("mask.png")
+    extra = {"upscale": [], "colorize": ["--reference", "ref.png"], "inpaint": ["--mask", "mask.png"]}
+    psal(task, "in.png", "--model", "model.safetensors", "-o", "out.png", "--tile", "8", *extra[task])
+    out = Image.open("out.png")
+    assert out.mode == "RGBA" and out.size == ((48, 32) if task == "upscale" else (24, 16))
 
 
 # -- models -----------------------------------------------------------------------------------
