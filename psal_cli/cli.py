@@ -210,72 +210,77 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
 
 
 def _run(task: str, c: Common, body: Callable[[Session], Callable[..., Any]]) -> int:
-    """Plan, load, run the batch, report; returns the exit status."""
+    """Run the batch and report: per-file lines, JSON summary; returns the exit status."""
     _setup_logging(c.quiet, c.debug)
-    from psal_cli import batch
-    from psal_cli.engine import Options, resolve_device
+    from psal_cli.batch import UsageError
     from psal_cli.modelfile import ModelFileError
 
+    results: list[Any] = []
+    error, code = None, 0
     try:
-        if c.json_summary and c.output == batch.STDIO:
-            raise batch.UsageError("--json and -o - both write to standard output; use one")
-        items = batch.expand_inputs(c.inputs, recursive=c.recursive)
-        many = len(c.inputs) > 1 or any(Path(s).is_dir() or not Path(s).exists() for s in c.inputs
-                                         if s != batch.STDIO)
-        items = batch.plan_outputs(items, c.output, many=many, suffix=c.suffix, ext=c.ext,
-                                   default_suffix=f"_{task.removesuffix('e')}ed")
-        items = batch.shard(items, c.shard)
-        if any(i.output is None for i in items) and click.get_binary_stream("stdout").isatty():
-            raise batch.UsageError("refusing to write an image to the terminal; give -o FILE")
-        if any(i.source is None for i in items) and click.get_binary_stream("stdin").isatty():
-            raise batch.UsageError("- reads an image from standard input, but it is a terminal; pipe one in")
-        try:
-            resolve_device(c.device)
-        except ValueError as e:
-            raise batch.UsageError(f"--device: {e}") from None
-        if c.threads:
-            import torch
-
-            torch.set_num_threads(c.threads)
-        options = Options(device=c.device, tile=c.tile, tile_overlap=c.tile_overlap,
-                          half=c.half, seed=c.seed)
-        with Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
-            session = Session(task, c, options, reporter.tile)
-            process = body(session)
-            stdout_fmt = None
-            if c.output == batch.STDIO and c.ext:
-                stdout_fmt = batch.FORMATS[batch.normalise_ext(c.ext)]
-            results = []
-            for result in batch.run_batch(
-                    items, process, stdin=click.get_binary_stream("stdin"),
-                    stdout=click.get_binary_stream("stdout"), quality=c.quality,
-                    overwrite=c.overwrite, skip_existing=c.skip_existing,
-                    stdout_format=stdout_fmt, debug=c.debug):
-                reporter.done(result)
-                results.append(result)
-    except batch.UsageError as e:
-        log.error("%s", e)
-        return 2
-    except (NoModel, ModelFileError) as e:
-        log.error("%s", e)
-        return 1
+        _batch(task, c, body, results)
+        code = 1 if any(r.status == "failed" for r in results) else 0
+    except UsageError as e:
+        error, code = str(e), 2
     except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+        error, code = "interrupted", 130
     except Exception as e:  # noqa: BLE001 - a user never sees a traceback without --debug
         if c.debug:
             raise
-        log.error("%s", e if isinstance(e, (ValueError, OSError)) else
-                  f"internal error: {type(e).__name__}: {e} (run with --debug for details)")
-        return 1
-    failed = sum(r.status == "failed" for r in results)
+        known = isinstance(e, (NoModel, ModelFileError, ValueError, OSError))
+        error, code = (str(e) if known else
+                       f"internal error: {type(e).__name__}: {e} (run with --debug for details)"), 1
+    if error:
+        log.error("%s", error)
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
     if c.json_summary:
-        typer.echo(json.dumps({"command": task, **counts, "results": [asdict(r) for r in results]},
-                              indent=2))
-    if len(results) > 1 or failed:
+        typer.echo(json.dumps({"command": task, **counts, "error": error,
+                               "results": [asdict(r) for r in results]}, indent=2))
+    if len(results) > 1 or counts["failed"]:
         log.info("%s", ", ".join(f"{n} {s}" for s, n in counts.items() if n))
-    return 1 if failed else 0
+    return code
+
+
+def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
+           results: list[Any]) -> None:
+    """Plan the outputs, load the model, process every input; appends to `results` as it goes."""
+    from psal_cli import batch
+    from psal_cli.engine import Options, resolve_device
+
+    if c.json_summary and c.output == batch.STDIO:
+        raise batch.UsageError("--json and -o - both write to standard output; use one")
+    items = batch.expand_inputs(c.inputs, recursive=c.recursive)
+    many = len(c.inputs) > 1 or any(Path(s).is_dir() or not Path(s).exists() for s in c.inputs
+                                     if s != batch.STDIO)
+    items = batch.plan_outputs(items, c.output, many=many, suffix=c.suffix, ext=c.ext,
+                               default_suffix=f"_{task.removesuffix('e')}ed")
+    items = batch.shard(items, c.shard)
+    if any(i.output is None for i in items) and click.get_binary_stream("stdout").isatty():
+        raise batch.UsageError("refusing to write an image to the terminal; give -o FILE")
+    if any(i.source is None for i in items) and click.get_binary_stream("stdin").isatty():
+        raise batch.UsageError("- reads an image from standard input, but it is a terminal; pipe one in")
+    try:
+        resolve_device(c.device)
+    except ValueError as e:
+        raise batch.UsageError(f"--device: {e}") from None
+    if c.threads:
+        import torch
+
+        torch.set_num_threads(c.threads)
+    options = Options(device=c.device, tile=c.tile, tile_overlap=c.tile_overlap, half=c.half,
+                      seed=c.seed)
+    stdout_format = None
+    if c.output == batch.STDIO and c.ext:
+        stdout_format = batch.FORMATS[batch.normalise_ext(c.ext)]
+    with Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
+        process = body(Session(task, c, options, reporter.tile))
+        for result in batch.run_batch(
+                items, process, stdin=click.get_binary_stream("stdin"),
+                stdout=click.get_binary_stream("stdout"), quality=c.quality,
+                overwrite=c.overwrite, skip_existing=c.skip_existing,
+                stdout_format=stdout_format, debug=c.debug):
+            reporter.done(result)
+            results.append(result)
 
 
 class Reporter:
