@@ -311,9 +311,10 @@ def test_non_image_input_and_debug_traceback() -> None:
 def test_no_installed_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PSAL_WEIGHTS", str(tmp_path / "empty"))
     make_image("in.png")
-    result = psal("upscale", "in.png", "--scale", "3", "-o", "out.png", code=1)
+    result = psal("upscale", "in.png", "--scale", "3", "-o", "out.png", "--json", code=1)
     assert "no trained upscale ×3 model is installed" in result.stderr
     assert "upscale-x3.safetensors" in result.stderr and not Path("out.png").exists()
+    assert "no trained upscale ×3" in json.loads(result.stdout)["error"]
 
 
 def test_damaged_and_wrong_task_model(weights: Path) -> None:
