@@ -88,6 +88,11 @@ def expand_inputs(specs: list[str], *, recursive: bool = False) -> list[Item]:
     return items
 
 
+def is_batch(specs: list[str]) -> bool:
+    """Whether the inputs name a batch (several, a folder or a glob): then -o is a folder."""
+    return len(specs) > 1 or any(s != STDIO and (Path(s).is_dir() or not Path(s).exists()) for s in specs)
+
+
 def shard(items: list[Item], spec: str | None) -> list[Item]:
     """Keep the I-th (1-based) of N interleaved slices, e.g. "2/4": items 2, 6, 10, ..."""
     if not spec:
@@ -101,7 +106,7 @@ def shard(items: list[Item], spec: str | None) -> list[Item]:
     return items[i - 1 :: n]
 
 
-def plan_outputs(items: list[Item], output: str | None, *, many: bool, suffix: str | None,
+def plan_outputs(items: list[Item], output: str | None, *, batch: bool, suffix: str | None,
                  ext: str | None, default_suffix: str) -> list[Item]:
     """Decide each item's output path (None = standard output).
 
@@ -116,7 +121,7 @@ def plan_outputs(items: list[Item], output: str | None, *, many: bool, suffix: s
         items[0].output = None
         return items
     out = Path(output) if output else None
-    to_dir = out is not None and (many or len(items) > 1 or out.is_dir() or output.endswith(("/", os.sep)))
+    to_dir = out is not None and (batch or out.is_dir() or output.endswith(("/", os.sep)))
     if out is not None and not to_dir:
         if suffix is not None or ext is not None:
             raise UsageError("--suffix and --ext name the files in -o DIR; -o FILE is the name itself")

@@ -250,10 +250,8 @@ def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
     if c.json_summary and c.output == batch.STDIO:
         raise batch.UsageError("--json and -o - both write to standard output; use one")
     items = batch.expand_inputs(c.inputs, recursive=c.recursive)
-    many = len(c.inputs) > 1 or any(Path(s).is_dir() or not Path(s).exists() for s in c.inputs
-                                     if s != batch.STDIO)
-    items = batch.plan_outputs(items, c.output, many=many, suffix=c.suffix, ext=c.ext,
-                               default_suffix=f"_{task.removesuffix('e')}ed")
+    items = batch.plan_outputs(items, c.output, batch=batch.is_batch(c.inputs), suffix=c.suffix,
+                               ext=c.ext, default_suffix=f"_{task.removesuffix('e')}ed")
     items = batch.shard(items, c.shard)
     if any(i.output is None for i in items) and click.get_binary_stream("stdout").isatty():
         raise batch.UsageError("refusing to write an image to the terminal; give -o FILE")
