@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import click
 import typer
@@ -45,24 +45,24 @@ def _opt(*names: str, help: str, panel: str, **kw: Any) -> typer.models.OptionIn
 
 # (name, annotation, default) of the options every image command takes, after its own.
 COMMON: list[tuple[str, Any, Any]] = [
-    ("output", Annotated[Optional[str], _opt(
+    ("output", Annotated[str | None, _opt(
         "--output", "-o", metavar="PATH", panel=IO,
         help="Output file (one input), folder (several inputs; their relative layout is kept) "
         "or [bold]-[/] for standard output. Default: beside each input, with --suffix.")], None),
-    ("model", Annotated[Optional[Path], _opt(
+    ("model", Annotated[Path | None, _opt(
         "--model", "-m", metavar="FILE", panel=IO,
         help="Model file (.safetensors). Default: the installed one in weights/ "
         "(see [bold]psal models[/]).")], None),
-    ("quality", Annotated[Optional[int], _opt(
+    ("quality", Annotated[int | None, _opt(
         "--quality", min=1, max=100, panel=IO,
         help="JPEG/WebP quality, 1-100.  [dim]\\[default: 95][/]")], None),
     ("recursive", Annotated[bool, _opt(
         "--recursive", "-r", panel=BATCH, help="Descend into sub-folders of folder inputs.")], False),
-    ("suffix", Annotated[Optional[str], _opt(
+    ("suffix", Annotated[str | None, _opt(
         "--suffix", panel=BATCH,
         help="Added to each output file name's stem. Default: none with -o DIR, else _<command>ed.")],
      None),
-    ("ext", Annotated[Optional[str], _opt(
+    ("ext", Annotated[str | None, _opt(
         "--ext", panel=BATCH, help="Output format for -o DIR or -o - (png, jpg, webp, tif, bmp). "
         "Default: the input's.")], None),
     ("overwrite", Annotated[bool, _opt(
@@ -71,7 +71,7 @@ COMMON: list[tuple[str, Any, Any]] = [
     ("skip_existing", Annotated[bool, _opt(
         "--skip-existing", panel=BATCH, help="Skip inputs whose output exists: resumes a batch.")],
      False),
-    ("shard", Annotated[Optional[str], _opt(
+    ("shard", Annotated[str | None, _opt(
         "--shard", metavar="I/N", panel=BATCH,
         help="Process only the I-th (1..N) of N deterministic slices of the inputs.")], None),
     ("json_summary", Annotated[bool, _opt(
@@ -87,17 +87,17 @@ COMMON: list[tuple[str, Any, Any]] = [
         "--device", "-d", panel=RUN, help="auto, cpu, cuda, cuda:N or mps.")], "auto"),
     ("half", Annotated[bool, _opt(
         "--half", panel=RUN, help="Compute in float16 on the GPU: faster, less memory.")], False),
-    ("threads", Annotated[Optional[int], _opt(
+    ("threads", Annotated[int | None, _opt(
         "--threads", min=1, panel=RUN, help="CPU threads. Default: torch's choice.")], None),
     ("seed", Annotated[int, _opt(
         "--seed", panel=RUN,
         help="Random seed (PSAL's patch search is stochastic): same seed, device and input, "
         "same output.")], 0),
-    ("tile", Annotated[Optional[int], _opt(
+    ("tile", Annotated[int | None, _opt(
         "--tile", min=0, metavar="PIXELS", panel=RUN,
         help="Tile size for local stages; 0 = whole image.  [dim]\\[default: auto, from memory][/]")],
      None),
-    ("tile_overlap", Annotated[Optional[int], _opt(
+    ("tile_overlap", Annotated[int | None, _opt(
         "--tile-overlap", min=0, metavar="PIXELS", panel=RUN,
         help="Tile overlap.  [dim]\\[default: each stage's receptive field: seamless][/]")], None),
 ]
@@ -334,7 +334,7 @@ class Reporter:
   cat small.png | psal upscale - -o - > big.png""")
 def upscale(
     session: Session,
-    scale: Annotated[Optional[int], typer.Option(
+    scale: Annotated[int | None, typer.Option(
         "--scale", "-s", min=2, help="Enlargement factor; picks weights/upscale-x<scale>.safetensors. "
         "[dim]\\[default: 4, or the --model's][/]")] = None,
 ) -> Callable[..., Any]:
@@ -376,7 +376,7 @@ def colorize(
   psal inpaint cutout.png --mask-from-alpha -o filled.png""")
 def inpaint(
     session: Session,
-    mask: Annotated[Optional[Path], typer.Option(
+    mask: Annotated[Path | None, typer.Option(
         "--mask", "-M", metavar="FILE|DIR",
         help="Mask image, non-zero = hole: one for all inputs, or a folder matched by file stem.")] = None,
     invert_mask: Annotated[bool, typer.Option(
@@ -405,7 +405,7 @@ def inpaint(
 
 @app.command()
 def models(
-    files: Annotated[Optional[list[Path]], typer.Argument(
+    files: Annotated[list[Path] | None, typer.Argument(
         metavar="[FILE...]", show_default=False, help="Model files to describe too.")] = None,
     json_summary: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:

@@ -13,7 +13,7 @@ back gray, 16-bit stays 16-bit, ICC profile and EXIF are carried over.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
