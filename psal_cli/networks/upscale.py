@@ -1,0 +1,166 @@
+"""PSAL super-resolution: an EDSR-style residual network with a PSAL self-attention block.
+
+    lr ─ head+body1 (LocalStage) ─ feat ─ attention (whole map, PSAL) ─ body2+tail (LocalStage) ─ sr
+                                                                         └ + bicubic(lr) ┘
+
+The attention block sits at the low-resolution feature scale, where a whole 12-megapixel
+output is only 0.75 megapixels of features at ×4: every position looks up its k most
+similar 3×3 feature patches anywhere in the image (PatchMatch) and adds their features,
+so a repeated structure (windows, text, a fence) is reconstructed from all its copies.
+The tail predicts the residual over bicubic upsampling with a sub-pixel convolution
+(ESPCN's pixel shuffle), so the network only learns the missing detail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from psal_cli.attention import PSAL, valid_key_centres
+from psal_cli.networks import register_model
+from psal_cli.networks.stages import Direct, LocalStage, conv_radius
+
+BICUBIC_RADIUS = 2  # bicubic interpolation reads 2 input pixels on each side
+_CHUNK_ELEMENTS = 1 << 24  # query-key distances held at once by the exact search (64 MB)
+
+
+class ResBlock(nn.Module):
+    """conv-ReLU-conv with an identity skip (EDSR: no batch norm)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.relu(self.conv1(x)))
+
+
+class Head(LocalStage):
+    """RGB → features, then the residual blocks before attention."""
+
+    def __init__(self, channels: int, blocks: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.body = nn.Sequential(*(ResBlock(channels) for _ in range(blocks)))
+        self.radius = conv_radius(self)
+
+    def forward(self, lr: Tensor) -> Tensor:
+        return self.body(self.conv(lr))
+
+
+class Tail(LocalStage):
+    """The residual blocks after attention, sub-pixel upsampling, plus bicubic(lr)."""
+
+    def __init__(self, channels: int, blocks: int, scale: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*(ResBlock(channels) for _ in range(blocks)))
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.up = nn.Conv2d(channels, 3 * scale * scale, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(scale)
+        self.radius = max(conv_radius(self), BICUBIC_RADIUS)
+        self.scale = Fraction(scale)
+        self._s = scale
+
+    def forward(self, feat: Tensor, lr: Tensor) -> Tensor:
+        x = F.relu(self.conv(self.body(feat)))
+        base = F.interpolate(lr, scale_factor=self._s, mode="bicubic", align_corners=False)
+        return self.shuffle(self.up(x)) + base  # (B, 3, s·H, s·W)
+
+
+def exact_neighbors(q: Tensor, k: Tensor, patch_size: int, neighbors: int) -> Tensor:
+    """(B, H, W, neighbors) flat key indices of the exact k nearest patches, for self-attention.
+
+    What PatchMatch approximates, with its conventions (replicate-padded queries, key
+    centres r pixels inside the map), computed as matrix products over query chunks:
+    O(N²·C·p²) time but O(chunk·N) memory. On a CPU this beats PatchMatch's gathers up to
+    a few hundred thousand positions (a 1-megapixel ×4 output has 62,500); above
+    `Config.exact_keys` the network uses PatchMatch.
+    """
+    r = patch_size // 2
+    B, _, H, W = q.shape
+    qp = F.unfold(F.pad(q, (r, r, r, r), mode="replicate"), patch_size).transpose(1, 2)  # (B, N, C·p²)
+    kp = F.unfold(k, patch_size, padding=r)  # (B, C·p², N)
+    valid = valid_key_centres(k.shape, patch_size, None).flatten(1).to(q.device)  # (B, N)
+    # ‖q − k‖² = ‖q‖² − 2 q·k + ‖k‖²; ‖q‖² is the same for every key of a query: left out.
+    bias = kp.square().sum(1).masked_fill(~valid, float("inf"))[:, None]  # (B, 1, N)
+    step = max(1, _CHUNK_ELEMENTS // (B * H * W))
+    chunks = [(bias - 2 * qp[:, a : a + step] @ kp).topk(neighbors, -1, largest=False).indices  # (B, n, k)
+              for a in range(0, H * W, step)]
+    return torch.cat(chunks, 1).view(B, H, W, neighbors)
+
+
+class Attention(nn.Module):
+    """PSAL self-attention with learned 1×1 projections and a small residual scale.
+
+    q and k are projections to few channels (the search cost is ∝ their count); v is a
+    projection of the features; the attended values go through a 1×1 output convolution
+    and join the features scaled by `gamma`, initialised small so that training starts
+    from the plain CNN and lets attention in as it becomes useful.
+    """
+
+    def __init__(self, channels: int, qk_channels: int, psal: PSAL, exact_keys: int) -> None:
+        super().__init__()
+        self.query = nn.Conv2d(channels, qk_channels, 1)
+        self.key = nn.Conv2d(channels, qk_channels, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.tensor(0.1))
+        self.psal = psal
+        self.exact_keys = exact_keys
+
+    def forward(self, feat: Tensor) -> Tensor:
+        q, k, v = self.query(feat), self.key(feat), self.value(feat)
+        if q.shape[-2] * q.shape[-1] <= self.exact_keys:
+            with torch.no_grad():
+                indices = exact_neighbors(q, k, self.psal.patch_size, self.psal.neighbors)
+            attended = self.psal.attend(q, k, v, indices)  # (B, C, H, W)
+        else:
+            attended = self.psal(q, k, v)  # (B, C, H, W)
+        return feat + self.gamma * self.out(attended)
+
+
+@register_model("psal-upscale")
+class PSALUpscale(nn.Module):
+    """EDSR-style ×2/×3/×4 super-resolution with a PSAL block between two residual bodies."""
+
+    task = "upscale"
+
+    @dataclass
+    class Config:
+        scale: int = 4
+        channels: int = 32
+        blocks_before: int = 4  # residual blocks before the attention block
+        blocks_after: int = 6  # residual blocks after it
+        attention: bool = True  # False: the same network without PSAL (the ablation)
+        qk_channels: int = 16
+        patch_size: int = 3
+        neighbors: int = 4
+        iterations: int = 6  # PatchMatch iterations at inference (training may use fewer)
+        temperature: float = 1.0
+        exact_keys: int = 1 << 17  # maps with at most this many positions use exact k-NN, not PatchMatch
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        if config.scale not in (2, 3, 4):
+            raise ValueError(f"scale must be 2, 3 or 4, got {config.scale}")
+        self.config = config
+        c = config
+        self.head = Head(c.channels, c.blocks_before)
+        psal = PSAL(c.patch_size, c.neighbors, c.iterations, c.temperature, aggregation="center")
+        self.attention = Attention(c.channels, c.qk_channels, psal, c.exact_keys) if c.attention else None
+        self.tail = Tail(c.channels, c.blocks_after, c.scale)
+
+    def run(self, ex, image: Tensor) -> Tensor:
+        """image (B, 3, H, W) in [0, 1] → (B, 3, s·H, s·W) in [0, 1]."""
+        feat = ex.local(self.head, image)
+        if self.attention is not None:
+            feat = ex.whole(self.attention, feat)
+        return ex.local(self.tail, feat, image).clamp(0, 1)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.run(Direct(), image=image)

@@ -1,0 +1,228 @@
+"""Super-resolution: training batches, loss, `train` and the benchmark `evaluate`.
+
+The degradation is the evaluation protocol's (shared/data/README.md): LR = HR downscaled
+with Pillow bicubic. Training learns exactly that inverse; `evaluate` measures Y-channel
+PSNR/SSIM with an s-pixel border removed, with bicubic and Lanczos measured in the same
+run, so every figure compares with published ×2/×3/×4 results.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from psal_cli.metrics import psnr, rgb_to_y, shave, ssim, to_uint8_levels
+from psal_cli.training import IMAGE_SUFFIXES, TrainOptions, fit, load_photos, random_crop
+
+TRAIN_DATA = "BSDS500 train+test (shared/data/train, 400 photos)"
+BASELINES = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+
+
+def to_float(image: Image.Image) -> Tensor:
+    """(1, 3, H, W) float in [0, 1] of an RGB Pillow image."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def degrade(hr: Image.Image, scale: int) -> tuple[Image.Image, Image.Image]:
+    """(HR cropped to a multiple of `scale`, its Pillow-bicubic LR): the protocol's pair."""
+    w, h = hr.width - hr.width % scale, hr.height - hr.height % scale
+    hr = hr.crop((0, 0, w, h))
+    return hr, hr.resize((w // scale, h // scale), Image.Resampling.BICUBIC)
+
+
+def y_metrics(sr: Tensor, hr: Tensor, scale: int) -> tuple[float, float]:
+    """(PSNR, SSIM) on the Y channel (16–235) after removing `scale` border pixels."""
+    a = shave(rgb_to_y(to_uint8_levels(sr)), scale)
+    b = shave(rgb_to_y(hr), scale)
+    return psnr(a, b, data_range=255.0), ssim(a, b, data_range=255.0)
+
+
+def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int) -> Callable[[random.Random], dict[str, Tensor]]:
+    """Batches of random flipped/rotated HR crops (patch×patch) and their bicubic LR."""
+    patch -= patch % scale
+
+    def sample(rng: random.Random) -> dict[str, Tensor]:
+        lrs, hrs = [], []
+        for _ in range(batch):
+            crop = random_crop(photos[rng.randrange(len(photos))], patch, rng)  # (3, P, P) uint8
+            hr, lr = degrade(Image.fromarray(crop.permute(1, 2, 0).numpy()), scale)
+            lrs.append(to_float(lr))
+            hrs.append(to_float(hr))
+        return {"image": torch.cat(lrs), "target": torch.cat(hrs)}  # (B, 3, P/s, P/s), (B, 3, P, P)
+
+    return sample
+
+
+def l1_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return F.l1_loss(model(image=batch["image"]), batch["target"])
+
+
+def upscale_tensor(model: nn.Module, lr: Tensor, seed: int = 0) -> Tensor:
+    """The model on one LR image (1, 3, h, w), untiled (tiling changes nothing but memory)."""
+    torch.manual_seed(seed)  # PatchMatch's random init: reproducible figures
+    with torch.no_grad():
+        return model(image=lr.to(next(model.parameters()).device)).cpu()
+
+
+def _image_files(folder: Path, limit: int | None) -> list[Path]:
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no images found in {folder}")
+    return files[:limit] if limit else files
+
+
+def evaluate(
+    data: Path,
+    scale: int = 4,
+    model: Path | nn.Module | None = None,
+    *,
+    limit: int | None = None,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """The super-resolution protocol on every image of `data`; bicubic and Lanczos alongside.
+
+    `model` is a model file (default: the shipped weights/upscale-x<scale>) or a network.
+    Returns {"task", "scale", "data", "model", "images": [{name, psnr, ssim, bicubic_psnr, ...}],
+    "mean": {psnr, ssim}, "baselines": {bicubic: {psnr, ssim}, lanczos: {...}}, "seconds"}.
+    """
+    from psal_cli.modelfile import default_model_path, load_model
+
+    if model is None:
+        model = default_model_path("upscale", scale)
+    name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+    if isinstance(model, (str, Path)):
+        model = load_model(model, task="upscale")[0]
+    if model.config.scale != scale:
+        raise ValueError(f"{name} upscales ×{model.config.scale}, not ×{scale}")
+    model.to(device).eval()
+    rows, start = [], time.time()
+    for path in _image_files(data, limit):
+        hr_image, lr_image = degrade(Image.open(path).convert("RGB"), scale)
+        hr = to_float(hr_image)
+        row = {"name": path.stem}
+        row["psnr"], row["ssim"] = y_metrics(upscale_tensor(model, to_float(lr_image)), hr, scale)
+        for base, method in BASELINES.items():
+            up = to_float(lr_image.resize(hr_image.size, method))
+            row[f"{base}_psnr"], row[f"{base}_ssim"] = y_metrics(up, hr, scale)
+        rows.append(row)
+        if log:
+            log(f"{row['name']}: {row['psnr']:.2f} dB (bicubic {row['bicubic_psnr']:.2f})")
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in rows) / len(rows)
+
+    return {
+        "task": "upscale",
+        "scale": scale,
+        "data": str(data),
+        "model": name,
+        "images": rows,
+        "mean": {"psnr": mean("psnr"), "ssim": mean("ssim")},
+        "baselines": {b: {"psnr": mean(f"{b}_psnr"), "ssim": mean(f"{b}_ssim")} for b in BASELINES},
+        "seconds": time.time() - start,
+    }
+
+
+def format_report(report: dict) -> str:
+    """A per-image table (Y PSNR dB / SSIM) with the mean, model beside bicubic and Lanczos."""
+    head = f"{'image':<20} {'model':>15} {'bicubic':>15} {'lanczos':>15}"
+    lines = [f"×{report['scale']} on {report['data']} ({report['model']}), Y-channel PSNR dB / SSIM",
+             head, "-" * len(head)]
+
+    def cell(psnr_: float, ssim_: float) -> str:
+        return f"{psnr_:6.2f} / {ssim_:.4f}"
+
+    for r in report["images"]:
+        lines.append(f"{r['name'][:20]:<20} {cell(r['psnr'], r['ssim']):>15} "
+                     f"{cell(r['bicubic_psnr'], r['bicubic_ssim']):>15} {cell(r['lanczos_psnr'], r['lanczos_ssim']):>15}")
+    m, b = report["mean"], report["baselines"]
+    lines.append("-" * len(head))
+    lines.append(f"{'mean':<20} {cell(m['psnr'], m['ssim']):>15} {cell(b['bicubic']['psnr'], b['bicubic']['ssim']):>15} "
+                 f"{cell(b['lanczos']['psnr'], b['lanczos']['ssim']):>15}")
+    return "\n".join(lines)
+
+
+def _validation(folder: Path, scale: int, images: int, crop: int) -> Callable[[nn.Module], dict[str, float]]:
+    """Mean Y PSNR of the model and bicubic on the centre crops of a few validation photos."""
+    pairs = []
+    for path in _image_files(folder, images):
+        photo = Image.open(path).convert("RGB")
+        left, top = max(0, (photo.width - crop) // 2), max(0, (photo.height - crop) // 2)
+        hr, lr = degrade(photo.crop((left, top, left + crop, top + crop)), scale)
+        pairs.append((to_float(hr), to_float(lr), to_float(lr.resize(hr.size, Image.Resampling.BICUBIC))))
+    bicubic = sum(y_metrics(up, hr, scale)[0] for hr, _, up in pairs) / len(pairs)
+
+    def validate(model: nn.Module) -> dict[str, float]:
+        got = sum(y_metrics(upscale_tensor(model, lr), hr, scale)[0] for hr, lr, _ in pairs) / len(pairs)
+        return {"val_psnr": got, "val_bicubic_psnr": bicubic}
+
+    return validate
+
+
+def train(
+    data: Path,
+    out: Path,
+    scale: int = 4,
+    *,
+    init: Path | None = None,
+    steps: int = 5000,
+    batch: int = 16,
+    patch: int = 96,
+    lr: float = 1e-3,
+    device: str = "cpu",
+    seed: int = 0,
+    attention: bool = True,
+    config: dict | None = None,
+    val: Path | None = None,
+    val_images: int = 5,
+    validate_every: int = 500,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Train a `psal-upscale` network (L1, Adam with cosine decay) and write it to `out`.
+
+    `patch` is the HR crop side (the LR crop is patch/scale). `init` resumes from a model
+    file: same scale → its config and step count carry on; another scale (×2 → ×4) →
+    every tensor that fits (head, attention, body) initialises a fresh ×`scale` network.
+    `attention=False` trains the ablation without PSAL; `config` overrides other fields of
+    a new network's `PSALUpscale.Config` (tests use tiny ones). Validation PSNR is measured every
+    `validate_every` steps on `val_images` centre crops of `val` (default: `data`/../val
+    when it exists), never used for training.
+    """
+    from psal_cli.modelfile import load_model
+    from psal_cli.networks import create_model
+    from psal_cli.networks.upscale import PSALUpscale
+
+    done, meta = 0, {"data": TRAIN_DATA if Path(data).name == "train" else str(data)}
+    if init is None:
+        model = PSALUpscale(PSALUpscale.Config(**{**(config or {}), "scale": scale, "attention": attention}))
+    else:
+        start, info = load_model(init, task="upscale")
+        if info.config["scale"] == scale:
+            model, done = start, int(info.training.get("steps", 0))
+            meta = {**info.training, **meta}
+        else:
+            model = create_model(info.architecture, **{**info.config, "scale": scale})
+            own = model.state_dict()
+            fits = {k: v for k, v in start.state_dict().items() if k in own and own[k].shape == v.shape}
+            model.load_state_dict(fits, strict=False)
+            meta["init_from"] = f"{Path(init).name} (×{info.config['scale']}, {info.training.get('steps', 0)} steps)"
+            log(f"initialised {len(fits)}/{len(own)} tensors from {init}")
+    photos = load_photos(data)
+    options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device,
+                           validate_every=validate_every)
+    val = val if val is not None else Path(data).parent / "val"
+    validate = _validation(val, scale, val_images, crop=192) if val.is_dir() else None
+    params = sum(p.numel() for p in model.parameters())
+    log(f"psal-upscale ×{scale}: {params} parameters, attention {model.config.attention}, "
+        f"{len(photos)} photos, {steps} steps from step {done}")
+    fit(model, make_sampler(photos, scale, batch, patch), l1_loss, options, Path(out),
+        training_meta=meta, done_steps=done, validate=validate, log=log)

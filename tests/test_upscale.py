@@ -1,0 +1,160 @@
+"""The PSAL super-resolution network, its training and the benchmark protocol."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from psal_cli.attention import exact_knn
+from psal_cli.modelfile import read_info, save_model
+from psal_cli.networks.upscale import PSALUpscale, exact_neighbors
+from psal_cli.tasks import upscale as task
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def tiny(scale: int = 2, **overrides) -> PSALUpscale:
+    torch.manual_seed(0)
+    config = dict(scale=scale, channels=8, blocks_before=1, blocks_after=1, qk_channels=4)
+    return PSALUpscale(PSALUpscale.Config(**{**config, **overrides})).eval()
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize("exact_keys", [0, 1 << 17])  # PatchMatch and exact search
+def test_output_shape_and_range(scale: int, exact_keys: int) -> None:
+    with torch.no_grad():
+        out = tiny(scale, exact_keys=exact_keys)(image=torch.rand(2, 3, 9, 13))
+    assert out.shape == (2, 3, 9 * scale, 13 * scale)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_stage_radii_bound_the_receptive_field() -> None:
+    """Changing one input pixel changes a stage's output only within its declared radius."""
+    model = tiny(3)
+    for stage, inputs, scale in [(model.head, (torch.rand(1, 3, 31, 31),), 1),
+                                 (model.tail, (torch.rand(1, 8, 31, 31), torch.rand(1, 3, 31, 31)), 3)]:
+        with torch.no_grad():
+            before = stage(*inputs)
+            for x in inputs:
+                x[..., 15, 15] += 1
+            changed = (stage(*inputs) - before).abs().sum(1)[0] > 1e-6  # (H·s, W·s)
+        ys, xs = changed.nonzero(as_tuple=True)
+        r = stage.radius
+        assert stage.scale == scale and len(ys) > 0
+        assert ys.min() >= (15 - r) * scale and ys.max() < (16 + r) * scale
+        assert xs.min() >= (15 - r) * scale and xs.max() < (16 + r) * scale
+
+
+def test_exact_neighbors_match_brute_force() -> None:
+    torch.manual_seed(1)
+    q, k = torch.randn(2, 5, 11, 9), torch.randn(2, 5, 11, 9)
+    ours = exact_neighbors(q, k, patch_size=3, neighbors=4)
+    assert torch.equal(ours, exact_knn(q, k, patch_size=3, neighbors=4).indices)
+
+
+def test_gradient_reaches_attention_inputs() -> None:
+    model = tiny(2).train()
+    model(image=torch.rand(2, 3, 12, 12)).mean().backward()
+    for conv in (model.attention.query, model.attention.key, model.attention.value):
+        assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_ablation_has_no_attention() -> None:
+    with_attention, without = tiny(2), tiny(2, attention=False)
+    assert without.attention is None
+    assert not any(n.startswith("attention.") for n in without.state_dict())
+    extra = sum(p.numel() for p in with_attention.attention.parameters())
+    assert sum(p.numel() for p in with_attention.parameters()) - sum(p.numel() for p in without.parameters()) == extra
+
+
+def test_training_steps_reduce_the_loss() -> None:
+    model = tiny(2).train()
+    photos = [torch.from_numpy(np.array(Image.open(EXAMPLES / "chelsea.png").convert("RGB"))).permute(2, 0, 1)]
+    import random
+
+    batch = task.make_sampler(photos, 2, batch=4, patch=24)(random.Random(0))
+    assert batch["image"].shape == (4, 3, 12, 12) and batch["target"].shape == (4, 3, 24, 24)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = task.l1_loss(model, batch).item()
+    for _ in range(30):
+        loss = task.l1_loss(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert task.l1_loss(model, batch).item() < 0.7 * first
+
+
+def test_degrade_crops_to_a_multiple_of_the_scale() -> None:
+    hr, lr = task.degrade(Image.new("RGB", (37, 29)), 4)
+    assert hr.size == (36, 28) and lr.size == (9, 7)
+
+
+def _y_psnr_by_hand(a: np.ndarray, b: np.ndarray, border: int) -> float:
+    """The benchmark's Y PSNR, written independently of psal_cli.metrics (uint8 RGB inputs)."""
+    def y(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64) / 255
+        return 16 + 65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]
+
+    d = (y(a) - y(b))[border:-border, border:-border]
+    return 10 * math.log10(255**2 / np.mean(d**2))
+
+
+def test_evaluate_protocol(tmp_path: Path) -> None:
+    for name in ("chelsea", "coffee"):
+        Image.open(EXAMPLES / f"{name}.png").convert("RGB").crop((0, 0, 50, 38)).save(tmp_path / f"{name}.png")
+    model = tiny(3)
+    report = task.evaluate(tmp_path, 3, model)
+    assert [r["name"] for r in report["images"]] == ["chelsea", "coffee"]
+    for row in report["images"]:
+        hr = np.array(Image.open(tmp_path / f"{row['name']}.png"))[:36, :48]  # 38×50 → multiples of 3
+        lr = Image.fromarray(hr).resize((16, 12), Image.Resampling.BICUBIC)
+        bicubic = np.array(lr.resize((48, 36), Image.Resampling.BICUBIC))
+        assert row["bicubic_psnr"] == pytest.approx(_y_psnr_by_hand(bicubic, hr, 3), abs=1e-6)
+        with torch.no_grad():
+            sr = model(image=task.to_float(lr))[0].permute(1, 2, 0).mul(255).round().byte().numpy()
+        assert row["psnr"] == pytest.approx(_y_psnr_by_hand(sr, hr, 3), abs=1e-6)
+        assert 0 < row["ssim"] <= 1 and 0 < row["lanczos_ssim"] <= 1
+    assert report["mean"]["psnr"] == pytest.approx(sum(r["psnr"] for r in report["images"]) / 2)
+    assert "bicubic" in task.format_report(report) and "mean" in task.format_report(report)
+    json.dumps(report)
+
+
+def test_evaluate_refuses_another_scale(tmp_path: Path) -> None:
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="×2, not ×4"):
+        task.evaluate(tmp_path, 4, tiny(2))
+
+
+def test_train_resumes_and_changes_scale(tmp_path: Path) -> None:
+    data = tmp_path / "train"
+    data.mkdir()
+    for name in ("chelsea", "coffee"):
+        Image.open(EXAMPLES / f"{name}.png").convert("RGB").resize((64, 48)).save(data / f"{name}.png")
+    out, logs = tmp_path / "x2.safetensors", []
+    task.train(data, out, 2, steps=2, batch=2, patch=24, config={"channels": 8, "blocks_after": 1}, log=logs.append)
+    assert read_info(out).training["steps"] == 2
+    task.train(data, out, 2, init=out, steps=3, batch=2, patch=24, log=logs.append)
+    assert read_info(out).training["steps"] == 5
+    x4 = tmp_path / "x4.safetensors"
+    task.train(data, x4, 4, init=out, steps=1, batch=2, patch=24, log=logs.append)
+    info = read_info(x4)
+    assert info.config["scale"] == 4 and info.training["steps"] == 1 and "x2" in info.training["init_from"]
+    assert any("initialised" in line for line in logs)
+
+
+def test_model_file_round_trip(tmp_path: Path) -> None:
+    from psal_cli.modelfile import load_model
+
+    model = tiny(4, attention=False)
+    save_model(model, tmp_path / "m.safetensors")
+    loaded, info = load_model(tmp_path / "m.safetensors", task="upscale")
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(image=x), model(image=x))
+    assert info.scale == 4
