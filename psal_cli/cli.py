@@ -325,48 +325,6 @@ class Reporter:
 # -- commands -----------------------------------------------------------------------------
 
 
-@batch_command("upscale", """[bold]Examples[/]
-
-  psal upscale photo.jpg --scale 4 -o photo_x4.png
-
-  psal upscale photos/ -r -o big/ --ext webp --quality 90
-
-  cat small.png | psal upscale - -o - > big.png""")
-def upscale(
-    session: Session,
-    scale: Annotated[int | None, typer.Option(
-        "--scale", "-s", min=2, help="Enlargement factor; picks weights/upscale-x<scale>.safetensors. "
-        "[dim]\\[default: 4, or the --model's][/]")] = None,
-) -> Callable[..., Any]:
-    """Enlarge images by 2, 3 or 4; alpha is enlarged alongside."""
-    from psal_cli import edit
-
-    model = session.load_model(scale=scale if session.common.model else scale or 4)
-    if scale and model.config.scale != scale:
-        raise _usage(f"--scale {scale}, but {session.common.model} is a ×{model.config.scale} model")
-    return lambda item, image: edit.upscale(model, image, session.options, session.on_tile)
-
-
-@batch_command("colorize", """[bold]Examples[/]
-
-  psal colorize gray.png --reference colour.jpg -o out.png
-
-  psal colorize scans/ --reference refs/ -o coloured/   [dim](refs matched by file name)[/]""")
-def colorize(
-    session: Session,
-    reference: Annotated[Path, typer.Option(
-        "--reference", "-R", metavar="FILE|DIR", show_default=False,
-        help="Colour reference: one image for all inputs, or a folder matched by file stem.")],
-) -> Callable[..., Any]:
-    """Colour gray images after a colour reference; colour inputs are reduced to gray first."""
-    from psal_cli import batch, edit
-
-    refs = batch.Companions(reference, "reference")
-    model = session.load_model()
-    return lambda item, image: edit.colorize(model, image, refs.for_item(item), session.options,
-                                             session.on_tile)
-
-
 @batch_command("inpaint", """[bold]Examples[/]
 
   psal inpaint photo.png --mask hole.png -o filled.png
@@ -401,6 +359,48 @@ def inpaint(
         return edit.inpaint(model, image, hole, session.options, session.on_tile)
 
     return process
+
+
+@batch_command("colorize", """[bold]Examples[/]
+
+  psal colorize gray.png --reference colour.jpg -o out.png
+
+  psal colorize scans/ --reference refs/ -o coloured/   [dim](refs matched by file name)[/]""")
+def colorize(
+    session: Session,
+    reference: Annotated[Path, typer.Option(
+        "--reference", "-R", metavar="FILE|DIR", show_default=False,
+        help="Colour reference: one image for all inputs, or a folder matched by file stem.")],
+) -> Callable[..., Any]:
+    """Colour gray images after a colour reference; colour inputs are reduced to gray first."""
+    from psal_cli import batch, edit
+
+    refs = batch.Companions(reference, "reference")
+    model = session.load_model()
+    return lambda item, image: edit.colorize(model, image, refs.for_item(item), session.options,
+                                             session.on_tile)
+
+
+@batch_command("upscale", """[bold]Examples[/]
+
+  psal upscale photo.jpg --scale 4 -o photo_x4.png
+
+  psal upscale photos/ -r -o big/ --ext webp --quality 90
+
+  cat small.png | psal upscale - -o - > big.png""")
+def upscale(
+    session: Session,
+    scale: Annotated[int | None, typer.Option(
+        "--scale", "-s", min=2, help="Enlargement factor; picks weights/upscale-x<scale>.safetensors. "
+        "[dim]\\[default: 4, or the --model's][/]")] = None,
+) -> Callable[..., Any]:
+    """Enlarge images by 2, 3 or 4; alpha is enlarged alongside."""
+    from psal_cli import edit
+
+    model = session.load_model(scale=scale if session.common.model else scale or 4)
+    if scale and model.config.scale != scale:
+        raise _usage(f"--scale {scale}, but {session.common.model} is a ×{model.config.scale} model")
+    return lambda item, image: edit.upscale(model, image, session.options, session.on_tile)
 
 
 @app.command()
