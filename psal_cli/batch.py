@@ -205,6 +205,23 @@ def _describe(e: BaseException) -> str:
     return f"internal error: {type(e).__name__}: {e} (run with --debug for details)"
 
 
+def _about(name: str, message: str) -> str:
+    """Prefix a message with the input it concerns, unless it already starts with it."""
+    return message if message.startswith(f"{name}: ") else f"{name}: {message}"
+
+
+class _NameInput(logging.Filter):
+    """Prefixes the warnings logged while an input is processed with the input's name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.input = name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = _about(self.input, record.getMessage()), None
+        return True
+
+
 def run_batch(
     items: list[Item],
     process: Callable[[Item, Image.Image], Image.Image],
@@ -239,7 +256,12 @@ def run_batch(
                     raise ImageError(f"{out}: already exists (use --overwrite or --skip-existing)")
             image = read_image(item.source) if item.source else read_image(stdin.read(), STDIO)
             fmt = stdout_format or image.format or "PNG"
-            image = process(item, image)
+            name_input = _NameInput(item.name)
+            log.addFilter(name_input)
+            try:
+                image = process(item, image)
+            finally:
+                log.removeFilter(name_input)
             if out is None:
                 stdout.write(encode_image(image, fmt, quality=quality, name=STDIO))
                 stdout.flush()
@@ -249,7 +271,7 @@ def run_batch(
         except Exception as e:  # a bad file in a batch is reported; the batch goes on
             if debug:
                 traceback.print_exc()
-            result.status, result.error = "failed", _describe(e)
+            result.status, result.error = "failed", _about(item.name, _describe(e))
         result.seconds = round(time.perf_counter() - start, 3)
         yield result
 

@@ -127,18 +127,19 @@ def test_inpaint_mask_problems() -> None:
     make_image("in.png", "RGB")
     Image.new("L", (40, 24)).save("empty.png")
     result = psal("inpaint", "in.png", "--mask", "empty.png", "-o", "same.png")
-    assert "mask is 40x24, the image 20x12: mask resized" in result.stderr
-    assert "the mask is empty" in result.stderr
+    assert "warning: in.png: mask is 40x24, the image 20x12: mask resized" in result.stderr
+    assert "warning: in.png: the mask is empty" in result.stderr
     assert np.array_equal(pixels("same.png"), pixels("in.png"))
     Image.new("L", (20, 12), 255).save("full.png")
     result = psal("inpaint", "in.png", "--mask", "full.png", "-o", "x.png", code=1)
-    assert "covers the whole image" in result.stderr and not Path("x.png").exists()
+    assert "error: in.png: the mask covers the whole image" in result.stderr
+    assert not Path("x.png").exists()
     result = psal("inpaint", "in.png", "--mask-from-alpha", "-o", "x.png", code=1)
     assert "no alpha channel" in result.stderr
     assert "--mask" in psal("inpaint", "in.png", "-o", "x.png", code=2).stderr
     Path("notes.png").write_text("not an image")
     result = psal("inpaint", "in.png", "--mask", "notes.png", "-o", "x.png", code=1)
-    assert "notes.png: not an image file" in result.stderr
+    assert "error: in.png: notes.png: not an image file" in result.stderr
     assert not Path("x.png").exists() and not stray_files(".")
 
 
