@@ -9,7 +9,16 @@ Conventions used throughout:
 - a patch is p×p (p odd, r = p // 2). Key patch centres must lie r pixels inside the key
   map and must not touch a masked key pixel. Query patches that cross the border use
   replicate padding, in the search and in the differentiable distances alike;
-- distances are float32 sums of squared differences over the patch, whatever the input dtype.
+- distances are sums of squared differences over the patch, in float32 whatever the input
+  dtype (float64 stays float64, for gradcheck).
+
+Why the search is fast: comparing two patches costs C·p² operations (576 for C = 64, p = 3)
+and PatchMatch tries ~100 candidates per query and iteration. The search therefore compares
+patches in a small space instead: every patch projected on the top principal axes of the
+patch space (at most `_SEARCH_DIMS` numbers, one convolution per map), where a distance is
+one dot product of a gathered row. It holds 3k matches per query, and the best 2k are
+re-ranked with exact distances at the end, so the returned distances are exact and the
+projection only has to keep the true neighbours among the 2k.
 """
 
 from __future__ import annotations
@@ -21,10 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Query–key pairs evaluated per step: bounds the peak of the gathered (pairs, C) blocks.
-_PAIR_ELEMENTS = 1 << 22
-# The eight neighbours of a match, tried every iteration: overlapping patches are alike.
+# Principal components of the patch space kept for the search (all of them when C·p² is smaller).
+_SEARCH_DIMS = 24
+# Patches sampled per map to estimate the principal axes.
+_PCA_SAMPLES = 1024
+# Queries updated per search step. Bounds the peak of the (queries, candidates, dims)
+# gathers, and a chunk already sees the matches its predecessors found in this iteration.
+_CHUNK = 2048
+# The eight neighbours of the best match, tried every iteration: overlapping patches are alike.
 _NEAR = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))
+_DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))
 
 
 @dataclass
@@ -33,6 +48,11 @@ class NNF:
 
     indices: Tensor  # (B, Hq, Wq, k) int64 flat key positions y·Wk + x
     distances: Tensor  # (B, Hq, Wq, k) float32, ascending
+
+
+def _work_dtype(x: Tensor) -> torch.dtype:
+    """float32 for half, bfloat16 and float32 inputs; float64 stays float64."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 class _Maps:
@@ -48,10 +68,12 @@ class _Maps:
         self.B, self.C, self.Hq, self.Wq = query.shape
         self.Hk, self.Wk = key.shape[-2:]
         self.r = r
-        padded = F.pad(query.float(), (r, r, r, r), mode="replicate") if r else query.float()
+        dtype = _work_dtype(query)
+        self.padded = F.pad(query.to(dtype), (r, r, r, r), mode="replicate") if r else query.to(dtype)
+        self.key = key.to(dtype)
         self.Wp = self.Wq + 2 * r
-        self.q = padded.permute(0, 2, 3, 1).reshape(-1, self.C)  # (B·(Hq+2r)·(Wq+2r), C)
-        self.k = key.float().permute(0, 2, 3, 1).reshape(-1, self.C)  # (B·Hk·Wk, C)
+        self.q = self.padded.permute(0, 2, 3, 1).reshape(-1, self.C)  # (B·(Hq+2r)·(Wq+2r), C)
+        self.k = self.key.permute(0, 2, 3, 1).reshape(-1, self.C)  # (B·Hk·Wk, C)
         dy, dx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
         device = query.device
         self.qoff = (dy * self.Wp + dx).flatten().to(device)  # (p²,)
@@ -72,23 +94,19 @@ class _Maps:
         return b * (self.Hk * self.Wk)  # (B·Hq·Wq,)
 
 
-def _pair_distances(q: Tensor, k: Tensor, qrows: Tensor, krows: Tensor, qoff: Tensor, koff: Tensor) -> Tensor:
-    """Patch SSD for pairs (qrows[i], krows[i]); differentiable in q and k."""
+def _patch_ssd(maps: _Maps, qrows: Tensor, krows: Tensor) -> Tensor:
+    """Exact patch SSD of query qrows[i] against keys krows[i, j]: (n, m); differentiable.
+
+    The query pixel is gathered once per offset and broadcast over its m candidates.
+    """
+    n, m = krows.shape
     total = None
-    for oq, ok in zip(qoff.tolist(), koff.tolist()):
-        diff = k.index_select(0, krows + ok) - q.index_select(0, qrows + oq)  # (P, C)
-        term = diff.square().sum(1)  # (P,)
+    for oq, ok in zip(maps.qoff.tolist(), maps.koff.tolist()):
+        kpix = maps.k.index_select(0, (krows + ok).flatten()).view(n, m, -1)  # (n, m, C)
+        qpix = maps.q.index_select(0, qrows + oq)  # (n, C)
+        term = (kpix - qpix[:, None]).square().sum(-1)  # (n, m)
         total = term if total is None else total + term
     return total
-
-
-def _chunked_pair_distances(maps: _Maps, qrows: Tensor, krows: Tensor) -> Tensor:
-    """`_pair_distances` over any number of pairs in bounded memory (no autograd)."""
-    step = max(1, _PAIR_ELEMENTS // maps.C)
-    out = torch.empty(qrows.numel(), dtype=torch.float32, device=qrows.device)
-    for a in range(0, qrows.numel(), step):
-        out[a : a + step] = _pair_distances(maps.q, maps.k, qrows[a : a + step], krows[a : a + step], maps.qoff, maps.koff)
-    return out
 
 
 def valid_key_centres(key_shape: tuple[int, int, int, int], patch_size: int, key_mask: Tensor | None) -> Tensor:
@@ -112,10 +130,44 @@ def _check_inputs(query: Tensor, key: Tensor, patch_size: int, neighbors: int, k
         raise ValueError(f"query and key must be (B, C, H, W), got {tuple(query.shape)} and {tuple(key.shape)}")
     if query.shape[:2] != key.shape[:2]:
         raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} differ in batch or channels")
-    if min(key.shape[-2:]) < patch_size or min(query.shape[-2:]) < 1:
-        raise ValueError(f"key map {tuple(key.shape[-2:])} is smaller than one {patch_size}×{patch_size} patch")
+    for name, x in (("query", query), ("key", key)):
+        if min(x.shape[-2:]) < patch_size:
+            raise ValueError(f"{name} map {tuple(x.shape[-2:])} is smaller than one {patch_size}×{patch_size} patch")
     if key_mask is not None and key_mask.shape != (key.shape[0], *key.shape[-2:]):
         raise ValueError(f"key_mask must be (B, Hk, Wk) = {(key.shape[0], *key.shape[-2:])}, got {tuple(key_mask.shape)}")
+
+
+def _search_tables(maps: _Maps, valid: Tensor, patch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Patches projected on the principal axes of the patch space, ready for the search.
+
+    Returns query rows [−2·z_q, 1] (n, D+1), their squared norms |z_q|² (n,) and key rows
+    [z_k, |z_k|²] (B·Hk·Wk + 1, D+1), so that |z_q − z_k|² = |z_q|² + row_q · row_k.
+    Invalid key centres and the extra last row (the "no candidate" sentinel) have an
+    infinite norm: any candidate there loses. The axes come from ~1k patches of each map.
+    """
+    q, k = maps.padded.float(), maps.key.float()
+    C, p = q.shape[1], patch_size
+    dims = min(_SEARCH_DIMS, C * p * p)
+    samples = []
+    for x in (q, k):
+        count = x.shape[0] * (x.shape[2] - p + 1) * (x.shape[3] - p + 1)
+        stride = max(1, math.isqrt(count // _PCA_SAMPLES))
+        samples.append(F.unfold(x, p, stride=stride).transpose(1, 2).reshape(-1, C * p * p))  # (s, C·p²)
+    x = torch.cat(samples)
+    mean = x.mean(0)
+    x = x - mean
+    _, axes = torch.linalg.eigh((x.T @ x).cpu().double())  # eigenvalues ascending
+    basis = axes[:, -dims:].T.float().to(q.device)  # (D, C·p²)
+    weight, bias = basis.view(dims, C, p, p), -(basis @ mean)
+    zq = F.conv2d(q, weight, bias).permute(0, 2, 3, 1).reshape(-1, dims)  # (B·Hq·Wq, D)
+    r = p // 2
+    zk = F.pad(F.conv2d(k, weight, bias), (r, r, r, r)).permute(0, 2, 3, 1).reshape(-1, dims)  # (B·Hk·Wk, D)
+    knorm = zk.square().sum(1).masked_fill(~valid.flatten(), math.inf)
+    krows = torch.cat([zk, knorm[:, None]], 1)  # (B·Hk·Wk, D+1)
+    sentinel = torch.zeros(1, dims + 1, device=q.device)
+    sentinel[0, -1] = math.inf
+    qrows = torch.cat([-2 * zq, torch.ones_like(zq[:, :1])], 1)  # (B·Hq·Wq, D+1)
+    return qrows, zq.square().sum(1), torch.cat([krows, sentinel])
 
 
 def patchmatch(
@@ -131,11 +183,14 @@ def patchmatch(
 ) -> NNF:
     """Approximate k-nearest-neighbour patches of every query position among the keys.
 
-    PatchMatch with k neighbours (PSAL.md): random distinct init, then per iteration a
-    jump-flood propagation of the neighbours' whole k-lists (jumps 8·2⁻ᵗ and 1 in the
-    four directions), a random search around every held match in windows halving from
-    the key map size down to one pixel, and the eight neighbours of the best match.
-    Only candidates not already held are evaluated.
+    PatchMatch with k neighbours (PSAL.md) holding 3k matches per query: random distinct
+    init, then per iteration a jump-flood propagation of the neighbours' best 2k matches
+    (jumps 8·2⁻ᵗ and 1 in the four directions), a random search around the best match in
+    windows halving from the key map size down to one pixel (radii 2 and 1 around the
+    others) and the eight neighbours of the best match. Queries are updated in chunks,
+    forward then backward on alternate iterations, so good matches travel within one
+    iteration. Distances are compared in the projected patch space (`_search_tables`);
+    the best 2k are re-ranked with exact distances and the best k returned.
     `init` (an NNF or (B, Hq, Wq, k') indices into this key map) seeds the search.
     """
     _check_inputs(query, key, patch_size, neighbors, key_mask)
@@ -143,9 +198,80 @@ def patchmatch(
         return _patchmatch(query, key, patch_size, neighbors, iterations, key_mask, init, generator)
 
 
+class _Search:
+    """State of one PatchMatch run: search tables, geometry and the held matches."""
+
+    def __init__(self, maps: _Maps, valid: Tensor, patch_size: int, held: int, generator: torch.Generator | None) -> None:
+        self.maps, self.held_n, self.generator = maps, held, generator
+        self.qrows, self.qnorm, self.krows = _search_tables(maps, valid, patch_size)
+        self.sentinel = self.krows.shape[0] - 1
+        B, Hq, Wq, Hk, Wk, r = maps.B, maps.Hq, maps.Wq, maps.Hk, maps.Wk, maps.r
+        device = maps.q.device
+        pos = torch.arange(B * Hq * Wq, device=device, dtype=torch.int32)
+        self.qb, self.qy, self.qx = pos // (Hq * Wq), pos // Wq % Hq, pos % Wq  # (n,) each
+        self.kbase = self.qb * (Hk * Wk)  # (n,)
+        # Valid centres lie in [r, Hk − 1 − r] × [r, Wk − 1 − r].
+        self.lo, self.hi_y, self.hi_x = r, Hk - 1 - r, Wk - 1 - r
+        radii, window = [], max(Hk, Wk)
+        while window >= 1:
+            radii.append(window)
+            window //= 2
+        self.radii = torch.tensor(radii, device=device, dtype=torch.float32)  # (R,)
+        self.near = torch.tensor(_NEAR, device=device, dtype=torch.int32)  # (8, 2)
+
+    def rand(self, *shape: int) -> Tensor:
+        return torch.rand(*shape, generator=self.generator).to(self.maps.q.device)
+
+    def inside(self, y: Tensor, x: Tensor) -> Tensor:
+        return (y >= self.lo) & (y <= self.hi_y) & (x >= self.lo) & (x <= self.hi_x)
+
+    def select(self, rows: slice, cand: Tensor) -> tuple[Tensor, Tensor]:
+        """The held_n best distinct candidates (c, m) of each query (−1 = none), by search distance."""
+        cand = cand.sort(1).values  # (c, m)
+        repeat = torch.zeros_like(cand, dtype=torch.bool)
+        repeat[:, 1:] = cand[:, 1:] == cand[:, :-1]
+        at = torch.where(cand >= 0, self.kbase[rows, None] + cand, self.sentinel)
+        z = self.krows.index_select(0, at.flatten()).view(*cand.shape, -1)  # (c, m, D+1)
+        dist = (z * self.qrows[rows, None]).sum(-1) + self.qnorm[rows, None]  # (c, m)
+        best, pick = dist.masked_fill(repeat, math.inf).topk(self.held_n, 1, largest=False)
+        return cand.gather(1, pick), best
+
+    def propagate(self, rows: slice, held: Tensor, jumps: tuple[int, ...], slots: int) -> Tensor:
+        """Candidates NNF(x + s·e) − s·e from the neighbours' best `slots` matches: (c, 4·J·slots)."""
+        Hq, Wq, Wk = self.maps.Hq, self.maps.Wq, self.maps.Wk
+        step = torch.tensor([(s * ey, s * ex) for s in jumps for ey, ex in _DIRECTIONS], device=held.device, dtype=torch.int32)
+        sy, sx = self.qy[rows, None] + step[:, 0], self.qx[rows, None] + step[:, 1]  # (c, 4J)
+        source = (self.qb[rows, None] * Hq + sy.clamp(0, Hq - 1)) * Wq + sx.clamp(0, Wq - 1)
+        src = held[:, :slots][source]  # (c, 4J, slots)
+        py, px = src // Wk - step[:, :1], src % Wk - step[:, 1:]
+        ok = ((sy >= 0) & (sy < Hq) & (sx >= 0) & (sx < Wq))[..., None] & self.inside(py, px)
+        return torch.where(ok, py * Wk + px, -1).flatten(1)
+
+    def random_search(self, held: Tensor) -> Tensor:
+        """One uniform candidate per window: every radius around the best match, radii 2 and 1 around the others."""
+        c, Wk = held.shape[0], self.maps.Wk
+        small = self.radii[-2:]
+        radius = torch.cat([self.radii, small.repeat(self.held_n - 1)]).expand(c, -1)  # (c, R + 2(L−1))
+        y = torch.cat([(held[:, :1] // Wk).expand(-1, len(self.radii)), (held[:, 1:] // Wk).repeat_interleave(len(small), 1)], 1)
+        x = torch.cat([(held[:, :1] % Wk).expand(-1, len(self.radii)), (held[:, 1:] % Wk).repeat_interleave(len(small), 1)], 1)
+        # Uniform over the window clipped to the valid centres (not clamped onto the border).
+        lo_y, hi_y = (y - radius).clamp(min=self.lo), (y + radius).clamp(max=self.hi_y)
+        lo_x, hi_x = (x - radius).clamp(min=self.lo), (x + radius).clamp(max=self.hi_x)
+        u = self.rand(2, *radius.shape)
+        ry = (lo_y + u[0] * (hi_y - lo_y + 1)).floor().clamp(max=self.hi_y).int()
+        rx = (lo_x + u[1] * (hi_x - lo_x + 1)).floor().clamp(max=self.hi_x).int()
+        return ry * Wk + rx
+
+    def around_best(self, held: Tensor) -> Tensor:
+        """The eight neighbours of the best match: (c, 8)."""
+        Wk = self.maps.Wk
+        y, x = held[:, :1] // Wk + self.near[:, 0], held[:, :1] % Wk + self.near[:, 1]
+        return torch.where(self.inside(y, x), y * Wk + x, -1)
+
+
 def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator) -> NNF:
     maps = _Maps(query, key, patch_size)
-    B, Hq, Wq, Hk, Wk, r = maps.B, maps.Hq, maps.Wq, maps.Hk, maps.Wk, maps.r
+    B, Hq, Wq, Hk, Wk = maps.B, maps.Hq, maps.Wq, maps.Hk, maps.Wk
     device = query.device
     valid = valid_key_centres(key.shape, patch_size, key_mask).to(device)  # (B, Hk, Wk)
     counts = valid.flatten(1).sum(1)  # (B,)
@@ -154,96 +280,63 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
         raise ValueError("every key patch is masked or crosses the border: nothing to match")
     if fewest < k:
         raise ValueError(f"neighbors={k} exceeds the {fewest} valid {patch_size}×{patch_size} key patches")
-    valid_flat = valid.flatten()  # (B·Hk·Wk,)
+    search = _Search(maps, valid, patch_size, 3 * k, generator)
+    n, chunks = B * Hq * Wq, range(0, B * Hq * Wq, _CHUNK)
+
+    # Init: 3k distinct valid positions (as many as exist), evenly spaced in the valid list
+    # from a random start, merged with the caller's seed.
     listed = valid.flatten(1).nonzero()[:, 1]  # valid positions, batch after batch
     starts = torch.cumsum(counts, 0) - counts  # (B,)
-    qrows = maps.query_rows()  # (n,)
-    kbase = maps.key_base()  # (n,)
-    n = qrows.numel()
-    batch = kbase // (Hk * Wk)
-
-    def rand(*shape: int) -> Tensor:
-        return torch.rand(*shape, generator=generator).to(device)
-
-    def merge(held: Tensor, held_d: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
-        """Keep the k best distinct valid positions of held ∪ cand; evaluates only new ones."""
-        # Sort by position with held entries first among equals (key 2y < 2y + 1).
-        keys, order = torch.cat([held * 2, cand * 2 + 1], 1).sort(1)  # (n, k + m)
-        idx = keys >> 1
-        first = torch.ones_like(keys, dtype=torch.bool)
-        first[:, 1:] = idx[:, 1:] != idx[:, :-1]
-        dist = torch.cat([held_d, torch.full(cand.shape, math.inf, device=device)], 1).gather(1, order)
-        fresh = first & (keys & 1).bool() & (idx >= 0)
-        fresh &= valid_flat[kbase[:, None] + idx.clamp(min=0)]
-        rows, cols = fresh.nonzero(as_tuple=True)
-        if rows.numel():
-            dist[rows, cols] = _chunked_pair_distances(maps, qrows[rows], kbase[rows] + idx[rows, cols])
-        dist = dist.masked_fill(~first, math.inf)
-        best_d, pick = dist.topk(k, 1, largest=False, sorted=True)
-        return idx.gather(1, pick), best_d
-
-    # Init: k distinct valid positions, evenly spaced in the valid list from a random start.
+    batch = search.qb.long()
     count_q = counts[batch]  # (n,)
-    start = (rand(n) * count_q).long()
-    spread = torch.arange(k, device=device) * (count_q // k).clamp(min=1)[:, None]
-    held = listed[starts[batch][:, None] + (start[:, None] + spread) % count_q[:, None]]  # (n, k)
-    held_d = _chunked_pair_distances(maps, qrows.repeat_interleave(k), (kbase[:, None] + held).flatten()).view(n, k)
+    start = (search.rand(n) * count_q).long()
+    spread = torch.arange(3 * k, device=device) * (count_q // (3 * k)).clamp(min=1)[:, None]
+    held = listed[starts[batch][:, None] + (start[:, None] + spread) % count_q[:, None]].int()  # (n, 3k)
     if init is not None:
         seed = (init.indices if isinstance(init, NNF) else init).to(device).reshape(n, -1)
-        held, held_d = merge(held, held_d, torch.where((seed >= 0) & (seed < Hk * Wk), seed, -1))
-
-    ky_max, kx_max = Hk - 1 - r, Wk - 1 - r
-    radii, window = [], max(Hk, Wk)
-    while window >= 1:
-        radii.append(window)
-        window //= 2
-    radius_t = torch.tensor(radii, device=device, dtype=torch.float32)  # (R,)
+        held = torch.cat([held, torch.where((seed >= 0) & (seed < Hk * Wk), seed, -1).int()], 1)
+    held_d = torch.empty(n, 3 * k, device=device)
+    picked = torch.empty(n, 3 * k, device=device, dtype=torch.int32)
+    for a in chunks:
+        rows = slice(a, a + _CHUNK)
+        picked[rows], held_d[rows] = search.select(rows, held[rows])
+    held = picked  # (n, 3k) int32, ascending search distance
 
     for t in range(iterations):
-        grid = held.view(B, Hq, Wq, k)
-        cands = []
-        for jump in sorted({max(1, 8 >> t), 1}):
-            for ey, ex in ((0, 1), (0, -1), (1, 0), (-1, 0)):
-                if jump * abs(ey) >= Hq or jump * abs(ex) >= Wq:
-                    continue  # no neighbour that far inside the query map
-                # Candidate for x: NNF(x + s·e) − s·e, the neighbour's whole k-list.
-                src = torch.full_like(grid, -1)
-                ys = slice(max(0, -jump * ey), Hq - max(0, jump * ey))
-                xs = slice(max(0, -jump * ex), Wq - max(0, jump * ex))
-                src[:, ys, xs] = grid[:, ys.start + jump * ey : ys.stop + jump * ey, xs.start + jump * ex : xs.stop + jump * ex]
-                py, px = src // Wk - jump * ey, src % Wk - jump * ex
-                inside = (src >= 0) & (py >= r) & (py <= ky_max) & (px >= r) & (px <= kx_max)
-                cands.append(torch.where(inside, py * Wk + px, -1).view(n, k))
-        # Random search around every held match, in windows halving down to one pixel.
-        centres = held
-        cy, cx = (centres // Wk)[:, :, None].float(), (centres % Wk)[:, :, None].float()  # (n, c, 1)
-        shape = (n, centres.shape[1], len(radii))
-        # Uniform over the window clipped to the valid centres (not clamped onto the border).
-        lo_y, hi_y = (cy - radius_t).clamp(min=r), (cy + radius_t).clamp(max=ky_max)
-        lo_x, hi_x = (cx - radius_t).clamp(min=r), (cx + radius_t).clamp(max=kx_max)
-        sy = (lo_y + rand(*shape) * (hi_y - lo_y + 1)).floor().clamp(max=ky_max).long()
-        sx = (lo_x + rand(*shape) * (hi_x - lo_x + 1)).floor().clamp(max=kx_max).long()
-        cands.append((sy * Wk + sx).view(n, -1))
-        by, bx = held[:, :1] // Wk, held[:, :1] % Wk
-        for dy, dx in _NEAR:
-            ny, nx = by + dy, bx + dx
-            inside = (ny >= r) & (ny <= ky_max) & (nx >= r) & (nx <= kx_max)
-            cands.append(torch.where(inside, ny * Wk + nx, -1))
-        held, held_d = merge(held, held_d, torch.cat(cands, 1))
-    return NNF(held.view(B, Hq, Wq, k), held_d.view(B, Hq, Wq, k))
+        jumps = (8 >> t, 1) if 8 >> t > 1 else (1,)
+        for a in chunks if t % 2 == 0 else reversed(chunks):
+            rows = slice(a, a + _CHUNK)
+            mine = held[rows]
+            cand = torch.cat(
+                [mine, search.propagate(rows, held, jumps, 2 * k), search.random_search(mine), search.around_best(mine)], 1
+            )
+            held[rows], held_d[rows] = search.select(rows, cand)
+
+    # Exact re-ranking of the best 2k; slots without a finite search distance (fewer valid
+    # keys than 3k, or repeats) point at the best match and are ruled out.
+    indices = torch.empty(n, k, device=device, dtype=torch.int64)
+    distances = torch.empty(n, k, device=device, dtype=_work_dtype(query))
+    qrows, kbase = maps.query_rows(), maps.key_base()
+    for a in chunks:
+        rows = slice(a, a + _CHUNK)
+        finite = held_d[rows, : 2 * k].isfinite()
+        cand = torch.where(finite, held[rows, : 2 * k], held[rows, :1]).long()  # (c, 2k)
+        exact = _patch_ssd(maps, qrows[rows], kbase[rows, None] + cand).masked_fill(~finite, math.inf)
+        distances[rows], pick = exact.topk(k, 1, largest=False, sorted=True)
+        indices[rows] = cand.gather(1, pick)
+    return NNF(indices.view(B, Hq, Wq, k), distances.view(B, Hq, Wq, k))
 
 
 def patch_distances(query: Tensor, key: Tensor, indices: Tensor, patch_size: int) -> Tensor:
-    """Differentiable patch distances (B, Hq, Wq, k) for a fixed NNF, float32."""
+    """Differentiable patch distances (B, Hq, Wq, k) for a fixed NNF, float32 (float64 for float64 maps)."""
     maps = _Maps(query, key, patch_size)
     k = indices.shape[-1]
-    qrows = maps.query_rows().repeat_interleave(k)
-    krows = (maps.key_base()[:, None] + indices.reshape(-1, k)).flatten()
+    qrows = maps.query_rows()  # (n,)
+    krows = maps.key_base()[:, None] + indices.reshape(-1, k)  # (n, k)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
-        dist = _pair_distances(maps.q, maps.k, qrows, krows, maps.qoff, maps.koff)
-    else:
-        dist = _chunked_pair_distances(maps, qrows, krows)
-    return dist.view(indices.shape)
+        return _patch_ssd(maps, qrows, krows).view(indices.shape)
+    out = torch.cat([_patch_ssd(maps, qrows[a : a + _CHUNK], krows[a : a + _CHUNK]) for a in range(0, qrows.numel(), _CHUNK)])
+    return out.view(indices.shape)
 
 
 def _aggregate_center(value: Tensor, indices: Tensor, logits: Tensor) -> Tensor:
@@ -282,9 +375,10 @@ class PSAL(nn.Module):
     """Patch-based stochastic attention: softmax(−D/T) over k PatchMatch neighbours.
 
     `forward(q, k, v, key_mask=None, init=None)` returns (B, Cv, Hq, Wq). The search runs
-    without autograd; the distances of the found matches are recomputed differentiably, so
-    gradients reach q and k through the weights and v through the gather. The last NNF is
-    kept in `last_nnf` so that tiles and scales can reuse it as `init`.
+    without autograd; when q or k needs a gradient the distances of the found matches are
+    recomputed differentiably, so gradients reach q and k through the weights and v through
+    the gather. The last NNF is kept in `last_nnf` so that tiles and scales can reuse it
+    as `init`.
     """
 
     def __init__(
@@ -327,11 +421,16 @@ class PSAL(nn.Module):
             iterations=self.iterations, key_mask=key_mask, init=init, generator=generator,
         )
         self.last_nnf = nnf
-        return self.attend(q, k, v, nnf.indices)
+        return self.attend(q, k, v, nnf.indices, nnf.distances)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, indices: Tensor) -> Tensor:
-        """Attention output for a fixed NNF; aggregates in row chunks when no gradient is needed."""
-        logits = -patch_distances(q, k, indices, self.patch_size) / self.temperature  # (B, Hq, Wq, k)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, indices: Tensor, distances: Tensor | None = None) -> Tensor:
+        """Attention output for a fixed NNF; aggregates in row chunks when no gradient is needed.
+
+        `distances` (the NNF's own) are reused unless q or k needs a gradient through them.
+        """
+        if distances is None or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+            distances = patch_distances(q, k, indices, self.patch_size)
+        logits = -distances / self.temperature  # (B, Hq, Wq, k)
         Hq, Wq = indices.shape[1:3]
         rows = Hq if torch.is_grad_enabled() else max(1, self.query_chunk // Wq)
         halo = self.patch_size // 2 if self.aggregation == "patch" else 0
@@ -358,6 +457,8 @@ def exact_knn(query: Tensor, key: Tensor, *, patch_size: int = 3, neighbors: int
     qp = F.unfold(F.pad(query.float(), (r, r, r, r), mode="replicate") if r else query.float(), patch_size)  # (B, C·p², Nq)
     kp = F.unfold(key.float(), patch_size, padding=r)  # (B, C·p², Nk); only valid centres are kept below
     valid = valid_key_centres(key.shape, patch_size, key_mask).flatten(1)  # (B, Nk)
+    if int(valid.sum(1).min()) < neighbors:
+        raise ValueError(f"neighbors={neighbors} exceeds the number of valid {patch_size}×{patch_size} key patches")
     dist = torch.cdist(qp.transpose(1, 2).double(), kp.transpose(1, 2).double()).square().float()  # (B, Nq, Nk)
     dist = dist.masked_fill(~valid[:, None], math.inf)
     best_d, best_i = dist.topk(neighbors, -1, largest=False, sorted=True)
