@@ -150,6 +150,18 @@ def test_seed_makes_runs_repeatable() -> None:
     assert Path("a.png").read_bytes() == Path("b.png").read_bytes()
 
 
+def test_python_api_gives_what_the_cli_writes(weights: Path) -> None:
+    from psal_cli import edit, imageio, modelfile
+    from psal_cli.engine import Options
+
+    make_image("in.png", "RGBA")
+    psal("upscale", "in.png", "-o", "cli.png", "--seed", "5")
+    model, info = modelfile.load_model(weights / "upscale-x4.safetensors", task="upscale")
+    big = edit.upscale(model, imageio.read_image("in.png"), Options(seed=5))
+    imageio.write_image(big, "api.png")
+    assert info.scale == 4 and np.array_equal(pixels("api.png"), pixels("cli.png"))
+
+
 # -- standard input and output ----------------------------------------------------------------
 
 
