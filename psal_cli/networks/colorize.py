@@ -157,13 +157,13 @@ class PSALColorize(nn.Module):
         mirror: bool = True  # also search the mirror image of the reference
         decoder_width: int = 32
         dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 4, 2, 1])
-        train_search: str = "exact"  # "exact": exhaustive k-NN on training crops; "patchmatch"
+        # Exhaustive k-NN instead of PatchMatch while Hq·Wq·Hk·Wk (half-res maps) stays below
+        # this: training crops, and images up to ~320 px, where on CPU it is faster and exact.
+        exact_pairs: int = 1 << 29
 
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = c = config
-        if c.train_search not in ("exact", "patchmatch"):
-            raise ValueError(f"train_search must be 'exact' or 'patchmatch', got {c.train_search!r}")
         self.encoder = Encoder(c.encoder_width, c.qk_channels, c.feat_channels)
         self.psal = PSAL(c.patch_size, c.neighbors, c.iterations, c.temperature, c.aggregation)
         self.decoder = Decoder(1 + 2 + c.feat_channels + 1, c.decoder_width, c.dilations)
@@ -177,7 +177,7 @@ class PSALColorize(nn.Module):
         c = self.config
         q = target[:, : c.qk_channels]
         k, v = reference[:, : c.qk_channels], reference[:, c.qk_channels :]
-        if self.training and c.train_search == "exact":
+        if q.shape[-2] * q.shape[-1] * k.shape[-2] * k.shape[-1] <= c.exact_pairs:
             nnf = exhaustive_knn(q.detach(), k.detach(), c.patch_size, c.neighbors)
             out = self.psal.attend(q, k, v, nnf.indices)
         else:

@@ -125,7 +125,8 @@ def train(
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device)
     log(f"colorize: {sum(p.numel() for p in model.parameters())} parameters, {len(photos)} photos, "
         f"from step {done}")
-    meta = {"data": TRAIN_DATA if Path(data).resolve().name == "train" else str(data), "init": str(init or "")}
+    shared = Path(data).resolve().parts[-3:] == ("shared", "data", "train") and not limit
+    meta = {"data": TRAIN_DATA if shared else f"{data} ({len(photos)} photos)", "init": str(init or "")}
     fit(model, make_sampler(photos, batch, patch), chroma_l1, options, Path(out),
         training_meta=meta, done_steps=done, log=log)
     return Path(out)
@@ -169,7 +170,7 @@ def load_view(path: Path, size: int | None) -> Tensor:
     if size and max(img.size) != size:
         s = size / max(img.size)
         img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 255
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
 
 
 def split(photo: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -178,7 +179,7 @@ def split(photo: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     w = round(CROP * W)
     target, reference = photo[..., :w], photo[..., W - w :]
     rgb8 = (target[0] * 255).round().byte().permute(1, 2, 0).numpy()
-    gray = torch.from_numpy(np.asarray(Image.fromarray(rgb8).convert("L")))[None, None].float() / 255
+    gray = torch.from_numpy(np.array(Image.fromarray(rgb8).convert("L")))[None, None].float() / 255
     return target, gray, reference
 
 
