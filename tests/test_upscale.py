@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from psal_cli.attention import exact_knn
+from psal_cli.attention import exact_knn, patch_distances
 from psal_cli.modelfile import read_info, save_model
-from psal_cli.networks.upscale import PSALUpscale, exact_neighbors
+from psal_cli.networks.upscale import PSALUpscale, nearest_patches
 from psal_cli.tasks import upscale as task
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -51,11 +52,26 @@ def test_stage_radii_bound_the_receptive_field() -> None:
         assert xs.min() >= (15 - r) * scale and xs.max() < (16 + r) * scale
 
 
-def test_exact_neighbors_match_brute_force() -> None:
+def test_nearest_patches_match_brute_force() -> None:
     torch.manual_seed(1)
     q, k = torch.randn(2, 5, 11, 9), torch.randn(2, 5, 11, 9)
-    ours = exact_neighbors(q, k, patch_size=3, neighbors=4)
+    ours = nearest_patches(q, k, patch_size=3, neighbors=4, grid_keys=99)
     assert torch.equal(ours, exact_knn(q, k, patch_size=3, neighbors=4).indices)
+
+
+def test_grid_search_finds_nearly_the_exact_neighbours() -> None:
+    """Above grid_keys the search is approximate: on smooth features it still finds
+    almost every exact nearest patch, and k distinct valid ones."""
+    torch.manual_seed(0)
+    k = torch.nn.functional.avg_pool2d(torch.randn(1, 8, 44, 44), 5, 1)  # (1, 8, 40, 40), smooth
+    q = k + 0.1 * torch.randn_like(k)
+    exact = exact_knn(q, k, patch_size=3, neighbors=4)
+    found = nearest_patches(q, k, patch_size=3, neighbors=4, grid_keys=400)  # stride 2
+    assert (found[..., 0] == exact.indices[..., 0]).float().mean() > 0.95
+    assert patch_distances(q, k, found, 3).mean() < 1.02 * exact.distances.mean()
+    assert (found.sort(-1).values.diff(dim=-1) > 0).all()
+    y, x = found // 40, found % 40
+    assert ((y >= 1) & (y <= 38) & (x >= 1) & (x <= 38)).all()
 
 
 def test_gradient_reaches_attention_inputs() -> None:
@@ -76,8 +92,6 @@ def test_ablation_has_no_attention() -> None:
 def test_training_steps_reduce_the_loss() -> None:
     model = tiny(2).train()
     photos = [torch.from_numpy(np.array(Image.open(EXAMPLES / "chelsea.png").convert("RGB"))).permute(2, 0, 1)]
-    import random
-
     batch = task.make_sampler(photos, 2, batch=4, patch=24)(random.Random(0))
     assert batch["image"].shape == (4, 3, 12, 12) and batch["target"].shape == (4, 3, 24, 24)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

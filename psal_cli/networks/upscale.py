@@ -13,6 +13,8 @@ The tail predicts the residual over bicubic upsampling with a sub-pixel convolut
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -72,26 +74,43 @@ class Tail(LocalStage):
         return self.shuffle(self.up(x)) + base  # (B, 3, s·H, s·W)
 
 
-def exact_neighbors(q: Tensor, k: Tensor, patch_size: int, neighbors: int) -> Tensor:
-    """(B, H, W, neighbors) flat key indices of the exact k nearest patches, for self-attention.
+def nearest_patches(q: Tensor, k: Tensor, patch_size: int, neighbors: int, grid_keys: int) -> Tensor:
+    """(B, H, W, neighbors) flat key indices of the nearest patches, for self-attention.
 
     What PatchMatch approximates, with its conventions (replicate-padded queries, key
     centres r pixels inside the map), computed as matrix products over query chunks:
-    O(N²·C·p²) time but O(chunk·N) memory. On a CPU this beats PatchMatch's gathers up to
-    a few hundred thousand positions (a 1-megapixel ×4 output has 62,500); above
-    `Config.exact_keys` the network uses PatchMatch.
+    O(N·M·C·p²) time for M searched keys, O(chunk·M) memory. On a CPU this beats
+    PatchMatch's gathers up to a few hundred thousand positions (a 1-megapixel ×4 output
+    has 62,500). Up to `grid_keys` positions the search is exact (training crops, small
+    images); above, it searches the keys on a stride-s grid (M ≤ grid_keys) and then
+    every position within s // 2 of each match, which finds the exact neighbours of all
+    but the most isolated patches at ~1/s² of the cost.
     """
     r = patch_size // 2
     B, _, H, W = q.shape
+    stride = max(1, math.ceil(math.sqrt(H * W / grid_keys)))
     qp = F.unfold(F.pad(q, (r, r, r, r), mode="replicate"), patch_size).transpose(1, 2)  # (B, N, C·p²)
     kp = F.unfold(k, patch_size, padding=r)  # (B, C·p², N)
     valid = valid_key_centres(k.shape, patch_size, None).flatten(1).to(q.device)  # (B, N)
     # ‖q − k‖² = ‖q‖² − 2 q·k + ‖k‖²; ‖q‖² is the same for every key of a query: left out.
     bias = kp.square().sum(1).masked_fill(~valid, float("inf"))[:, None]  # (B, 1, N)
-    step = max(1, _CHUNK_ELEMENTS // (B * H * W))
-    chunks = [(bias - 2 * qp[:, a : a + step] @ kp).topk(neighbors, -1, largest=False).indices  # (B, n, k)
-              for a in range(0, H * W, step)]
-    return torch.cat(chunks, 1).view(B, H, W, neighbors)
+    grid = (torch.arange(0, H, stride)[:, None] * W + torch.arange(0, W, stride)).flatten().to(q.device)  # (M,)
+    step = max(1, _CHUNK_ELEMENTS // (B * grid.numel()))
+    found = torch.cat([grid[(bias[..., grid] - 2 * qp[:, a : a + step] @ kp[..., grid]).topk(neighbors, -1, largest=False).indices]
+                       for a in range(0, H * W, step)], 1)  # (B, N, k)
+    if stride == 1:
+        return found.view(B, H, W, neighbors)
+    # Refine: every valid position within s // 2 of a match, each counted once.
+    d = torch.arange(-(stride // 2), stride // 2 + 1, device=q.device)
+    y = (found // W)[..., None] + d.repeat_interleave(d.numel())  # (B, N, k, (2ρ+1)²)
+    x = (found % W)[..., None] + d.repeat(d.numel())
+    inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    cand = torch.where(inside, y * W + x, found[..., None]).flatten(2).sort(-1).values  # (B, N, m)
+    rows = cand + (torch.arange(B, device=q.device) * H * W)[:, None, None]
+    keys = F.embedding(rows, kp.transpose(1, 2).reshape(B * H * W, -1))  # (B, N, m, C·p²)
+    dist = bias.view(-1)[rows] - 2 * (keys @ qp[..., None])[..., 0]  # (B, N, m)
+    dist[..., 1:].masked_fill_(cand[..., 1:] == cand[..., :-1], float("inf"))
+    return cand.gather(-1, dist.topk(neighbors, -1, largest=False).indices).view(B, H, W, neighbors)
 
 
 class Attention(nn.Module):
@@ -103,7 +122,7 @@ class Attention(nn.Module):
     from the plain CNN and lets attention in as it becomes useful.
     """
 
-    def __init__(self, channels: int, qk_channels: int, psal: PSAL, exact_keys: int) -> None:
+    def __init__(self, channels: int, qk_channels: int, psal: PSAL, exact_keys: int, grid_keys: int) -> None:
         super().__init__()
         self.query = nn.Conv2d(channels, qk_channels, 1)
         self.key = nn.Conv2d(channels, qk_channels, 1)
@@ -111,13 +130,13 @@ class Attention(nn.Module):
         self.out = nn.Conv2d(channels, channels, 1)
         self.gamma = nn.Parameter(torch.tensor(0.1))
         self.psal = psal
-        self.exact_keys = exact_keys
+        self.exact_keys, self.grid_keys = exact_keys, grid_keys
 
     def forward(self, feat: Tensor) -> Tensor:
         q, k, v = self.query(feat), self.key(feat), self.value(feat)
         if q.shape[-2] * q.shape[-1] <= self.exact_keys:
             with torch.no_grad():
-                indices = exact_neighbors(q, k, self.psal.patch_size, self.psal.neighbors)
+                indices = nearest_patches(q, k, self.psal.patch_size, self.psal.neighbors, self.grid_keys)
             attended = self.psal.attend(q, k, v, indices)  # (B, C, H, W)
         else:
             attended = self.psal(q, k, v)  # (B, C, H, W)
@@ -142,7 +161,8 @@ class PSALUpscale(nn.Module):
         neighbors: int = 4
         iterations: int = 6  # PatchMatch iterations at inference (training may use fewer)
         temperature: float = 1.0
-        exact_keys: int = 1 << 17  # maps with at most this many positions use exact k-NN, not PatchMatch
+        exact_keys: int = 1 << 18  # maps with more positions than this use PatchMatch, not nearest_patches
+        grid_keys: int = 1 << 14  # maps with more positions than this search a key grid, then refine
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -152,7 +172,7 @@ class PSALUpscale(nn.Module):
         c = config
         self.head = Head(c.channels, c.blocks_before)
         psal = PSAL(c.patch_size, c.neighbors, c.iterations, c.temperature, aggregation="center")
-        self.attention = Attention(c.channels, c.qk_channels, psal, c.exact_keys) if c.attention else None
+        self.attention = Attention(c.channels, c.qk_channels, psal, c.exact_keys, c.grid_keys) if c.attention else None
         self.tail = Tail(c.channels, c.blocks_after, c.scale)
 
     def run(self, ex, image: Tensor) -> Tensor:
