@@ -1,0 +1,242 @@
+"""PSAL layer: PatchMatch against exact k-NN on natural crops, masks, sizes, gradients, errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from psal_cli.attention import NNF, PSAL, exact_knn, patch_distances, patchmatch, valid_key_centres
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def crop(name: str) -> torch.Tensor:
+    """A 64×64 photo crop from tests/data as (1, 3, 64, 64) in [0, 1]."""
+    rgb = np.asarray(Image.open(DATA / f"{name}_64.png").convert("RGB"), dtype=np.float32) / 255
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
+
+
+def features(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """A fixed random 3×3 conv + ReLU: conv-like features of a photo."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(channels, x.shape[1], 3, 3, generator=g) / math.sqrt(9 * x.shape[1])
+    return F.relu(F.conv2d(x, weight, padding=1))
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def quality(found: NNF, exact: NNF, patch_size: int = 3) -> tuple[float, float]:
+    """(recall@1, mean found distance / mean exact distance) over queries whose patch lies inside the map."""
+    r = patch_size // 2
+    inner = (slice(None), slice(r, -r or None), slice(r, -r or None))
+    d, e = found.distances[inner], exact.distances[inner]
+    recall = (d[..., 0] <= e[..., 0] * (1 + 1e-4) + 1e-6).float().mean().item()
+    return recall, (d.mean() / e.mean()).item()
+
+
+# (name, query, key): query and key from different photos or regions; RGB or conv features.
+NATURAL = {
+    "rgb 48 vs 64, two photos": lambda: (crop("astronaut")[..., 8:56, 8:56], crop("chelsea")),
+    "rgb 64 vs 40, two regions": lambda: (crop("coffee"), crop("coffee")[..., 24:, :40]),
+    "conv C=16, two photos": lambda: (features(crop("chelsea"), 16)[..., :48, :], features(crop("astronaut"), 16)),
+    "conv C=8, 40 vs 64": lambda: (features(crop("astronaut"), 8)[..., 10:50, 20:60], features(crop("coffee"), 8)),
+}
+
+
+@pytest.mark.parametrize("case", NATURAL)
+def test_patchmatch_is_close_to_exact_knn_on_photos(case: str) -> None:
+    query, key = NATURAL[case]()
+    recall, ratio = quality(patchmatch(query, key, generator=seeded()), exact_knn(query, key))
+    assert recall >= 0.6 and ratio <= 1.05, (recall, ratio)
+
+
+def test_patchmatch_distance_ratio_on_random_maps() -> None:
+    g = seeded(1)
+    query, key = torch.randn(2, 8, 32, 32, generator=g), torch.randn(2, 8, 40, 36, generator=g)
+    _, ratio = quality(patchmatch(query, key, generator=seeded()), exact_knn(query, key))
+    assert ratio <= 1.10
+
+
+def naive_knn(query: torch.Tensor, key: torch.Tensor, p: int, k: int, mask: torch.Tensor) -> tuple[list, list]:
+    """Per query, the k best (distance, key index) by a python loop over every valid key centre."""
+    r = p // 2
+    _, _, Hq, Wq = query.shape
+    Hk, Wk = key.shape[-2:]
+    q = F.pad(query, (r, r, r, r), mode="replicate")[0]
+    indices, distances = [], []
+    for y, x in itertools.product(range(Hq), range(Wq)):
+        scored = []
+        for ky, kx in itertools.product(range(r, Hk - r), range(r, Wk - r)):
+            if mask[0, ky - r : ky + r + 1, kx - r : kx + r + 1].any():
+                continue
+            d = ((q[:, y : y + p, x : x + p] - key[0, :, ky - r : ky + r + 1, kx - r : kx + r + 1]) ** 2).sum()
+            scored.append((d.item(), ky * Wk + kx))
+        best = sorted(scored)[:k]
+        distances.append([d for d, _ in best])
+        indices.append([i for _, i in best])
+    return indices, distances
+
+
+def test_exact_knn_matches_a_python_loop() -> None:
+    g = seeded(2)
+    query, key = torch.randn(1, 2, 5, 6, generator=g), torch.randn(1, 2, 7, 6, generator=g)
+    mask = torch.zeros(1, 7, 6, dtype=torch.bool)
+    mask[0, 0, 0] = mask[0, 5, 4] = True
+    indices, distances = naive_knn(query, key, 3, 2, mask)
+    nnf = exact_knn(query, key, patch_size=3, neighbors=2, key_mask=mask)
+    assert nnf.indices.flatten(0, 2).tolist() == indices
+    assert torch.allclose(nnf.distances.flatten(0, 2), torch.tensor(distances), rtol=1e-5)
+
+
+def test_masked_keys_are_never_returned() -> None:
+    query, key = features(crop("chelsea"), 8)[..., :40, :40], features(crop("astronaut"), 8)
+    mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    mask[0, 10:40, 20:50] = True  # a hole
+    mask[0, torch.arange(0, 64, 7), torch.arange(0, 64, 7)] = True  # and scattered pixels
+    nnf = patchmatch(query, key, key_mask=mask, generator=seeded())
+    touched = F.max_pool2d(mask[:, None].float(), 3, stride=1, padding=1)[0, 0].flatten() > 0
+    assert not touched[nnf.indices.flatten()].any()
+    assert valid_key_centres(key.shape, 3, mask).flatten()[nnf.indices.flatten()].all()
+    recall, ratio = quality(nnf, exact_knn(query, key, key_mask=mask))
+    assert recall >= 0.6 and ratio <= 1.05
+
+
+@pytest.mark.parametrize("key_size", [(24, 20), (80, 72)], ids=["smaller key", "larger key"])
+def test_cross_attention_between_maps_of_different_sizes(key_size: tuple[int, int]) -> None:
+    g = seeded(3)
+    Hk, Wk = key_size
+    q, k, v = torch.randn(2, 6, 40, 40, generator=g), torch.randn(2, 6, Hk, Wk, generator=g), torch.randn(2, 5, Hk, Wk, generator=g)
+    layer = PSAL(neighbors=3)
+    out = layer(q, k, v, generator=seeded())
+    assert out.shape == (2, 5, 40, 40) and out.isfinite().all()
+    nnf = layer.last_nnf
+    assert nnf.indices.shape == nnf.distances.shape == (2, 40, 40, 3)
+    assert nnf.indices.dtype == torch.int64 and nnf.distances.dtype == torch.float32
+    y, x = nnf.indices // Wk, nnf.indices % Wk
+    assert ((y >= 1) & (y <= Hk - 2) & (x >= 1) & (x <= Wk - 2)).all()
+    assert (nnf.distances.diff(dim=-1) >= 0).all()
+    assert (nnf.indices.sort(-1).values.diff(dim=-1) != 0).all()  # no repeated match
+    assert torch.allclose(nnf.distances, patch_distances(q, k, nnf.indices, 3), rtol=1e-4)
+
+
+@pytest.mark.parametrize("aggregation", ["center", "patch"])
+def test_gradcheck_for_q_k_and_v(aggregation: str) -> None:
+    g = seeded(4)
+    q = torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    layer = PSAL(neighbors=2, temperature=4.0, aggregation=aggregation)
+    indices = patchmatch(q.detach(), k.detach(), neighbors=2, generator=seeded()).indices
+    assert torch.autograd.gradcheck(lambda q, k, v: layer.attend(q, k, v, indices), (q, k, v))
+
+
+def test_forward_gradients_reach_q_k_and_v() -> None:
+    g = seeded(5)
+    q, k, v = (torch.randn(2, 4, 12, 12, generator=g, requires_grad=True) for _ in range(3))
+    PSAL(temperature=10.0, aggregation="patch")(q, k, v, generator=seeded()).square().sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
+def test_same_seed_gives_identical_output() -> None:
+    q, k = features(crop("astronaut"), 8), features(crop("chelsea"), 8)
+    layer = PSAL(aggregation="patch")
+    first, nnf = layer(q, k, k, generator=seeded(7)), layer.last_nnf
+    second = layer(q, k, k, generator=seeded(7))
+    assert torch.equal(first, second)
+    assert torch.equal(nnf.indices, layer.last_nnf.indices) and torch.equal(nnf.distances, layer.last_nnf.distances)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype: torch.dtype) -> None:
+    q, k = features(crop("chelsea"), 8)[..., :32, :32], features(crop("coffee"), 8)[..., :40, :40]
+    out = PSAL()(q.to(dtype), k.to(dtype), k.to(dtype), generator=seeded())
+    assert out.dtype == dtype and out.shape == (1, 8, 32, 32) and out.isfinite().all()
+    nnf = patchmatch(q.to(dtype), k.to(dtype), generator=seeded())
+    assert nnf.distances.dtype == torch.float32
+    _, ratio = quality(nnf, exact_knn(q.to(dtype).float(), k.to(dtype).float()))
+    assert ratio <= 1.05
+
+
+def test_init_from_an_exact_nnf_is_kept() -> None:
+    q, k = features(crop("coffee"), 8)[..., :32, :32], features(crop("astronaut"), 8)
+    exact = exact_knn(q, k)
+    recall, ratio = quality(patchmatch(q, k, iterations=0, init=exact, generator=seeded()), exact)
+    assert recall == 1.0 and ratio == pytest.approx(1.0)
+
+
+def naive_attention(q, k, v, nnf: NNF, p: int, temperature: float, aggregation: str) -> torch.Tensor:
+    """PSAL.md's formulas, one query pixel at a time."""
+    r = p // 2
+    _, _, Hq, Wq = q.shape
+    Wk = k.shape[-1]
+    out = torch.zeros(1, v.shape[1], Hq, Wq, dtype=v.dtype)
+    offsets = itertools.product(range(-r, r + 1), repeat=2) if aggregation == "patch" else [(0, 0)]
+    offsets = list(offsets)
+    for y, x in itertools.product(range(Hq), range(Wq)):
+        logits, values = [], []
+        for dy, dx in offsets:
+            sy, sx = y - dy, x - dx  # the query patch centred at x − d covers x
+            if not (0 <= sy < Hq and 0 <= sx < Wq):
+                continue
+            for j in range(nnf.indices.shape[-1]):
+                match = int(nnf.indices[0, sy, sx, j])
+                logits.append(-nnf.distances[0, sy, sx, j] / temperature)
+                values.append(v[0, :, match // Wk + dy, match % Wk + dx])
+        weights = torch.stack(logits).softmax(0)
+        out[0, :, y, x] = (weights[:, None] * torch.stack(values)).sum(0)
+    return out
+
+
+@pytest.mark.parametrize("aggregation", ["center", "patch"])
+def test_aggregation_equals_the_formula_in_a_loop(aggregation: str) -> None:
+    g = seeded(6)
+    q, k, v = torch.randn(1, 3, 6, 7, generator=g), torch.randn(1, 3, 8, 9, generator=g), torch.randn(1, 2, 8, 9, generator=g)
+    layer = PSAL(neighbors=3, temperature=5.0, aggregation=aggregation)
+    out = layer(q, k, v, generator=seeded())
+    expected = naive_attention(q, k, v, layer.last_nnf, 3, 5.0, aggregation)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("aggregation", ["center", "patch"])
+def test_row_chunked_attention_equals_unchunked(aggregation: str) -> None:
+    g = seeded(8)
+    q, k, v = torch.randn(2, 4, 20, 16, generator=g), torch.randn(2, 4, 24, 24, generator=g), torch.randn(2, 3, 24, 24, generator=g)
+    whole, chunked = PSAL(aggregation=aggregation), PSAL(aggregation=aggregation, query_chunk=3 * 16)
+    with torch.no_grad():
+        assert torch.allclose(whole(q, k, v, generator=seeded()), chunked(q, k, v, generator=seeded()), atol=1e-6)
+
+
+Q, K = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 10, 10)
+INVALID = {
+    "even patch size": lambda: patchmatch(Q, K, patch_size=4),
+    "patch size < 1": lambda: patchmatch(Q, K, patch_size=0),
+    "neighbors < 1": lambda: patchmatch(Q, K, neighbors=0),
+    "more neighbors than key patches": lambda: patchmatch(Q, K, patch_size=7, neighbors=17),
+    "everything masked": lambda: patchmatch(Q, K, key_mask=torch.ones(1, 10, 10, dtype=torch.bool)),
+    "masked down to one patch": lambda: patchmatch(Q, K, neighbors=2, key_mask=F.pad(torch.zeros(1, 3, 3), (0, 7, 0, 7), value=1).bool()),
+    "channel mismatch": lambda: patchmatch(Q, torch.randn(1, 3, 10, 10)),
+    "batch mismatch": lambda: patchmatch(Q, torch.randn(2, 4, 10, 10)),
+    "not (B, C, H, W)": lambda: patchmatch(Q[0], K[0]),
+    "key smaller than a patch": lambda: patchmatch(Q, K[..., :2, :]),
+    "query smaller than a patch": lambda: patchmatch(Q[..., :2], K),
+    "mask shape": lambda: patchmatch(Q, K, key_mask=torch.zeros(1, 8, 8, dtype=torch.bool)),
+    "exact_knn, too many neighbors": lambda: exact_knn(Q, K, patch_size=7, neighbors=17),
+    "value size": lambda: PSAL()(Q, K, torch.randn(1, 2, 9, 10)),
+    "aggregation": lambda: PSAL(aggregation="mean"),
+    "temperature": lambda: PSAL(temperature=0.0),
+}
+
+
+@pytest.mark.parametrize("case", INVALID)
+def test_invalid_arguments_raise_value_error(case: str) -> None:
+    with pytest.raises(ValueError):
+        INVALID[case]()
