@@ -33,7 +33,7 @@ def example(name: str, size: int) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
 
 
-@pytest.mark.parametrize("exact_pairs", [0, 1 << 29])  # PatchMatch, exhaustive search
+@pytest.mark.parametrize("exact_pairs", [0, 1 << 30])  # PatchMatch, exhaustive search
 def test_output_shape_range_and_exact_luminance(exact_pairs: int) -> None:
     model = tiny(exact_pairs=exact_pairs)
     gray = rgb_to_luma(example("chelsea.png", 27))  # odd sizes: padding and cropping back
@@ -47,7 +47,7 @@ def test_output_shape_range_and_exact_luminance(exact_pairs: int) -> None:
     assert (rgb_to_luma(out) - gray)[inside].abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("exact_pairs", [0, 1 << 29])
+@pytest.mark.parametrize("exact_pairs", [0, 1 << 30])
 def test_tiled_engine_equals_whole_image(exact_pairs: int) -> None:
     model = tiny(exact_pairs=exact_pairs)
     gray, ref = rgb_to_luma(example("chelsea.png", 50)), example("coffee.png", 40)

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,9 +43,10 @@ def exhaustive_knn(query: Tensor, key: Tensor, patch_size: int, neighbors: int) 
 
     Same conventions as PSAL's PatchMatch: replicate-padded query patches, key centres r
     pixels inside the key map, squared L2 distances in float32. Exact but pruned: with D
-    values per patch, ‖q − k‖² ≥ D·(mean q − mean k)², so with keys sorted by mean, a block
-    of queries of similar means first scans the keys of about its own means, then only the
-    keys whose mean is close enough to beat its k-th best so far.
+    values per patch, ‖q − k‖² ≥ D·(mean q − mean k)². Keys are sorted by mean; a first
+    pass bounds each query's k-th distance by the keys of about its own mean, a second
+    scans, for blocks of queries with similar bounds and means, only the keys whose mean
+    can still beat those bounds.
     """
     r = patch_size // 2
     B, _, Hq, Wq = query.shape
@@ -57,29 +59,35 @@ def exhaustive_knn(query: Tensor, key: Tensor, patch_size: int, neighbors: int) 
     indices = torch.empty(B, Nq, neighbors, dtype=torch.long)
     distances = torch.empty(B, Nq, neighbors)
 
-    def scan(q: Tensor, k: Tensor) -> Tensor:  # (n, D), (m, D) → (n, m) squared distances
-        return torch.addmm(k.square().sum(1)[None], q, k.T, alpha=-2).add_(q.square().sum(1, keepdim=True)).clamp_(min=0)
+    def scan(rows: Tensor, lo: float, hi: float, at_least: int = 0) -> tuple[Tensor, Tensor]:
+        """k best among the keys with mean in [lo, hi] (at least `at_least` keys): (n, k) each."""
+        a = int(torch.searchsorted(k_mean, torch.tensor(lo)))
+        b = max(int(torch.searchsorted(k_mean, torch.tensor(hi), right=True)), a + at_least)
+        a, b = max(0, min(a, Nv - at_least)), min(Nv, b)
+        qb, kb = q[rows], k[a:b]  # (n, D), (m, D)
+        d = torch.addmm(kb.square().sum(1)[None], qb, kb.T, alpha=-2).add_(qb.square().sum(1, keepdim=True))
+        dist, idx = d.clamp_(min=0).topk(neighbors, 1, largest=False, sorted=True)
+        return dist, k_order[idx + a]
 
     for b in range(B):
         q, k = qp[b].T, kp[b].T  # (Nq, D), (Nv, D)
         k_mean, k_order = k.mean(1).sort()
         k = k[k_order]
         q_mean = q.mean(1)
-        q_order = q_mean.argsort()
+        by_mean = q_mean.argsort()
+        bound = torch.empty(Nq)
         for a in range(0, Nq, _BLOCK):
-            rows = q_order[a : a + _BLOCK]
-            lo, hi = q_mean[rows].min().item(), q_mean[rows].max().item()
-            s0 = int(torch.searchsorted(k_mean, torch.tensor(lo)))
-            s1 = max(int(torch.searchsorted(k_mean, torch.tensor(hi), right=True)), s0 + neighbors)
-            s0, s1 = max(0, min(s0, Nv - neighbors)), min(Nv, s1)
-            d = scan(q[rows], k[s0:s1])  # (n, s1 − s0)
-            radius = math.sqrt(d.topk(neighbors, 1, largest=False).values[:, -1].max().item() / D)
-            t0 = int(torch.searchsorted(k_mean, torch.tensor(lo - radius)))
-            t1 = int(torch.searchsorted(k_mean, torch.tensor(hi + radius), right=True))
-            d = torch.cat([scan(q[rows], k[t0:s0]), d, scan(q[rows], k[s1:t1])], 1)  # keys t0 … t1
-            dist, idx = d.topk(neighbors, 1, largest=False, sorted=True)
-            idx = k_order[idx + t0]  # valid-centre index
-            indices[b, rows] = (idx // wv + r) * Wk + idx % wv + r  # → flat key position
+            rows = by_mean[a : a + _BLOCK]
+            dist, _ = scan(rows, q_mean[rows].min().item(), q_mean[rows].max().item(), neighbors)
+            bound[rows] = dist[:, -1]
+        radius = (bound / D).sqrt()
+        tier = torch.log2(radius + 1e-6).floor()
+        order = torch.from_numpy(np.lexsort((q_mean.numpy(), tier.numpy())))  # by tier, then mean
+        for a in range(0, Nq, _BLOCK):
+            rows = order[a : a + _BLOCK]
+            lo, hi = (q_mean[rows] - radius[rows]).min().item(), (q_mean[rows] + radius[rows]).max().item()
+            dist, idx = scan(rows, lo, hi, neighbors)
+            indices[b, rows] = (idx // wv + r) * Wk + idx % wv + r  # valid-centre index → flat key position
             distances[b, rows] = dist
     device = query.device
     return NNF(indices.view(B, Hq, Wq, neighbors).to(device), distances.view(B, Hq, Wq, neighbors).to(device))
@@ -158,8 +166,8 @@ class PSALColorize(nn.Module):
         decoder_width: int = 32
         dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 4, 2, 1])
         # Exhaustive k-NN instead of PatchMatch while Hq·Wq·Hk·Wk (half-res maps) stays below
-        # this: training crops, and images up to ~320 px, where on CPU it is faster and exact.
-        exact_pairs: int = 1 << 29
+        # this: the small training crops, where it is cheap and gives exact neighbours.
+        exact_pairs: int = 1 << 24
 
     def __init__(self, config: Config) -> None:
         super().__init__()

@@ -198,7 +198,7 @@ def evaluate(
 
     `size` resizes every photo so its longest side is that many pixels first (None: full
     size); `limit` takes the first photos only; `nearest` also runs the exhaustive
-    nearest-patch baseline (O(N²): about a second per 320-px image). `model` is a model
+    nearest-patch baseline (O(N²), pruned: a few seconds per 320-px image). `model` is a model
     file, a loaded network, or None for the installed default. Returns
     {"task", "size", "images": [rows], "mean": {...}, "baselines": {...}} where
     mean/baselines hold {"plain": {psnr, ab_mae, y_err}, "flipped": {...}}.
