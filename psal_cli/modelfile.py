@@ -124,6 +124,21 @@ def save_model(
     return path
 
 
+def write_metrics(path: str | os.PathLike[str], metrics: dict[str, Any]) -> Path:
+    """Record what `psal eval` measured in a model file's metadata (weights untouched, atomic)."""
+    path = Path(path)
+    meta = dict(read_metadata(path))
+    try:
+        tensors = load_tensors(path.read_bytes())
+    except SafetensorError as e:
+        raise ModelFileError(path, f"damaged: {e}") from None
+    meta["metrics"] = json.dumps(metrics)
+    data = save_tensors(tensors, metadata=meta)
+    with atomic_write(path, overwrite=True) as f:
+        f.write(data)
+    return path
+
+
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     """Parse and check the safetensors header without trusting it; returns (header, file size)."""
     if not path.exists():

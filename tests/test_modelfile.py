@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from conftest import stray_files
 from psal_cli.modelfile import (ModelFileError, default_model_path, load_model, read_info,
-                                read_metadata, save_model)
+                                read_metadata, save_model, write_metrics)
 from tiny_networks import TinyInpaint, TinyUpscale
 
 
@@ -48,6 +48,15 @@ def test_round_trip(saved: tuple[TinyUpscale, Path]) -> None:
     meta = read_metadata(path)
     assert meta["format"] == "psal-model" and meta["format_version"] == "1"
     assert json.loads(meta["config"]) == {"scale": 3}
+    assert not stray_files(path.parent)
+
+
+def test_write_metrics_keeps_the_weights(saved: tuple[TinyUpscale, Path]) -> None:
+    model, path = saved
+    write_metrics(path, {"set5_psnr": 30.25})
+    loaded, info = load_model(path)
+    assert info.metrics == {"set5_psnr": 30.25} and info.training == {"steps": 7}
+    assert torch.equal(loaded.body.conv.weight, model.body.conv.weight)
     assert not stray_files(path.parent)
 
 
