@@ -1,0 +1,271 @@
+"""PSAL inpainting: a coarse-to-fine fill at a working resolution, then PSAL detail transfer at full resolution.
+
+    image, mask ─ to working size (long side ≤ work_size) ─ encoder ↓4 ─ dilated gated blocks
+        ─ PSAL (masked keys: the hole is never copied from) ─ blocks ─ decoder ↑4 ─ refine ─ fill
+    fill ─ upsampled to full size ─ detail: PSAL over the full-resolution pixels ─ out
+
+A small network can only paint the low frequencies of a hole, and any resize-based tool
+blurs on top of that when the photo is larger than the network's working size. The
+detail stage fixes both: it matches the (low-pass) fill against the low-pass known image
+with PatchMatch, then copies the *high-frequency* part of the matched known pixels into
+the hole (patch aggregation, so neighbouring queries copy coherent texture). The search
+runs at a reduced "match" resolution over the hole's bounding box only; its NNF is
+upsampled into a full-resolution NNF and PSAL attends with it at full resolution, so the
+copied texture is real full-resolution texture of the same photo.
+
+Known pixels are kept exactly by every stage (each composites with the input), so the
+seam is the input's own edge plus a fill that the refine stage learned to continue.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from psal_cli.attention import PSAL, patchmatch, valid_key_centres
+from psal_cli.networks import register_model
+from psal_cli.networks.stages import Direct, LocalStage, conv_radius, pad_to_multiple
+
+
+class GatedBlock(nn.Module):
+    """x + W·(gelu(a) · σ(g)), [a, g] = dilated 3×3 conv(x): gated convolution (Yu et al. 2019) as a residual."""
+
+    def __init__(self, channels: int, dilation: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 2 * channels, 3, padding=dilation, dilation=dilation)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, g = self.conv(x).chunk(2, 1)
+        return x + self.proj(F.gelu(a) * torch.sigmoid(g))
+
+
+class Encoder(LocalStage):
+    """(image, mask) at working size → features at 1/4, then dilated gated blocks that spread context into the hole."""
+
+    def __init__(self, width: int, dilations: tuple[int, ...]) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(4, width // 2, 3, padding=1)
+        self.down1 = nn.Conv2d(width // 2, width, 3, stride=2, padding=1)
+        self.down2 = nn.Conv2d(width, width, 3, stride=2, padding=1)
+        self.blocks = nn.Sequential(*(GatedBlock(width, d) for d in dilations))
+        self.scale = Fraction(1, 4)
+        # stem 1 px, down1 1 px, down2 1 half-pixel = 2 px, blocks in quarter pixels.
+        self.radius = 1 + 1 + 2 + 4 * conv_radius(self.blocks)
+
+    def forward(self, image: Tensor, mask: Tensor) -> Tensor:
+        x = F.gelu(self.stem(torch.cat([image, mask], 1)))
+        x = F.gelu(self.down1(x))
+        return self.blocks(self.down2(x))
+
+
+class Decoder(LocalStage):
+    """Features at 1/4 (+ attention output) → blocks → RGB at working size (two ×2 sub-pixel steps)."""
+
+    def __init__(self, width: int, dilations: tuple[int, ...]) -> None:
+        super().__init__()
+        self.fuse = nn.Conv2d(2 * width, width, 1)
+        self.blocks = nn.Sequential(*(GatedBlock(width, d) for d in dilations))
+        self.up1 = nn.Conv2d(width, 4 * (width // 2), 3, padding=1)
+        self.up2 = nn.Conv2d(width // 2, 4 * (width // 4), 3, padding=1)
+        self.rgb = nn.Conv2d(width // 4, 3, 3, padding=1)
+        self.scale = Fraction(4)
+        # Blocks and up1 at 1/4, up2 at 1/2 (half a quarter pixel), rgb at full (a quarter): round up.
+        self.radius = conv_radius(self.blocks) + 1 + 1
+
+    def forward(self, feat: Tensor, attended: Tensor) -> Tensor:
+        x = self.blocks(self.fuse(torch.cat([feat, attended], 1)))
+        x = F.gelu(F.pixel_shuffle(self.up1(x), 2))
+        x = F.gelu(F.pixel_shuffle(self.up2(x), 2))
+        return torch.sigmoid(self.rgb(x))
+
+
+class Refine(LocalStage):
+    """(composited coarse fill, mask) → residual correction at working size: continues edges across the seam."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(4, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=4, dilation=4), nn.GELU(),
+            nn.Conv2d(width, 3, 3, padding=1),
+        )
+        self.radius = conv_radius(self.body)
+
+    def forward(self, comp: Tensor, mask: Tensor) -> Tensor:
+        return (comp + self.body(torch.cat([comp, mask], 1))).clamp(0, 1)
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur (radius 3σ, replicate padding), per channel."""
+    r = max(1, math.ceil(3 * sigma))
+    g = torch.exp(-(torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) ** 2) / (2 * sigma**2))
+    g = (g / g.sum()).view(1, 1, 1, -1).repeat(x.shape[1], 1, 1, 1)  # (C, 1, 1, 2r+1)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), g, groups=x.shape[1])
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), g.transpose(2, 3), groups=x.shape[1])
+
+
+def masked_blur(x: Tensor, known: Tensor, sigma: float) -> Tensor:
+    """Gaussian blur of x using only known pixels (normalised convolution), so the hole never leaks in."""
+    return gaussian_blur(x * known, sigma) / gaussian_blur(known, sigma).clamp(min=1e-6)
+
+
+def hole_box(mask: Tensor, margin: int) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): bounding box of the hole over the batch, grown by margin, clipped to the map."""
+    H, W = mask.shape[-2:]
+    ys = mask.amax(dim=(0, 1, 3)).nonzero()[:, 0]  # (n,) rows holding a hole pixel
+    xs = mask.amax(dim=(0, 1, 2)).nonzero()[:, 0]  # (n,) columns holding a hole pixel
+    return (max(0, int(ys[0]) - margin), min(H, int(ys[-1]) + 1 + margin),
+            max(0, int(xs[0]) - margin), min(W, int(xs[-1]) + 1 + margin))
+
+
+@register_model("psal-inpaint")
+class PSALInpaint(nn.Module):
+    task = "inpaint"
+
+    @dataclass
+    class Config:
+        width: int = 32  # channels at 1/4 of the working size
+        encoder_dilations: tuple[int, ...] = (1, 2, 4, 8, 16)
+        decoder_dilations: tuple[int, ...] = (1, 2)
+        refine_width: int = 16
+        attn_channels: int = 16  # PSAL query/key channels in the network
+        attn_patch: int = 1  # the features already describe a wide neighbourhood; p = 1 keeps training fast
+        attn_neighbors: int = 4
+        attn_iterations: int = 3
+        work_size: int = 512  # long side of the working resolution (larger photos are reduced, then detailed)
+        detail: bool = True  # full-resolution PSAL detail transfer
+        detail_gain: float = 1.0  # how much of the copied high-frequency texture is added
+        detail_sigma: float = 1.5  # low-pass that separates what the network paints from what is copied
+        detail_match_size: int = 256  # long side of the hole box at which PatchMatch searches
+        detail_patch: int = 3  # patch side of the search, in blocks (odd, ≥ 3)
+        detail_iterations: int = 4
+        detail_search: int = 512  # keys: the hole box grown by this many full-resolution pixels
+        detail_temperature: float = 1e-5  # ≈ hard choice of the best patch vote: averaging votes would blur the copy
+        detail_energy_weight: float = 2.0  # weight of the texture-energy channel in the match features
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.encoder = Encoder(c.width, tuple(c.encoder_dilations))
+        self.to_q = nn.Conv2d(c.width, c.attn_channels, 1)
+        self.to_k = nn.Conv2d(c.width, c.attn_channels, 1)
+        self.to_v = nn.Conv2d(c.width, c.width, 1)
+        self.attn = PSAL(c.attn_patch, c.attn_neighbors, c.attn_iterations, aggregation="center")
+        self.decoder = Decoder(c.width, tuple(c.decoder_dilations))
+        self.refine = Refine(c.refine_width)
+        self.transfer = PSAL(3, 1, 0, temperature=c.detail_temperature, aggregation="patch")
+
+    def forward(self, image: Tensor, mask: Tensor) -> Tensor:
+        return self.run(Direct(), image=image, mask=mask)
+
+    def run(self, ex, image: Tensor, mask: Tensor) -> Tensor:
+        """image (B, 3, H, W) in [0, 1], mask (B, 1, H, W) 1 = hole → (B, 3, H, W), known pixels unchanged."""
+        H, W = image.shape[-2:]
+        known = 1 - mask
+        image = image * known
+        factor = self.config.work_size / max(H, W)
+        if factor < 1:
+            size = (max(4, round(H * factor)), max(4, round(W * factor)))
+            small = ex.whole(lambda x, m: _reduce(x, m, size), image, mask)  # (B, 4, h, w)
+            fill = self.fill(ex, small[:, :3], small[:, 3:])
+            fill = ex.whole(lambda f: F.interpolate(f, size=(H, W), mode="bicubic", align_corners=False).clamp(0, 1), fill)
+            out = image + mask * fill
+        else:
+            out = self.fill(ex, image, mask)
+        if self.config.detail:
+            out = ex.whole(self.add_detail, out, mask)
+        return out
+
+    def fill(self, ex, image: Tensor, mask: Tensor) -> Tensor:
+        """The learned coarse-to-fine fill at working size; composited, so known pixels stay exact."""
+        H, W = image.shape[-2:]
+        x, m = pad_to_multiple(image, 4), pad_to_multiple(mask, 4)
+        feat = ex.local(self.encoder, x, m)  # (B, width, H/4, W/4)
+        attended = ex.whole(self.attend, feat, m)
+        coarse = ex.local(self.decoder, feat, attended)[..., :H, :W]  # (B, 3, H, W)
+        comp = image + mask * coarse
+        return image + mask * ex.local(self.refine, comp, mask)
+
+    def attend(self, feat: Tensor, mask: Tensor) -> Tensor:
+        """PSAL over the 1/4-size features: hole positions copy features of similar known patches."""
+        hole = F.max_pool2d(mask, 4)  # (B, 1, h, w): any hole pixel in the cell
+        key_mask = hole[:, 0] > 0
+        # Where too few known key patches remain (a nearly full hole), let the hole be keys too.
+        valid = valid_key_centres(feat.shape, self.attn.patch_size, key_mask).flatten(1).sum(1)
+        key_mask = key_mask & (valid >= self.attn.neighbors)[:, None, None]
+        out = self.attn(self.to_q(feat), self.to_k(feat), self.to_v(feat), key_mask=key_mask)
+        return out * hole
+
+    def add_detail(self, fill: Tensor, mask: Tensor) -> Tensor:
+        """Copy the high frequencies of matching known full-resolution patches into the hole.
+
+        Queries and keys: the low-pass (σ = detail_sigma) of the composite, in which the
+        fill and the known pixels look alike; values: known pixels minus their low-pass
+        (taken over known pixels only, so nothing of the hole leaks into them). PatchMatch
+        runs on f×f block averages of the hole box (long side ≤ detail_match_size), against
+        keys in the box grown by detail_search pixels, with every block near the hole
+        forbidden; its NNF, upsampled (each query pixel copies from the same place within
+        its matched block), drives PSAL's patch aggregation at full resolution.
+        """
+        c = self.config
+        H, W = fill.shape[-2:]
+        known = 1 - mask
+        low = gaussian_blur(fill, c.detail_sigma)  # (B, 3, H, W)
+        high = (fill - masked_blur(fill, known, c.detail_sigma)) * known
+        y0, y1, x0, x1 = hole_box(mask, 1)
+        f = max(1, math.ceil(max(y1 - y0, x1 - x0) / c.detail_match_size))
+        hq, wq = -(-(y1 - y0) // f), -(-(x1 - x0) // f)  # query box in blocks
+        # Pad bottom/right so the block-aligned query box always fits; cropped back at the end.
+        low_p, mask_p = F.pad(low, (0, f, 0, f), mode="replicate"), F.pad(mask, (0, f, 0, f), mode="replicate")
+        qy0, qx0 = min(y0, H + f - hq * f), min(x0, W + f - wq * f)
+        q = low_p[..., qy0 : qy0 + hq * f, qx0 : qx0 + wq * f]  # (B, 3, hq·f, wq·f)
+        g = c.detail_search
+        ky0, ky1, kx0, kx1 = max(0, y0 - g), min(H, y1 + g), max(0, x0 - g), min(W, x1 + g)
+        hk, wk = (ky1 - ky0) // f, (kx1 - kx0) // f  # key region in blocks
+        k, v = low[..., ky0 : ky0 + hk * f, kx0 : kx0 + wk * f], high[..., ky0 : ky0 + hk * f, kx0 : kx0 + wk * f]
+        forbid = F.max_pool2d(mask[..., ky0 : ky0 + hk * f, kx0 : kx0 + wk * f], f)  # (B, 1, hk, wk)
+        forbid = F.max_pool2d(forbid, 3, 1, 1)[:, 0] > 0  # blocks next to the hole too: patch aggregation reads ±1 pixel
+        if min(hk, wk) < c.detail_patch or int(valid_key_centres((forbid.shape[0], 1, hk, wk), c.detail_patch, forbid).flatten(1).sum(1).min()) < 1:
+            return fill  # nothing known to copy from
+        # Match features per block: low-pass colour plus the local texture energy, which in the
+        # hole is extrapolated from the known blocks around it (so a flat fill still asks for texture).
+        energy = masked_blur(high.square().sum(1, keepdim=True), known, 2 * c.detail_sigma).sqrt()  # (B, 1, H, W)
+        energy_p = F.pad(energy, (0, f, 0, f), mode="replicate")
+        eq = F.avg_pool2d(energy_p[..., qy0 : qy0 + hq * f, qx0 : qx0 + wq * f], f)  # (B, 1, hq, wq)
+        ek = F.avg_pool2d(energy[..., ky0 : ky0 + hk * f, kx0 : kx0 + wk * f], f)  # (B, 1, hk, wk)
+        qknown = 1 - F.max_pool2d(mask_p[..., qy0 : qy0 + hq * f, qx0 : qx0 + wq * f], f)
+        spread = max(1.0, max(hq, wq) / 4)
+        num, den = gaussian_blur(eq * qknown, spread), gaussian_blur(qknown, spread)
+        fallback = (eq * qknown).sum((2, 3), keepdim=True) / qknown.sum((2, 3), keepdim=True).clamp(min=1)
+        guess = torch.where(den > 1e-4, num / den.clamp(min=1e-4), fallback)
+        eq = qknown * eq + (1 - qknown) * guess
+        w = c.detail_energy_weight
+        fq = torch.cat([F.avg_pool2d(q, f), w * eq], 1)  # (B, 4, hq, wq)
+        fk = torch.cat([F.avg_pool2d(k, f), w * ek], 1)  # (B, 4, hk, wk)
+        nnf = patchmatch(fq, fk, patch_size=c.detail_patch, neighbors=1,
+                         iterations=c.detail_iterations, key_mask=forbid).indices  # (B, hq, wq, 1)
+        by, bx = nnf // wk, nnf % wk
+        oy = torch.arange(hq * f, device=fill.device).view(1, -1, 1, 1) % f  # (1, hq·f, 1, 1)
+        ox = torch.arange(wq * f, device=fill.device).view(1, 1, -1, 1) % f  # (1, 1, wq·f, 1)
+        up = lambda t: t.repeat_interleave(f, 1).repeat_interleave(f, 2)  # noqa: E731  (B, hq·f, wq·f, 1)
+        indices = (up(by) * f + oy) * (wk * f) + up(bx) * f + ox  # full-resolution key positions
+        detail = self.transfer.attend(q, k, v, indices)  # (B, 3, hq·f, wq·f)
+        detail = F.pad(detail, (qx0, W + f - qx0 - wq * f, qy0, H + f - qy0 - hq * f))[..., :H, :W]
+        return (fill + c.detail_gain * mask * detail).clamp(0, 1)
+
+
+def _reduce(image: Tensor, mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """Area-downsample to `size` from known pixels only; a cell with any hole pixel is hole. → (B, 4, h, w)."""
+    known = 1 - mask
+    num = F.interpolate(image * known, size=size, mode="area")
+    den = F.interpolate(known, size=size, mode="area")
+    hole = (den < 1 - 1e-6).float()
+    return torch.cat([num / den.clamp(min=1e-6) * (1 - hole), hole], 1)

@@ -1,0 +1,324 @@
+"""Inpainting: seeded hole masks, training batches, loss, `train` and the benchmark `evaluate`.
+
+Masks follow the protocol of shared/data/README.md: `thin` free-form strokes covering
+5–15 % of the pixels, `thick` strokes 25–40 %, `box` one rectangle of 20–30 % of the area.
+Evaluation masks are a pure function of (seed, family, image index), so every method and
+every run sees the same holes; training draws from the same generator with its own
+random state, so the network practises exactly the kinds of holes it is judged on.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import Tensor, nn
+
+from psal_cli.color import rgb_to_luma
+from psal_cli.metrics import psnr, ssim, to_uint8_levels
+from psal_cli.networks.stages import Direct
+from psal_cli.training import IMAGE_SUFFIXES, TrainOptions, fit, load_photos, random_crop
+
+TRAIN_DATA = "BSDS500 train+test (shared/data/train, 400 photos)"
+# family: (fraction of pixels low, high), (stroke width low, high) in pixels.
+FAMILIES = {"thin": ((0.05, 0.15), (3, 9)), "thick": ((0.25, 0.40), (15, 35)), "box": ((0.20, 0.30), None)}
+RING = 8  # width in pixels of the known ring against which hole sharpness is compared
+
+
+def _stroke(draw: ImageDraw.ImageDraw, h: int, w: int, width: int, rng: np.random.Generator) -> None:
+    """One free-form brush stroke: a random walk of 3–8 segments with rounded joints."""
+    y, x = rng.uniform(0, h), rng.uniform(0, w)
+    angle = rng.uniform(0, 2 * math.pi)
+    points = [(x, y)]
+    for _ in range(int(rng.integers(3, 9))):
+        angle += rng.uniform(-1.2, 1.2)
+        length = rng.uniform(0.05, 0.25) * max(h, w)
+        x = float(np.clip(x + length * math.cos(angle), 0, w - 1))
+        y = float(np.clip(y + length * math.sin(angle), 0, h - 1))
+        points.append((x, y))
+    draw.line(points, fill=255, width=width)
+    for px, py in points:
+        draw.ellipse((px - width / 2, py - width / 2, px + width / 2, py + width / 2), fill=255)
+
+
+def make_mask(family: str, h: int, w: int, rng: np.random.Generator, width_scale: float | None = None) -> np.ndarray:
+    """A (h, w) bool hole of the given family (True = hole), drawn from `rng`.
+
+    Stroke widths are the family's (in pixels of a 481×321 photo) times `width_scale`
+    (default: min(1, shorter side / 321), so small test images get proportionate strokes).
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown mask family {family!r} (known: {', '.join(FAMILIES)})")
+    (lo, hi), widths = FAMILIES[family]
+    mask = np.zeros((h, w), dtype=bool)
+    if widths is None:
+        area = rng.uniform(lo, hi) * h * w
+        aspect = rng.uniform(0.5, 2.0)  # width / height
+        bh = int(np.clip(round(math.sqrt(area / aspect)), 1, h))
+        bw = int(np.clip(round(area / bh), 1, w))
+        bh = int(np.clip(round(area / bw), 1, h))  # the width was clipped: keep the area
+        y, x = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+        mask[y : y + bh, x : x + bw] = True
+        return mask
+    target = rng.uniform(lo, hi)
+    width_scale = min(1.0, min(h, w) / 321) if width_scale is None else width_scale
+    canvas = Image.new("L", (w, h))
+    for _ in range(500):  # strokes that would overshoot `hi` are redrawn; the bound only stops pathologies
+        trial = canvas.copy()
+        width = max(1, round(rng.uniform(*widths) * width_scale))
+        _stroke(ImageDraw.Draw(trial), h, w, width, rng)
+        fraction = np.asarray(trial).astype(bool).mean()
+        if fraction <= hi:
+            canvas = trial
+            if fraction >= target:
+                break
+    return np.asarray(canvas) > 0
+
+
+def eval_mask(family: str, h: int, w: int, index: int, seed: int = 0) -> np.ndarray:
+    """The evaluation hole of image number `index`: deterministic in (seed, family, index)."""
+    return make_mask(family, h, w, np.random.default_rng([seed, list(FAMILIES).index(family), index]))
+
+
+def make_sampler(photos: list[Tensor], batch: int, patch: int) -> Callable[[random.Random], dict[str, Tensor]]:
+    """Batches of random crops, each with a hole of a random family.
+
+    Photos are first reduced by a random factor in [0.35, 1] (scale variety, and more
+    context per crop: the evaluation's boxes are larger than a crop); stroke widths shrink
+    by the same factor, so the strokes are those of the evaluation seen at that scale.
+    """
+
+    def sample(rng: random.Random) -> dict[str, Tensor]:
+        images, masks = [], []
+        for _ in range(batch):
+            photo = photos[rng.randrange(len(photos))]
+            factor = rng.uniform(0.35, 1.0)
+            h, w = photo.shape[-2:]
+            size = (max(patch, round(h * factor)), max(patch, round(w * factor)))
+            reduced = F.interpolate(photo[None].float(), size=size, mode="area")[0]
+            images.append(random_crop(reduced, patch, rng) / 255)
+            family = rng.choice(list(FAMILIES))
+            hole = make_mask(family, patch, patch, np.random.default_rng(rng.getrandbits(63)), width_scale=factor)
+            masks.append(torch.from_numpy(hole)[None].float())
+        target, mask = torch.stack(images).clamp(0, 1), torch.stack(masks)  # (B, 3, P, P), (B, 1, P, P)
+        return {"image": target * (1 - mask), "mask": mask, "target": target}
+
+    return sample
+
+
+def hole_l1(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Mean absolute error over hole pixels of the learned fill (known pixels are copied, so they carry no loss)."""
+    mask = batch["mask"]
+    out = model.fill(Direct(), batch["image"], mask)
+    return ((out - batch["target"]).abs() * mask).sum() / (3 * mask.sum()).clamp(min=1)
+
+
+def train(
+    data: Path,
+    out: Path,
+    *,
+    init: Path | None = None,
+    steps: int = 5000,
+    batch: int = 8,
+    patch: int = 128,
+    lr: float = 1e-3,
+    device: str = "cpu",
+    seed: int = 0,
+    checkpoint_every: int = 100,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Train a `psal-inpaint` network (hole L1, Adam with cosine decay) and write it to `out`.
+
+    `patch` is the training crop side; holes are drawn from the evaluation families.
+    `init` resumes from a model file: its config and step count carry on. Only the learned
+    fill is trained; the full-resolution detail transfer has no weights.
+    """
+    from psal_cli.modelfile import load_model
+    from psal_cli.networks import create_model
+
+    done = 0
+    if init is not None:
+        model, info = load_model(init, task="inpaint")
+        done = int(info.training.get("steps", 0))
+    else:
+        torch.manual_seed(seed)
+        model = create_model("psal-inpaint")
+    photos = load_photos(Path(data))
+    options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, lr_final=lr / 50, seed=seed,
+                           device=device, log_every=25, checkpoint_every=checkpoint_every)
+    params = sum(p.numel() for p in model.parameters())
+    log(f"psal-inpaint: {params} parameters, {len(photos)} photos, {steps} steps from step {done}")
+    fit(model, make_sampler(photos, batch, patch), hole_l1, options, Path(out),
+        training_meta={"data": TRAIN_DATA, "loss": "L1 over hole pixels", "masks": "thin/thick/box as in evaluation"},
+        done_steps=done, log=log)
+
+
+def to_float(image: Image.Image) -> Tensor:
+    """(1, 3, H, W) float in [0, 1] of an RGB Pillow image."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+
+
+def sharpness_ratio(image: Tensor, hole: Tensor) -> float:
+    """Mean squared 3×3 Laplacian of the luminance (0–255) inside the hole over the same in a known ring.
+
+    Only pixels whose whole 3×3 neighbourhood lies in the hole (resp. in the known part)
+    count, so the seam itself never does; the ring is the known pixels within RING pixels
+    of the hole. A blurry fill scores near 0, the true image near its own texture's ratio.
+    """
+    lap = F.conv2d(rgb_to_luma(image.double()) * 255, _LAPLACIAN.double())  # (1, 1, H-2, W-2)
+    inside = -F.max_pool2d(-hole.double(), 3, 1)  # all nine pixels are hole   (1, 1, H-2, W-2)
+    outside = 1 - F.max_pool2d(hole.double(), 3, 1)  # all nine are known
+    near = F.max_pool2d(hole.double(), 2 * RING + 1, 1, RING)[..., 1:-1, 1:-1]  # within RING of the hole
+    ring = outside * near
+    energy = lap.square()
+    if inside.sum() == 0 or ring.sum() == 0:
+        return math.nan
+    inner = (energy * inside).sum() / inside.sum()
+    outer = (energy * ring).sum() / ring.sum()
+    return (inner / outer.clamp(min=1e-12)).item()
+
+
+def inpaint_metrics(out: Tensor, truth: Tensor, hole: Tensor) -> dict[str, float]:
+    """PSNR (dB) and SSIM over the whole RGB image (8-bit levels), MAE (0–255) inside the hole, sharpness ratio."""
+    out = to_uint8_levels(out)
+    mae = ((out - truth).abs() * hole).sum() / (3 * hole.sum())
+    return {"psnr": psnr(out, truth), "ssim": ssim(out * 255, truth * 255, data_range=255.0),
+            "mae": 255 * mae.item(), "sharpness": sharpness_ratio(out, hole)}
+
+
+def mean_fill(image: Tensor, hole: Tensor) -> Tensor:
+    """The simplest baseline: every hole pixel takes the mean colour of the known pixels."""
+    known = 1 - hole
+    mean = (image * known).sum((2, 3), keepdim=True) / known.sum((2, 3), keepdim=True)
+    return image * known + mean * hole
+
+
+def telea(image: Tensor, hole: Tensor) -> Tensor | None:
+    """OpenCV's Telea inpainting (radius 5), or None when opencv is not installed (a benchmark-only extra)."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    rgb = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    m = (hole[0, 0].numpy() > 0).astype(np.uint8) * 255
+    out = cv2.inpaint(np.ascontiguousarray(rgb), m, 5, cv2.INPAINT_TELEA)
+    return torch.from_numpy(out.astype(np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def inpaint_tensor(model: nn.Module, image: Tensor, hole: Tensor, seed: int = 0) -> Tensor:
+    """The model on one image (1, 3, H, W) with hole pixels zeroed, untiled; known pixels kept."""
+    torch.manual_seed(seed)  # PatchMatch's random init: reproducible figures
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(image=(image * (1 - hole)).to(device), mask=hole.to(device)).cpu()
+    return torch.where(hole.bool(), out, image)
+
+
+def _image_files(folder: Path, limit: int | None) -> list[Path]:
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no images found in {folder}")
+    return files[:limit] if limit else files
+
+
+METRICS = ("psnr", "ssim", "mae", "sharpness")
+
+
+def evaluate(
+    data: Path,
+    masks: str = "thick",
+    model: Path | nn.Module | None = None,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """The inpainting protocol on every image of `data` with the `masks` family; baselines alongside.
+
+    Image number i (sorted by name) gets `eval_mask(masks, H, W, i, seed)`; every method
+    sees it with hole pixels zeroed. Per method: PSNR, SSIM (whole RGB image, 8-bit
+    levels), hole MAE (0–255) and the sharpness ratio (`sharpness_ratio`); the true
+    image's ratio is reported beside it, and `sharpness_rel` = mean over images of
+    method ratio / true ratio (1 = as sharp as the photo). Baselines: the known-mean fill
+    and OpenCV Telea (when opencv is installed). `model` is a model file (default: the
+    shipped weights/inpaint) or a network.
+    """
+    from psal_cli.modelfile import default_model_path, load_model
+
+    if masks not in FAMILIES:
+        raise ValueError(f"unknown mask family {masks!r} (known: {', '.join(FAMILIES)})")
+    if model is None:
+        model = default_model_path("inpaint")
+    name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+    if isinstance(model, (str, Path)):
+        model = load_model(model, task="inpaint")[0]
+    model.to(device).eval()
+    rows, start = [], time.time()
+    for index, path in enumerate(_image_files(data, limit)):
+        truth = to_float(Image.open(path).convert("RGB"))
+        h, w = truth.shape[-2:]
+        hole = torch.from_numpy(eval_mask(masks, h, w, index, seed))[None, None].float()
+        seen = truth * (1 - hole)
+        row = {"name": path.stem, "hole": hole.mean().item(), "true_sharpness": sharpness_ratio(truth, hole)}
+        outputs = {"model": inpaint_tensor(model, seen, hole, seed), "mean": mean_fill(seen, hole)}
+        cv = telea(seen, hole)
+        if cv is not None:
+            outputs["telea"] = cv
+        for method, out in outputs.items():
+            got = inpaint_metrics(out, truth, hole)
+            got["sharpness_rel"] = got["sharpness"] / row["true_sharpness"]
+            row.update({(k if method == "model" else f"{method}_{k}"): v for k, v in got.items()})
+        rows.append(row)
+        if log:
+            log(f"{row['name']}: {row['psnr']:.2f} dB, MAE {row['mae']:.1f}, sharpness {row['sharpness_rel']:.0%}"
+                + (f" (telea {row['telea_psnr']:.2f} dB, MAE {row['telea_mae']:.1f})" if "telea_psnr" in row else ""))
+
+    def mean(key: str) -> float:
+        values = [r[key] for r in rows if not math.isnan(r[key])]
+        return sum(values) / len(values) if values else math.nan
+
+    keys = (*METRICS, "sharpness_rel")
+    return {
+        "task": "inpaint",
+        "masks": masks,
+        "seed": seed,
+        "data": str(data),
+        "model": name,
+        "images": rows,
+        "mean": {**{k: mean(k) for k in keys}, "true_sharpness": mean("true_sharpness"), "hole": mean("hole")},
+        "baselines": {b: {k: mean(f"{b}_{k}") for k in keys} for b in ("mean", "telea") if f"{b}_psnr" in rows[0]},
+        "seconds": time.time() - start,
+    }
+
+
+def format_report(report: dict) -> str:
+    """A per-image table (PSNR dB / hole MAE / sharpness % of the truth's) with the means, model beside the baselines."""
+    methods = ["model", *report["baselines"]]
+    head = f"{'image':<14} {'hole':>5}" + "".join(f" {m:>22}" for m in methods)
+    lines = [f"inpaint, {report['masks']} masks on {report['data']} ({report['model']}): "
+             "PSNR dB / hole MAE 0-255 / sharpness % of the true image's", head, "-" * len(head)]
+
+    def cell(values: dict, prefix: str = "") -> str:
+        return f"{values[prefix + 'psnr']:6.2f} /{values[prefix + 'mae']:5.1f} /{100 * values[prefix + 'sharpness_rel']:4.0f}%"
+
+    for r in report["images"]:
+        lines.append(f"{r['name'][:14]:<14} {100 * r['hole']:4.1f}%" + f" {cell(r):>22}"
+                     + "".join(f" {cell(r, b + '_'):>22}" for b in report["baselines"]))
+    m = report["mean"]
+    lines.append("-" * len(head))
+    lines.append(f"{'mean':<14} {100 * m['hole']:4.1f}%" + f" {cell(m):>22}"
+                 + "".join(f" {cell(report['baselines'][b]):>22}" for b in report["baselines"]))
+    lines.append(f"SSIM: model {m['ssim']:.4f}" + "".join(f", {b} {v['ssim']:.4f}" for b, v in report["baselines"].items())
+                 + f"; true image sharpness ratio {m['true_sharpness']:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,163 @@
+"""The PSAL inpainting network and its task module: invariants, training, evaluation."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from psal_cli.engine import Options, run_network
+from psal_cli.modelfile import load_model, read_info
+from psal_cli.networks import create_model
+from psal_cli.networks.stages import Direct
+from psal_cli.tasks import inpaint as task
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY = dict(width=8, encoder_dilations=(1, 2), decoder_dilations=(1,), refine_width=4, attn_channels=4,
+            attn_iterations=2, detail_iterations=2)
+
+
+def photo(h: int, w: int) -> torch.Tensor:
+    image = Image.open(EXAMPLES / "coffee.png").convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
+    return task.to_float(image)
+
+
+def box_hole(h: int, w: int, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+    hole = torch.zeros(1, 1, h, w)
+    hole[..., y0:y1, x0:x1] = 1
+    return hole
+
+
+def tiny(**over) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("psal-inpaint", **{**TINY, **over}).eval()
+
+
+@pytest.mark.parametrize("size, work", [((44, 60), 512), ((70, 90), 40)])
+def test_shape_range_and_known_pixels_exact(size, work):
+    """Native size and the working-resolution path (photo larger than work_size) alike."""
+    h, w = size
+    image, hole = photo(h, w), box_hole(h, w, 10, 30, 15, 40)
+    with torch.no_grad():
+        out = tiny(work_size=work)(image=image * (1 - hole), mask=hole)
+    assert out.shape == (1, 3, h, w)
+    assert out.min() >= 0 and out.max() <= 1
+    known = ~hole.bool().expand_as(image)
+    assert torch.equal(out[known], image[known])
+    assert (out - image * (1 - hole))[~known].abs().sum() > 0  # the hole was filled
+
+
+def test_attention_never_matches_hole_cells():
+    image, hole = photo(48, 64), box_hole(48, 64, 8, 32, 8, 40)
+    model = tiny(detail=False)
+    with torch.no_grad():
+        model(image=image * (1 - hole), mask=hole)
+    cells = torch.nn.functional.max_pool2d(hole, 4)[0, 0].flatten() > 0  # (12·16,) hole cells
+    assert not cells[model.attn.last_nnf.indices.flatten()].any()
+
+
+def test_detail_copies_known_texture_only():
+    """Flat known pixels have no texture to copy: the detail stage changes nothing. Textured
+    known pixels: the hole gets texture of the same strength, from a flat fill."""
+    model = tiny()
+    hole = box_hole(64, 96, 20, 44, 30, 66)
+    flat = torch.full((1, 3, 64, 96), 0.4)
+    torch.manual_seed(0)
+    assert torch.allclose(model.add_detail(flat, hole), flat, atol=1e-6)  # up to float rounding of the low-pass
+    gen = torch.Generator().manual_seed(1)
+    texture = 0.5 + 0.2 * torch.rand(1, 1, 64, 96, generator=gen).expand(1, 3, 64, 96)
+    filled = torch.where(hole.bool(), torch.full_like(texture, 0.6), texture)
+    out = model.add_detail(filled, hole)
+    assert torch.equal(out[~hole.bool().expand_as(out)], filled[~hole.bool().expand_as(out)])
+    assert task.sharpness_ratio(filled, hole) == 0
+    assert task.sharpness_ratio(out, hole) > 0.5 * task.sharpness_ratio(texture, hole)
+
+
+def test_tiled_equals_untiled():
+    image, hole = photo(72, 88), torch.from_numpy(task.eval_mask("thick", 72, 88, 0))[None, None].float()
+    model = tiny()
+    inputs = {"image": image * (1 - hole), "mask": hole}
+    whole = run_network(model, inputs, Options(device="cpu", tile=0))
+    tiled = run_network(model, inputs, Options(device="cpu", tile=24))
+    # Float rounding (1e-7) in the stitched features is amplified by the detail stage's
+    # near-hard vote softmax (temperature 1e-5) to ~1e-5; a seam would be orders larger.
+    assert torch.allclose(whole, tiled, atol=1e-3)
+
+
+def test_gradient_reaches_psal_inputs():
+    sample = task.make_sampler([(photo(60, 60)[0] * 255).byte()], batch=2, patch=32)
+    model = tiny().train()
+    task.hole_l1(model, sample(random.Random(0))).backward()
+    for layer in (model.to_q, model.to_k, model.to_v):
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_training_steps_reduce_loss_on_a_fixed_batch():
+    sample = task.make_sampler([(photo(80, 80)[0] * 255).byte()], batch=4, patch=32)
+    batch = sample(random.Random(0))
+    model = tiny().train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = task.hole_l1(model, batch).item()
+    for _ in range(30):
+        loss = task.hole_l1(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert task.hole_l1(model, batch).item() < 0.7 * first
+
+
+@pytest.mark.parametrize("family", list(task.FAMILIES))
+def test_eval_masks_are_deterministic_and_in_range(family):
+    (lo, hi), _ = task.FAMILIES[family]
+    for index in range(3):
+        mask = task.eval_mask(family, 321, 481, index)
+        assert np.array_equal(mask, task.eval_mask(family, 321, 481, index))
+        assert lo - 0.005 <= mask.mean() <= hi + 0.005
+    assert not np.array_equal(task.eval_mask(family, 321, 481, 0), task.eval_mask(family, 321, 481, 1))
+
+
+def test_sharpness_ratio_of_checkerboards():
+    """Gray checkerboards of amplitude a in the hole and b outside: the ratio is (a / b)²."""
+    y, x = torch.meshgrid(torch.arange(40), torch.arange(40), indexing="ij")
+    sign = ((y + x) % 2 * 2 - 1).float()
+    hole = box_hole(40, 40, 10, 30, 10, 30)
+    image = (0.5 + sign * torch.where(hole.bool()[0, 0], 0.1, 0.3)).expand(1, 3, 40, 40)
+    assert task.sharpness_ratio(image, hole) == pytest.approx((0.1 / 0.3) ** 2, rel=1e-6)
+
+
+def test_evaluate_on_two_images(tmp_path):
+    """Two-tone gray images: the known-mean baseline's hole MAE, computed here with numpy."""
+    h, w = 48, 64
+    for i, (a, b) in enumerate(((0.2, 0.6), (0.3, 0.5))):
+        img = np.zeros((h, w, 3), np.uint8)
+        img[:, : w // 2], img[:, w // 2 :] = round(a * 255), round(b * 255)
+        Image.fromarray(img).save(tmp_path / f"im{i}.png")
+    report = task.evaluate(tmp_path, "box", tiny())
+    assert report["task"] == "inpaint" and len(report["images"]) == 2
+    maes = []
+    for i in range(2):
+        truth = np.asarray(Image.open(tmp_path / f"im{i}.png"), np.float64)
+        hole = task.eval_mask("box", h, w, i)
+        fill = np.round(truth[~hole].mean(0))  # known mean, to 8-bit levels
+        maes.append(np.abs(truth[hole] - fill).mean())
+    assert report["baselines"]["mean"]["mae"] == pytest.approx(np.mean(maes), abs=1e-4)  # float32 sums
+    for key in ("psnr", "ssim", "mae"):
+        assert math.isfinite(report["mean"][key])
+    assert "mean" in task.format_report(report)
+
+
+def test_train_writes_and_resumes(tmp_path):
+    for i in range(2):
+        Image.fromarray((photo(70, 90)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+    out = tmp_path / "m.safetensors"
+    task.train(tmp_path, out, steps=2, batch=1, patch=32, log=lambda s: None)
+    assert read_info(out).training["steps"] == 2
+    task.train(tmp_path, out, init=out, steps=1, batch=1, patch=32, log=lambda s: None)
+    model, info = load_model(out, task="inpaint")
+    assert info.training["steps"] == 3 and info.architecture == "psal-inpaint"
+    assert isinstance(model(image=torch.zeros(1, 3, 32, 32), mask=box_hole(32, 32, 8, 20, 8, 20)), torch.Tensor)
