@@ -14,15 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from psal_cli import networks
 from psal_cli.modelfile import save_model
 from psal_cli.networks import register_model
 from psal_cli.networks.stages import LocalStage
-
-try:
-    networks._load_all()
-except ImportError:  # TEMPORARY: until every network module of the registry has landed
-    networks._load_all = lambda: None
 
 
 class Conv(LocalStage):
