@@ -397,7 +397,7 @@ def upscale(
     """Enlarge images by 2, 3 or 4; alpha is enlarged alongside."""
     from psal_cli import edit
 
-    model = session.load_model(scale=scale if session.common.model else scale or 4)
+    model = session.load_model(scale=scale or 4)  # the scale picks the default file only
     if scale and model.config.scale != scale:
         raise _usage(f"--scale {scale}, but {session.common.model} is a ×{model.config.scale} model")
     return lambda item, image: edit.upscale(model, image, session.options, session.on_tile)
