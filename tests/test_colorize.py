@@ -14,7 +14,7 @@ from PIL import Image
 from psal_cli.attention import exact_knn
 from psal_cli.color import rgb_to_lab, rgb_to_luma
 from psal_cli.engine import Options, run_network
-from psal_cli.modelfile import load_model, read_info, save_model
+from psal_cli.modelfile import load_model, read_info
 from psal_cli.networks.colorize import PSALColorize, exhaustive_knn
 from psal_cli.tasks import colorize as task
 
@@ -23,7 +23,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def tiny(**overrides) -> PSALColorize:
     torch.manual_seed(0)
-    config = dict(encoder_width=8, qk_channels=4, feat_channels=2, decoder_width=8, dilations=[1, 2])
+    config = {"encoder_width": 8, "qk_channels": 4, "feat_channels": 2, "decoder_width": 8, "dilations": [1, 2]}
     return PSALColorize(PSALColorize.Config(**{**config, **overrides})).eval()
 
 
@@ -160,4 +160,4 @@ def test_train_writes_and_resumes(tmp_path: Path) -> None:
     task.train(data, out, init=out, steps=1, batch=2, patch=24, log=lambda s: None)
     assert read_info(out).training["steps"] == 3
     model, info = load_model(out, task="colorize")
-    assert info.architecture == "psal-colorize"
+    assert info.architecture == "psal-colorize" and isinstance(model, PSALColorize)

@@ -20,7 +20,6 @@ fills regions without a good match, told where by the match distance.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -29,10 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from psal_cli.attention import NNF, PSAL, patch_distances
+from psal_cli.attention import NNF, PSAL
 from psal_cli.color import rgb_to_ycbcr, ycbcr_to_rgb
 from psal_cli.networks import register_model
-from psal_cli.networks.stages import Direct, Executor, LocalStage, conv_radius, pad_to_multiple
+from psal_cli.networks.stages import (
+    Direct,
+    Executor,
+    LocalStage,
+    conv_radius,
+    pad_to_multiple,
+)
 
 # Queries per block of the exhaustive search.
 _BLOCK = 64
@@ -50,7 +55,7 @@ def exhaustive_knn(query: Tensor, key: Tensor, patch_size: int, neighbors: int) 
     """
     r = patch_size // 2
     B, _, Hq, Wq = query.shape
-    Hk, Wk = key.shape[-2:]
+    Wk = key.shape[-1]
     qp = F.unfold(F.pad(query.float(), (r, r, r, r), mode="replicate"), patch_size)  # (B, D, Nq)
     kp = F.unfold(key.float(), patch_size)  # (B, D, Nv): valid centres only
     D, Nq, Nv, wv = qp.shape[1], qp.shape[2], kp.shape[2], Wk - 2 * r
@@ -193,7 +198,7 @@ class PSALColorize(nn.Module):
             nnf = self.psal.last_nnf
         feat, chroma = out[:, : c.feat_channels], out[:, c.feat_channels :]  # (B, feat, h, w), (B, 8, h, w)
         distance = torch.log1p(nnf.distances[..., :1].permute(0, 3, 1, 2))  # (B, 1, h, w)
-        up = lambda x: F.interpolate(x, scale_factor=2, mode="nearest")  # noqa: E731
+        up = lambda x: F.interpolate(x, scale_factor=2, mode="nearest")
         return torch.cat([F.pixel_shuffle(chroma, 2), up(feat), up(distance.to(out.dtype))], 1)
 
     def predict_chroma(self, ex: Executor, gray: Tensor, reference: Tensor) -> Tensor:

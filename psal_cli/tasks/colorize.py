@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ def sample_pair(photo: Tensor, size: int, rng: random.Random) -> tuple[Tensor, T
     angle = math.radians(rng.uniform(-10, 10)) if rng.random() < 0.5 else 0.0
     half = scale * size / 2 * (abs(math.cos(angle)) + abs(math.sin(angle)))  # half-extent in the photo
     half = min(half, (H - 1) / 2, (W - 1) / 2)
-    shift = lambda: rng.choice((-1, 1)) * rng.uniform(0, 0.8) * size  # noqa: E731
+    shift = lambda: rng.choice((-1, 1)) * rng.uniform(0, 0.8) * size
     cy = min(max(ty + (size - 1) / 2 + shift(), half), H - 1 - half)
     cx = min(max(tx + (size - 1) / 2 + shift(), half), W - 1 - half)
     reference = _reference_view(rgb, (cy, cx), size, scale, angle, rng.random() < 0.5)
@@ -149,7 +149,7 @@ def nearest_patch(gray: Tensor, reference: Tensor, patch_size: int = 5) -> Tenso
     """Copy the CbCr of the centre of the exhaustive nearest luminance patch, keep the target Y."""
     ycc = rgb_to_ycbcr(reference)
     nnf = exhaustive_knn(quantize8(gray), quantize8(ycc[:, :1]), patch_size, 1)
-    B, Hr, Wr = reference.shape[0], *reference.shape[-2:]
+    B = reference.shape[0]
     chroma = ycc[:, 1:].flatten(2)  # (B, 2, Hr·Wr)
     index = nnf.indices.view(B, 1, -1).expand(-1, 2, -1)  # (B, 2, H·W)
     copied = chroma.gather(2, index).view(B, 2, *gray.shape[-2:])
