@@ -77,8 +77,10 @@ class _Maps:
         self.padded = F.pad(query.to(dtype), (r, r, r, r), mode="replicate") if r else query.to(dtype)
         self.key = key.to(dtype)
         self.Wp = self.Wq + 2 * r
-        self.q = self.padded.permute(0, 2, 3, 1).reshape(-1, self.C)  # (B·(Hq+2r)·(Wq+2r), C)
-        self.k = self.key.permute(0, 2, 3, 1).reshape(-1, self.C)  # (B·Hk·Wk, C)
+        # contiguous(): for B = 1 reshape would return a strided view, and row gathers from it
+        # read one float per cache line.
+        self.q = self.padded.permute(0, 2, 3, 1).contiguous().view(-1, self.C)  # (B·(Hq+2r)·(Wq+2r), C)
+        self.k = self.key.permute(0, 2, 3, 1).contiguous().view(-1, self.C)  # (B·Hk·Wk, C)
         dy, dx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
         device = query.device
         self.qoff = (dy * self.Wp + dx).flatten().to(device)  # (p²,)
@@ -166,9 +168,9 @@ def _search_tables(maps: _Maps, valid: Tensor, patch_size: int) -> tuple[Tensor,
     dims = min(max(needed, _SEARCH_DIMS[0]), _SEARCH_DIMS[1], C * p * p)
     basis = axes[:, -dims:].T.float().to(q.device)  # (D, C·p²)
     weight, bias = basis.view(dims, C, p, p), -(basis @ mean)
-    zq = F.conv2d(q, weight, bias).permute(0, 2, 3, 1).reshape(-1, dims)  # (B·Hq·Wq, D)
+    zq = F.conv2d(q, weight, bias).permute(0, 2, 3, 1).contiguous().view(-1, dims)  # (B·Hq·Wq, D)
     r = p // 2
-    zk = F.pad(F.conv2d(k, weight, bias), (r, r, r, r)).permute(0, 2, 3, 1).reshape(-1, dims)  # (B·Hk·Wk, D)
+    zk = F.pad(F.conv2d(k, weight, bias), (r, r, r, r)).permute(0, 2, 3, 1).contiguous().view(-1, dims)  # (B·Hk·Wk, D)
     knorm = zk.square().sum(1).masked_fill(~valid.flatten(), math.inf)
     krows = torch.cat([zk, knorm[:, None]], 1)  # (B·Hk·Wk, D+1)
     sentinel = torch.zeros(1, dims + 1, device=q.device)
@@ -350,7 +352,7 @@ def _aggregate_center(value: Tensor, indices: Tensor, logits: Tensor) -> Tensor:
     """out(x) = Σⱼ softmax(logits)ⱼ · v(yⱼ)."""
     B, Cv, Hk, Wk = value.shape
     _, Hq, Wq, k = indices.shape
-    v = value.permute(0, 2, 3, 1).reshape(-1, Cv)  # (B·Hk·Wk, Cv)
+    v = value.permute(0, 2, 3, 1).contiguous().view(-1, Cv)  # (B·Hk·Wk, Cv), rows contiguous for the gather
     base = (torch.arange(B, device=value.device) * Hk * Wk).view(B, 1, 1, 1)
     weights = logits.softmax(-1).to(value.dtype)  # (B, Hq, Wq, k)
     rows = (indices + base).flatten()
