@@ -7,9 +7,10 @@
 A script, not a test. Inputs are realistic: C = 64 features of two different photos
 (benchmarks/data: astronaut as queries, coffee as keys, resized to side×side) through a
 fixed random 3×3 conv + ReLU stack; one row uses i.i.d. noise instead. Each measurement
-runs in a fresh subprocess (OMP_WAIT_POLICY=PASSIVE) that loads its inputs from disk, so
-that its peak memory is its own: "peak MB" = ru_maxrss after the call − resident memory
-just before it. Times are wall-clock; "cpu s" is the process CPU time (user + system).
+runs in a fresh subprocess (OMP_WAIT_POLICY=PASSIVE) that loads its inputs from disk;
+"peak MB" = the peak resident memory during the call (VmHWM, reset just before it through
+/proc/self/clear_refs, Linux) − the resident memory just before it. Times are wall-clock;
+"cpu s" is the process CPU time (user + system), which is less sensitive to a busy machine.
 Dense attention is torch.nn.functional.scaled_dot_product_attention on the same q, k, v
 flattened to (1, 1, H·W, C); it is skipped (and extrapolated from the quadratic trend,
 marked "est.") when it would take more than 3 minutes or 8 GB. Recall@1 = share of query
@@ -23,17 +24,21 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
+# Waiting OpenMP threads sleep instead of spinning (set before torch loads OpenMP): on a
+# shared, loaded machine threads spinning for a descheduled sibling made 2-thread runs up
+# to 5× slower than 1 thread. The measurement subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
@@ -81,9 +86,10 @@ def quality(found: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
     return recall, (d.mean() / e.mean()).item()
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def memory_mb(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def child(spec: dict) -> dict:
@@ -96,7 +102,9 @@ def child(spec: dict) -> dict:
     layer = PSAL(PATCH, NEIGHBORS)
     with torch.no_grad():
         layer(*warm, generator=torch.Generator().manual_seed(0))
-    before = rss_mb()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current resident size
+    before = memory_mb("VmRSS")
     wall, cpu = time.perf_counter(), time.process_time()
     if spec["what"] == "dense":
         with torch.no_grad():
@@ -108,7 +116,7 @@ def child(spec: dict) -> dict:
         with torch.no_grad():
             layer(q, k, v, generator=torch.Generator().manual_seed(0))
     result = {"s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
-    result["peak_mb"] = max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+    result["peak_mb"] = memory_mb("VmHWM") - before
     if spec["what"] == "psal" and spec.get("quality"):
         result["recall"], result["ratio"] = quality(layer.last_nnf.distances, brute_force(q, k, NEIGHBORS))
     return result
@@ -118,10 +126,7 @@ def measure(tmp: Path, tensors: tuple[torch.Tensor, ...], what: str, threads: in
     path = tmp / "inputs.pt"
     torch.save(tuple(t.contiguous() for t in tensors), path)
     spec = {"inputs": str(path), "what": what, "threads": threads, "quality": with_quality}
-    # Waiting OpenMP threads sleep instead of spinning: on a shared, loaded machine spinning
-    # threads that wait for a descheduled sibling made 2-thread runs up to 5× slower than 1 thread.
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    run = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, check=True, env=env)
+    run = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, check=True)
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 

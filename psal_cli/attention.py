@@ -195,7 +195,7 @@ def patchmatch(
     PatchMatch with k neighbours (PSAL.md) holding 3k matches per query: random distinct
     init, then per iteration a jump-flood propagation of the neighbours' best 2k matches
     (jumps 8·2⁻ᵗ and 1 in the four directions), a random search around the best match in
-    windows halving from the key map size down to one pixel (radii 2 and 1 around the
+    windows halving from the key map size down to one pixel (the two smallest around the
     others) and the eight neighbours of the best match. Queries are updated in chunks,
     forward then backward on alternate iterations, so good matches travel within one
     iteration. Distances are compared in the projected patch space (`_search_tables`);
@@ -208,7 +208,11 @@ def patchmatch(
 
 
 class _Search:
-    """State of one PatchMatch run: search tables, geometry and the held matches."""
+    """One PatchMatch run's search tables, geometry and candidate generators.
+
+    Query positions are flat (B·Hq·Wq) rows; `rows` is a slice of them (one chunk) and
+    `held` the (rows, 3k) int32 key positions held for them, best first.
+    """
 
     def __init__(self, maps: _Maps, valid: Tensor, patch_size: int, held: int, generator: torch.Generator | None) -> None:
         self.maps, self.held_n, self.generator = maps, held, generator
@@ -257,7 +261,7 @@ class _Search:
         return torch.where(ok, py * Wk + px, -1).flatten(1)
 
     def random_search(self, held: Tensor) -> Tensor:
-        """One uniform candidate per window: every radius around the best match, radii 2 and 1 around the others."""
+        """One uniform candidate per window: every radius around the best match, the two smallest around the others."""
         c, Wk = held.shape[0], self.maps.Wk
         small = self.radii[-2:]
         radius = torch.cat([self.radii, small.repeat(self.held_n - 1)]).expand(c, -1)  # (c, R + 2(L−1))
