@@ -98,16 +98,26 @@ def test_exact_knn_matches_a_python_loop() -> None:
 
 
 def test_masked_keys_are_never_returned() -> None:
-    query, key = features(crop("chelsea"), 8)[..., :40, :40], features(crop("astronaut"), 8)
-    mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    query = torch.cat([features(crop("chelsea"), 8)[..., :40, :40], features(crop("coffee"), 8)[..., 20:60, 10:50]])
+    key = torch.cat([features(crop("astronaut"), 8), features(crop("chelsea"), 8)])
+    mask = torch.zeros(2, 64, 64, dtype=torch.bool)
     mask[0, 10:40, 20:50] = True  # a hole
     mask[0, torch.arange(0, 64, 7), torch.arange(0, 64, 7)] = True  # and scattered pixels
+    mask[1, :, 30:] = True  # another mask for the second batch element
     nnf = patchmatch(query, key, key_mask=mask, generator=seeded())
-    touched = F.max_pool2d(mask[:, None].float(), 3, stride=1, padding=1)[0, 0].flatten() > 0
-    assert not touched[nnf.indices.flatten()].any()
-    assert valid_key_centres(key.shape, 3, mask).flatten()[nnf.indices.flatten()].all()
+    touched = F.max_pool2d(mask[:, None].float(), 3, stride=1, padding=1)[:, 0].flatten(1) > 0  # (B, Hk·Wk)
+    assert not touched.gather(1, nnf.indices.flatten(1)).any()
     recall, ratio = quality(nnf, exact_knn(query, key, key_mask=mask))
     assert recall >= 0.6 and ratio <= 1.05
+
+
+def test_valid_key_centres_stay_inside_and_off_the_mask() -> None:
+    mask = torch.zeros(1, 6, 7, dtype=torch.bool)
+    mask[0, 4, 1] = True
+    expected = torch.zeros(1, 6, 7, dtype=torch.bool)
+    expected[0, 1:5, 1:6] = True  # centres whose 3×3 patch lies inside the map
+    expected[0, 3:5, 1:3] = False  # and does not touch the masked pixel (4, 1)
+    assert torch.equal(valid_key_centres((1, 2, 6, 7), 3, mask), expected)
 
 
 @pytest.mark.parametrize("key_size", [(24, 20), (80, 72)], ids=["smaller key", "larger key"])
