@@ -13,8 +13,10 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -448,12 +450,11 @@ def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path) ->
     table.add_column("architecture", overflow="fold")
     for column in ("task", "scale", "params", "size"):
         table.add_column(column, no_wrap=True)
-    table.add_column("metrics", overflow="fold", min_width=12)
+    table.add_column("metrics", overflow="fold", min_width=24)
     for r in rows:
         path = Path(r["file"])
         if not r["error"]:
-            metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in r["metrics"].items()) or "[dim]not evaluated[/]"
+            metrics = " ".join(f"{k}={v:.4g}" for k, v in _numbers(r["metrics"])) or "[dim]not evaluated[/]"
             table.add_row(path.stem if path.parent == wdir else str(path), r["architecture"],
                           r["task"], str(r["scale"] or ""), _human(r["parameters"], ""),
                           _human(r["size"], "B"), metrics)
@@ -467,12 +468,173 @@ def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path) ->
         console.print(f"[dim]not installed: {path}[/]", highlight=False)
 
 
+def _numbers(metrics: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """The numeric figures of (possibly nested) metrics, as dotted names: Set5.psnr."""
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            yield from _numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", value
+
+
 def _human(n: int, unit: str) -> str:
     for prefix in ("", "k", "M", "G"):
         if n < 1000:
             return f"{n:.3g} {prefix}{unit}".strip()
         n /= 1000
     return f"{n:.3g} T{unit}"
+
+
+# -- training and evaluation (psal_cli.tasks.<task>) --------------------------------------
+
+
+class Task(str, Enum):
+    inpaint = "inpaint"
+    colorize = "colorize"
+    upscale = "upscale"
+
+
+TaskArg = Annotated[Task, typer.Argument(help="inpaint, colorize or upscale.", show_default=False)]
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def _task_call(task: Task, function: str, given: dict[str, Any]) -> Any:
+    """Call psal_cli.tasks.<task>.<function> with the options the user gave (others: its defaults).
+
+    An option the task's function does not take is a usage error naming it.
+    """
+    import importlib
+
+    fn = getattr(importlib.import_module(f"psal_cli.tasks.{task.value}"), function)
+    accepted = inspect.signature(fn).parameters
+    given = {k: v for k, v in given.items() if v is not None}
+    for name in given:
+        if name not in accepted:
+            raise typer.BadParameter(f"does not apply to {task.value}",
+                                     param_hint=f"--{name.replace('_', '-')}")
+    return fn(**given, **({"log": log.info} if "log" in accepted else {}))
+
+
+@contextmanager
+def _reported() -> Iterator[None]:
+    """One line and exit status 1 for a failure, 130 for Ctrl-C (the last checkpoint stays)."""
+    from psal_cli.modelfile import ModelFileError
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        raise typer.Exit(130) from None
+    except (ModelFileError, ValueError, OSError) as e:
+        log.error("%s", e)
+        raise typer.Exit(1) from None
+
+
+def _device(name: str) -> str:
+    from psal_cli.engine import resolve_device
+
+    try:
+        return str(resolve_device(name))
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--device") from None
+
+
+def _existing(path: Path | None, what: str) -> Path | None:
+    if path is not None and not path.exists():
+        raise typer.BadParameter(f"{path}: no such file or folder", param_hint=what)
+    return path
+
+
+@app.command()
+def train(
+    task: TaskArg,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", metavar="FILE", show_default=False,
+        help="Model file to write (.safetensors); checkpoints replace it as training goes.")],
+    data: Annotated[Path, typer.Option(
+        "--data", metavar="DIR", help="Folder of training photos.")] = SHARED_DATA / "train",
+    scale: Annotated[int | None, typer.Option("--scale", help="upscale: 2, 3 or 4.")] = None,
+    init: Annotated[Path | None, typer.Option(
+        "--init", metavar="FILE", help="Resume (or fine-tune) from this model file.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimiser steps.")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", min=1, help="Crops per step.")] = None,
+    patch: Annotated[int | None, typer.Option("--patch", min=8, help="Crop side in pixels.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", min=0, help="Peak learning rate.")] = None,
+    device: Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output.")] = False,
+) -> None:
+    """Train a network on a folder of photos and write its model file.
+
+    Defaults (steps, batch, crop, learning rate) are each task's; the model file records
+    the data and steps, and [bold]--init[/] resumes from any checkpoint.
+
+    [bold]Examples[/]
+
+      psal train upscale --scale 4 -o weights/upscale-x4.safetensors
+
+      psal train inpaint --steps 200 -o /tmp/try.safetensors --device cuda
+    """
+    _setup_logging(quiet=False, debug=False)
+    _existing(data, "--data")
+    _existing(init, "--init")
+    if output.exists() and not overwrite and (init is None or init.resolve() != output.resolve()):
+        raise typer.BadParameter(f"{output} exists (use --overwrite, or --init {output} to resume)",
+                                 param_hint="--output")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    given = dict(data=data, out=output, scale=scale, init=init, steps=steps, batch=batch, patch=patch,
+                 lr=lr, device=_device(device), seed=seed)
+    with _reported():
+        _task_call(task, "train", given)
+    log.info("wrote %s", output)
+
+
+@app.command("eval")
+def evaluate(
+    task: TaskArg,
+    model: Annotated[Path | None, typer.Option(
+        "--model", "-m", metavar="FILE", help="Model file. Default: the installed one.")] = None,
+    data: Annotated[Path, typer.Option(
+        "--data", metavar="DIR", help="Evaluation photos (never trained on).")] = SHARED_DATA / "val",
+    scale: Annotated[int | None, typer.Option("--scale", help="upscale: 2, 3 or 4.")] = None,
+    masks: Annotated[str | None, typer.Option("--masks", help="inpaint: thin, thick or box.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N photos.")] = None,
+    device: Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+    json_report: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
+    save_metrics: Annotated[bool, typer.Option(
+        "--save-metrics", help="Record the mean figures in the model file (shown by psal models).")] = False,
+) -> None:
+    """Measure a model with the task's published protocol, beside classical baselines.
+
+    Super-resolution: Y-channel PSNR/SSIM against bicubic and Lanczos; inpainting: PSNR,
+    SSIM and hole error on seeded masks; colorization: PSNR and a,b error with the
+    reference as is and flipped (see shared/data/README.md).
+
+    [bold]Examples[/]
+
+      psal eval upscale --scale 4 --data ../shared/data/set5 --save-metrics
+
+      psal eval inpaint --masks thick --limit 10 --json
+    """
+    from psal_cli.modelfile import default_model_path, read_info, write_metrics
+
+    _setup_logging(quiet=json_report, debug=False)
+    _existing(data, "--data")
+    _existing(model, "--model")
+    if save_metrics and model is None:
+        model = default_model_path(task.value, scale or 4 if task == Task.upscale else None)
+    given = dict(data=data, model=model, scale=scale, masks=masks, limit=limit, device=_device(device),
+                 seed=seed)
+    with _reported():
+        report = _task_call(task, "evaluate", given)
+        module = sys.modules[f"psal_cli.tasks.{task.value}"]
+        typer.echo(json.dumps(report, indent=2, default=str) if json_report else module.format_report(report))
+        if save_metrics:  # kept per data set, beside what the file already records
+            figures = (module.metrics_for_file(report) if hasattr(module, "metrics_for_file")
+                       else report["mean"])
+            write_metrics(model, {**read_info(model).metrics, data.name: figures})
+            log.info("metrics on %s recorded in %s", data.name, model)
 
 
 def _version(value: bool) -> None:

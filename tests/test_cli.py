@@ -363,6 +363,34 @@ def test_real_network_end_to_end(task: str) -> None:
     assert out.mode == "RGBA" and out.size == ((48, 32) if task == "upscale" else (24, 16))
 
 
+# -- train and eval -------------------------------------------------------------------------
+
+
+def test_train_then_eval_records_metrics() -> None:
+    for i in range(3):
+        make_image(f"photos/{i}.png", size=(40, 32), seed=i)
+    common = ["--data", "photos", "--device", "cpu"]
+    psal("train", "upscale", "--scale", "2", "--steps", "1", "--batch", "1", "--patch", "16",
+         "-o", "m.safetensors", *common)
+    psal("eval", "upscale", "--model", "m.safetensors", "--scale", "2", "--limit", "1",
+         "--save-metrics", *common)
+    rows = json.loads(psal("models", "m.safetensors", "--json").stdout)["models"]
+    (row,) = [r for r in rows if r["file"] == "m.safetensors"]
+    assert row["training"]["steps"] == 1 and set(row["metrics"]["photos"]) >= {"psnr", "ssim"}
+
+
+def test_train_and_eval_usage_errors() -> None:
+    make_image("photos/a.png", size=(40, 32))
+    Path("m.safetensors").write_bytes(b"x")
+    result = psal("train", "colorize", "--scale", "2", "-o", "new.safetensors", "--data", "photos", code=2)
+    assert "--scale" in result.stderr and "does not apply to colorize" in result.stderr
+    result = psal("train", "upscale", "-o", "m.safetensors", "--data", "photos", code=2)
+    assert "m.safetensors exists" in result.stderr and Path("m.safetensors").read_bytes() == b"x"
+    assert "no such file" in psal("train", "upscale", "-o", "n.safetensors", "--data", "nope", code=2).stderr
+    result = psal("eval", "upscale", "--model", "m.safetensors", "--data", "photos", code=1)
+    assert "m.safetensors: not a safetensors model file" in result.stderr
+
+
 # -- models -----------------------------------------------------------------------------------
 
 
