@@ -447,8 +447,7 @@ def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path) ->
     table = Table(box=None, header_style="bold", title_justify="left",
                   title=f"[bold]models[/] (installed ones in {wdir})")
     table.add_column("model", overflow="fold")
-    table.add_column("architecture", overflow="fold")
-    for column in ("task", "scale", "params", "size"):
+    for column in ("architecture", "task", "scale", "params", "size"):
         table.add_column(column, no_wrap=True)
     table.add_column("metrics", overflow="fold", min_width=24)
     for r in rows:
