@@ -1,7 +1,7 @@
 """PSAL inpainting: a coarse-to-fine fill at a working resolution, then PSAL detail transfer at full resolution.
 
-    image, mask ─ to working size (long side ≤ work_size) ─ encoder ↓4 ─ dilated gated blocks
-        ─ PSAL (masked keys: the hole is never copied from) ─ blocks ─ decoder ↑4 ─ refine ─ fill
+    image, mask ─ to working size (long side ≤ work_size) ─ push-pull pre-fill ─ encoder ↓4 ─ dilated gated blocks
+        ─ PSAL (masked keys: the hole is never copied from) ─ blocks ─ decoder ↑4 (+ pre-fill) ─ refine ─ fill
     fill ─ upsampled to full size ─ detail: PSAL over the full-resolution pixels ─ out
 
 A small network can only paint the low frequencies of a hole, and any resize-based tool
@@ -65,7 +65,7 @@ class Encoder(LocalStage):
 
 
 class Decoder(LocalStage):
-    """Features at 1/4 (+ attention output) → blocks → RGB at working size (two ×2 sub-pixel steps)."""
+    """Features at 1/4 (+ attention output) → blocks → RGB correction at working size (two ×2 sub-pixel steps)."""
 
     def __init__(self, width: int, dilations: tuple[int, ...]) -> None:
         super().__init__()
@@ -82,7 +82,7 @@ class Decoder(LocalStage):
         x = self.blocks(self.fuse(torch.cat([feat, attended], 1)))
         x = F.gelu(F.pixel_shuffle(self.up1(x), 2))
         x = F.gelu(F.pixel_shuffle(self.up2(x), 2))
-        return torch.sigmoid(self.rgb(x))
+        return self.rgb(x)  # a correction to the smooth pre-fill
 
 
 class Refine(LocalStage):
@@ -142,10 +142,10 @@ class PSALInpaint(nn.Module):
         work_size: int = 512  # long side of the working resolution (larger photos are reduced, then detailed)
         detail: bool = True  # full-resolution PSAL detail transfer
         detail_gain: float = 1.0  # how much of the copied high-frequency texture is added
-        detail_sigma: float = 1.5  # low-pass that separates what the network paints from what is copied
-        detail_match_size: int = 256  # long side of the hole box at which PatchMatch searches
+        detail_sigma: float = 1.5  # low-pass that separates what the network paints from what is copied (× reduction)
+        detail_match_size: int = 128  # long side of the hole box, in blocks, at which PatchMatch searches
         detail_patch: int = 3  # patch side of the search, in blocks (odd, ≥ 3)
-        detail_iterations: int = 4
+        detail_iterations: int = 3
         detail_search: int = 512  # keys: the hole box grown by this many full-resolution pixels
         detail_temperature: float = 1e-5  # ≈ hard choice of the best patch vote: averaging votes would blur the copy
         detail_energy_weight: float = 2.0  # weight of the texture-energy channel in the match features
@@ -185,12 +185,18 @@ class PSALInpaint(nn.Module):
         return out
 
     def fill(self, ex, image: Tensor, mask: Tensor) -> Tensor:
-        """The learned coarse-to-fine fill at working size; composited, so known pixels stay exact."""
+        """The learned coarse-to-fine fill at working size; composited, so known pixels stay exact.
+
+        The network corrects a smooth push-pull pre-fill rather than painting from zeros:
+        the colours of a large hole are then right from the start, whatever the receptive
+        field, and the network spends its capacity on structure.
+        """
         H, W = image.shape[-2:]
-        x, m = pad_to_multiple(image, 4), pad_to_multiple(mask, 4)
+        base = ex.whole(pyramid_fill, image, mask)  # (B, 3, H, W)
+        x, m = pad_to_multiple(base, 4), pad_to_multiple(mask, 4)
         feat = ex.local(self.encoder, x, m)  # (B, width, H/4, W/4)
         attended = ex.whole(self.attend, feat, m)
-        coarse = ex.local(self.decoder, feat, attended)[..., :H, :W]  # (B, 3, H, W)
+        coarse = (base + ex.local(self.decoder, feat, attended)[..., :H, :W]).clamp(0, 1)  # (B, 3, H, W)
         comp = image + mask * coarse
         return image + mask * ex.local(self.refine, comp, mask)
 
@@ -207,19 +213,34 @@ class PSALInpaint(nn.Module):
     def add_detail(self, fill: Tensor, mask: Tensor) -> Tensor:
         """Copy the high frequencies of matching known full-resolution patches into the hole.
 
-        Queries and keys: the low-pass (σ = detail_sigma) of the composite, in which the
-        fill and the known pixels look alike; values: known pixels minus their low-pass
-        (taken over known pixels only, so nothing of the hole leaks into them). PatchMatch
-        runs on f×f block averages of the hole box (long side ≤ detail_match_size), against
-        keys in the box grown by detail_search pixels, with every block near the hole
+        Works on the hole's box grown by the search margin; the low-pass that separates
+        painted from copied frequencies widens with the reduction to the working size
+        (σ = detail_sigma × size / work_size), since the upsampled fill lacks all of them.
+        """
+        c = self.config
+        H, W = fill.shape[-2:]
+        sigma = c.detail_sigma * max(1.0, max(H, W) / c.work_size)
+        y0, y1, x0, x1 = hole_box(mask, c.detail_search + math.ceil(3 * sigma))
+        out = fill.clone()
+        out[..., y0:y1, x0:x1] = self.transfer_detail(fill[..., y0:y1, x0:x1], mask[..., y0:y1, x0:x1], sigma)
+        return out
+
+    def transfer_detail(self, fill: Tensor, mask: Tensor, sigma: float) -> Tensor:
+        """`add_detail` on a crop holding the hole.
+
+        Queries and keys: the low-pass (σ) of the composite, in which the fill and the
+        known pixels look alike; values: known pixels minus their low-pass (taken over
+        known pixels only, so nothing of the hole leaks into them). PatchMatch runs on f×f
+        block averages of the hole box (long side ≤ detail_match_size blocks), against keys
+        in the box grown by detail_search pixels, with every block near the hole
         forbidden; its NNF, upsampled (each query pixel copies from the same place within
         its matched block), drives PSAL's patch aggregation at full resolution.
         """
         c = self.config
         H, W = fill.shape[-2:]
         known = 1 - mask
-        low = gaussian_blur(fill, c.detail_sigma)  # (B, 3, H, W)
-        high = (fill - masked_blur(fill, known, c.detail_sigma)) * known
+        low = gaussian_blur(fill, sigma)  # (B, 3, H, W)
+        high = (fill - masked_blur(fill, known, sigma)) * known
         y0, y1, x0, x1 = hole_box(mask, 1)
         f = max(1, math.ceil(max(y1 - y0, x1 - x0) / c.detail_match_size))
         hq, wq = -(-(y1 - y0) // f), -(-(x1 - x0) // f)  # query box in blocks
@@ -237,7 +258,7 @@ class PSALInpaint(nn.Module):
             return fill  # nothing known to copy from
         # Match features per block: low-pass colour plus the local texture energy, which in the
         # hole is extrapolated from the known blocks around it (so a flat fill still asks for texture).
-        energy = masked_blur(high.square().sum(1, keepdim=True), known, 2 * c.detail_sigma).sqrt()  # (B, 1, H, W)
+        energy = masked_blur(high.square().sum(1, keepdim=True), known, 2 * sigma).sqrt()  # (B, 1, H, W)
         energy_p = F.pad(energy, (0, f, 0, f), mode="replicate")
         eq = F.avg_pool2d(energy_p[..., qy0 : qy0 + hq * f, qx0 : qx0 + wq * f], f)  # (B, 1, hq, wq)
         ek = F.avg_pool2d(energy[..., ky0 : ky0 + hk * f, kx0 : kx0 + wk * f], f)  # (B, 1, hk, wk)
@@ -260,6 +281,24 @@ class PSALInpaint(nn.Module):
         detail = self.transfer.attend(q, k, v, indices)  # (B, 3, hq·f, wq·f)
         detail = F.pad(detail, (qx0, W + f - qx0 - wq * f, qy0, H + f - qy0 - hq * f))[..., :H, :W]
         return (fill + c.detail_gain * mask * detail).clamp(0, 1)
+
+
+def pyramid_fill(image: Tensor, mask: Tensor) -> Tensor:
+    """Smooth fill of the hole from the known pixels (push-pull): known pixels are kept exactly.
+
+    Push: halve the known-weighted image and the known fraction until no cell is empty.
+    Pull: from the coarsest level up, each level keeps its own known-mean colour in
+    proportion to its known fraction and takes the rest from the level above (bilinear).
+    """
+    xs, ks = [image * (1 - mask)], [1 - mask]
+    while min(xs[-1].shape[-2:]) > 1 and bool((ks[-1] == 0).any()):
+        xs.append(F.avg_pool2d(xs[-1], 2, ceil_mode=True))
+        ks.append(F.avg_pool2d(ks[-1], 2, ceil_mode=True))
+    filled = xs[-1] / ks[-1].clamp(min=1e-8)
+    for x, k in zip(reversed(xs[:-1]), reversed(ks[:-1])):
+        up = F.interpolate(filled, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        filled = x + up * (1 - k)  # x = mean colour × known fraction
+    return filled
 
 
 def _reduce(image: Tensor, mask: Tensor, size: tuple[int, int]) -> Tensor:

@@ -322,3 +322,22 @@ def format_report(report: dict) -> str:
     lines.append(f"SSIM: model {m['ssim']:.4f}" + "".join(f", {b} {v['ssim']:.4f}" for b, v in report["baselines"].items())
                  + f"; true image sharpness ratio {m['true_sharpness']:.3f}")
     return "\n".join(lines)
+
+
+def metrics_for_file(report: dict) -> dict:
+    """What `psal eval --save-metrics` records for this data set: every mask family measured so far.
+
+    The CLI stores the result under the data set's name, so the figures of the families
+    already in the model file are kept and this family's are added beside them.
+    """
+    from psal_cli.modelfile import read_info
+
+    def rounded(values: dict) -> dict:
+        return {k: round(v, 4) for k, v in values.items()}
+
+    earlier = {}
+    if Path(report["model"]).is_file():
+        earlier = read_info(report["model"]).metrics.get(Path(report["data"]).name, {})
+    figures = {**rounded(report["mean"]), **{name: rounded(v) for name, v in report["baselines"].items()},
+               "images": len(report["images"]), "seed": report["seed"]}
+    return {**earlier, report["masks"]: figures}
