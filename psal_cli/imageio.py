@@ -70,7 +70,10 @@ def atomic_write(path: Path, *, overwrite: bool = False) -> Iterator[BinaryIO]:
     tmp = None
     try:
         with _signals_held():
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".psal-tmp", dir=path.parent)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".psal-tmp", dir=path.parent)
+            except OSError as e:
+                raise ImageError(f"{path}: cannot write ({e.strerror})") from None
             f = os.fdopen(fd, "wb")
         with f:
             yield f

@@ -134,3 +134,8 @@ def test_atomic_write_never_replaces_without_overwrite(tmp_path: Path) -> None:
         f.write(b"new")
     assert (tmp_path / "out.png").read_bytes() == b"new"
     assert not stray_files(tmp_path)
+
+
+def test_unwritable_folder_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match=r"nope/out.png: cannot write \(No such file or directory\)"):
+        write_image(Image.new("RGB", (2, 2)), tmp_path / "nope" / "out.png")
