@@ -26,7 +26,6 @@ import typer
 from psal_cli import __version__
 
 log = logging.getLogger("psal")
-TASKS = ("upscale", "colorize", "inpaint")
 
 app = typer.Typer(
     name="psal",
@@ -35,6 +34,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+class Task(str, Enum):
+    inpaint = "inpaint"
+    colorize = "colorize"
+    upscale = "upscale"
+
 
 # -- shared options -----------------------------------------------------------------------
 
@@ -431,7 +437,7 @@ def models(
         except ModelFileError as e:
             bad += 1
             rows.append({"file": str(path), "error": e.problem})
-    missing = [str(p) for p in (default_model_path(t, 4 if t == "upscale" else None) for t in TASKS)
+    missing = [str(p) for p in (default_model_path(t.value, 4 if t == Task.upscale else None) for t in Task)
                if not p.exists()]
     if json_summary:
         typer.echo(json.dumps({"models": rows, "not_installed": missing}, indent=2))
@@ -485,12 +491,6 @@ def _human(n: int, unit: str) -> str:
 
 
 # -- training and evaluation (psal_cli.tasks.<task>) --------------------------------------
-
-
-class Task(str, Enum):
-    inpaint = "inpaint"
-    colorize = "colorize"
-    upscale = "upscale"
 
 
 TaskArg = Annotated[Task, typer.Argument(help="inpaint, colorize or upscale.", show_default=False)]
