@@ -144,6 +144,13 @@ def test_inpaint_mask_problems() -> None:
     assert not Path("x.png").exists() and not stray_files(".")
 
 
+def test_quiet_run_with_device_options_prints_nothing() -> None:
+    make_image("in.png")
+    result = psal("upscale", "in.png", "--scale", "2", "-o", "out.png", "--quiet", "--device", "cpu",
+                  "--threads", "1", "--tile", "0", "--tile-overlap", "2", "--half")
+    assert result.stdout == "" and result.stderr == "" and Image.open("out.png").size == (40, 24)
+
+
 def test_seed_makes_runs_repeatable() -> None:
     make_image("in.png")
     psal("upscale", "in.png", "--scale", "2", "--seed", "3", "-o", "a.png")
