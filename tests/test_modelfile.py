@@ -156,3 +156,15 @@ def test_save_refuses_unregistered_modules(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="not a registered psal network"):
         save_model(torch.nn.Linear(2, 2), tmp_path / "l.safetensors")
     assert TinyInpaint.architecture == "test-tiny-inpaint"
+
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "weights").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_models_still_load(path: Path) -> None:
+    """A change to a network must not strand the weights in weights/."""
+    model, info = load_model(path)
+    assert info.task in path.name and info.training and info.metrics
+    if info.task == "upscale":
+        assert path.name == f"upscale-x{info.scale}.safetensors"
