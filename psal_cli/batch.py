@@ -125,6 +125,8 @@ def plan_outputs(items: list[Item], output: str | None, *, batch: bool, suffix: 
     if out is not None and not to_dir:
         if suffix is not None or ext is not None:
             raise UsageError("--suffix and --ext name the files in -o DIR; -o FILE is the name itself")
+        if not out.suffix:
+            raise UsageError(f"-o {output}: no image extension (end it with / to name a folder)")
         format_for_usage(out)
         items[0].output = out
     else:

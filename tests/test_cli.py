@@ -303,6 +303,7 @@ def test_killed_batch_leaves_only_complete_files() -> None:
     (["upscale", "*.gif"], "*.gif: no file matches"),
     (["upscale", "a.png", "b.png", "-o", "x.png"], "looks like a file, but there are 2 inputs"),
     (["upscale", "a.png", "-o", "x.gif"], "unknown image extension '.gif'"),
+    (["upscale", "a.png", "-o", "newdir"], "no image extension (end it with / to name a folder)"),
     (["upscale", "a.png", "--ext", "gif", "-o", "d/"], "--ext .gif: unknown image format"),
     (["upscale", "a.png", "--model", "nope.safetensors"], "--model nope.safetensors: no such file"),
     (["upscale", "a.png", "--device", "tpu"], "--device: unknown device 'tpu'"),
