@@ -35,14 +35,14 @@ from pathlib import Path
 # to 5× slower than 1 thread. The measurement subprocesses inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
-from psal_cli.attention import PSAL, exact_knn, patchmatch  # noqa: E402
+from psal_cli.attention import PSAL, exact_knn, patchmatch
 
 PATCH, NEIGHBORS, CHANNELS = 3, 4, 64
 DENSE_MAX_S, DENSE_MAX_MB = 180.0, 8000.0

@@ -150,7 +150,9 @@ def _search_tables(maps: _Maps, valid: Tensor, patch_size: int) -> tuple[Tensor,
     Returns query rows [−2·z_q, 1] (n, D+1), their squared norms |z_q|² (n,) and key rows
     [z_k, |z_k|²] (B·Hk·Wk + 1, D+1), so that |z_q − z_k|² = |z_q|² + row_q · row_k.
     Invalid key centres and the extra last row (the "no candidate" sentinel) have an
-    infinite norm: any candidate there loses. The axes come from ~1k patches of each map.
+    infinite norm: any candidate there loses. The axes come from ~1k patches of each map,
+    one set for the whole batch (batch elements thus nudge each other's search, never its
+    exact distances).
     """
     q, k = maps.padded.float(), maps.key.float()
     C, p = q.shape[1], patch_size
@@ -320,10 +322,8 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
         for a in chunks if t % 2 == 0 else reversed(chunks):
             rows = slice(a, a + _CHUNK)
             mine = held[rows]
-            cand = torch.cat(
-                [mine, search.propagate(rows, held, jumps, 2 * k), search.random_search(mine), search.around_best(mine)], 1
-            )
-            held[rows], held_d[rows] = search.select(rows, cand)
+            fresh = [search.propagate(rows, held, jumps, 2 * k), search.random_search(mine), search.around_best(mine)]
+            held[rows], held_d[rows] = search.select(rows, torch.cat([mine, *fresh], 1))
 
     # Exact re-ranking of the best 2k; slots without a finite search distance (fewer valid
     # keys than 3k, or repeats) point at the best match and are ruled out.
@@ -367,8 +367,8 @@ def _aggregate_center(value: Tensor, indices: Tensor, logits: Tensor) -> Tensor:
 
 def _aggregate_patch(value: Tensor, indices: Tensor, logits: Tensor, patch_size: int) -> Tensor:
     """Every query patch covering x votes v(yⱼ(x−d) + d); one softmax over all p²·k votes."""
-    B, Cv, Hk, Wk = value.shape
-    _, Hq, Wq, k = indices.shape
+    Wk = value.shape[-1]
+    Hq, Wq = indices.shape[1:3]
     r = patch_size // 2
     # Pad the NNF so that x − d always exists; padded votes get weight 0 (logit −inf)
     # and a harmless in-range key index.
@@ -466,7 +466,7 @@ def exact_knn(query: Tensor, key: Tensor, *, patch_size: int = 3, neighbors: int
     """Exhaustive k-NN patches (the reference PatchMatch approximates): O(Nq·Nk) memory, small maps only."""
     _check_inputs(query, key, patch_size, neighbors, key_mask)
     r = patch_size // 2
-    B, C, Hq, Wq = query.shape
+    B, _, Hq, Wq = query.shape
     qp = F.unfold(F.pad(query.float(), (r, r, r, r), mode="replicate") if r else query.float(), patch_size)  # (B, C·p², Nq)
     kp = F.unfold(key.float(), patch_size, padding=r)  # (B, C·p², Nk); only valid centres are kept below
     valid = valid_key_centres(key.shape, patch_size, key_mask).flatten(1)  # (B, Nk)

@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from psal_cli.attention import NNF, PSAL, exact_knn, patch_distances, patchmatch, valid_key_centres
+from psal_cli.attention import (
+    NNF,
+    PSAL,
+    exact_knn,
+    patch_distances,
+    patchmatch,
+    valid_key_centres,
+)
 
 DATA = Path(__file__).resolve().parent / "data"
 
