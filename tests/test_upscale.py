@@ -136,6 +136,9 @@ def test_evaluate_protocol(tmp_path: Path) -> None:
         assert 0 < row["ssim"] <= 1 and 0 < row["lanczos_ssim"] <= 1
     assert report["mean"]["psnr"] == pytest.approx(sum(r["psnr"] for r in report["images"]) / 2)
     assert "bicubic" in task.format_report(report) and "mean" in task.format_report(report)
+    figures = task.metrics_for_file(report)
+    assert figures["psnr"] == pytest.approx(report["mean"]["psnr"], abs=1e-3)
+    assert figures["bicubic_psnr"] == pytest.approx(report["baselines"]["bicubic"]["psnr"], abs=1e-3)
     json.dumps(report)
 
 

@@ -86,11 +86,13 @@ def evaluate(
     *,
     limit: int | None = None,
     device: str = "cpu",
+    seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """The super-resolution protocol on every image of `data`; bicubic and Lanczos alongside.
 
-    `model` is a model file (default: the shipped weights/upscale-x<scale>) or a network.
+    `model` is a model file (default: the shipped weights/upscale-x<scale>) or a network;
+    `seed` seeds PatchMatch on maps too large for the matrix-product search.
     Returns {"task", "scale", "data", "model", "images": [{name, psnr, ssim, bicubic_psnr, ...}],
     "mean": {psnr, ssim}, "baselines": {bicubic: {psnr, ssim}, lanczos: {...}}, "seconds"}.
     """
@@ -109,7 +111,7 @@ def evaluate(
         hr_image, lr_image = degrade(Image.open(path).convert("RGB"), scale)
         hr = to_float(hr_image)
         row = {"name": path.stem}
-        row["psnr"], row["ssim"] = y_metrics(upscale_tensor(model, to_float(lr_image)), hr, scale)
+        row["psnr"], row["ssim"] = y_metrics(upscale_tensor(model, to_float(lr_image), seed), hr, scale)
         for base, method in BASELINES.items():
             up = to_float(lr_image.resize(hr_image.size, method))
             row[f"{base}_psnr"], row[f"{base}_ssim"] = y_metrics(up, hr, scale)
@@ -130,6 +132,13 @@ def evaluate(
         "baselines": {b: {"psnr": mean(f"{b}_psnr"), "ssim": mean(f"{b}_ssim")} for b in BASELINES},
         "seconds": time.time() - start,
     }
+
+
+def metrics_for_file(report: dict) -> dict[str, float]:
+    """The mean figures of a report as a model file records them (`psal eval --save-metrics`)."""
+    b = report["baselines"]
+    return {"psnr": round(report["mean"]["psnr"], 3), "ssim": round(report["mean"]["ssim"], 4),
+            **{f"{name}_{m}": round(b[name][m], 3 if m == "psnr" else 4) for name in b for m in ("psnr", "ssim")}}
 
 
 def format_report(report: dict) -> str:
