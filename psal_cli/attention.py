@@ -42,6 +42,8 @@ _PCA_SAMPLES = 1024
 # 2048 was up to 1.5× slower (cache misses, and page faults when malloc hands the blocks
 # back to the OS after every step).
 _CHUNK = 1024
+# Query–key scores held at once by the exhaustive search (64 MB in float32).
+_EXACT_ELEMENTS = 1 << 24
 # The eight neighbours of the best match, tried every iteration: overlapping patches are alike.
 _NEAR = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))
 _DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))
@@ -387,6 +389,9 @@ def _aggregate_patch(value: Tensor, indices: Tensor, logits: Tensor, patch_size:
 class PSAL(nn.Module):
     """Patch-based stochastic attention: softmax(−D/T) over k PatchMatch neighbours.
 
+    When Hq·Wq·Hk·Wk ≤ `exact_pairs` the neighbours come from the exhaustive search
+    instead (`exact_knn`): on maps that small it is both exact and faster.
+
     `forward(q, k, v, key_mask=None, init=None)` returns (B, Cv, Hq, Wq). The search runs
     without autograd; when q or k needs a gradient the distances of the found matches are
     recomputed differentiably, so gradients reach q and k through the weights and v through
@@ -402,6 +407,7 @@ class PSAL(nn.Module):
         temperature: float = 1.0,
         aggregation: str = "center",
         query_chunk: int = 1 << 16,
+        exact_pairs: int = 1 << 22,
     ) -> None:
         super().__init__()
         if aggregation not in ("center", "patch"):
@@ -410,6 +416,7 @@ class PSAL(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.patch_size, self.neighbors, self.iterations = patch_size, neighbors, iterations
         self.temperature, self.aggregation, self.query_chunk = temperature, aggregation, query_chunk
+        self.exact_pairs = exact_pairs
         self.last_nnf: NNF | None = None
 
     def extra_repr(self) -> str:
@@ -429,10 +436,14 @@ class PSAL(nn.Module):
     ) -> Tensor:
         if v.shape[0] != k.shape[0] or v.shape[-2:] != k.shape[-2:]:
             raise ValueError(f"value {tuple(v.shape)} must match key {tuple(k.shape)} in batch and size")
-        nnf = patchmatch(
-            q.detach(), k.detach(), patch_size=self.patch_size, neighbors=self.neighbors,
-            iterations=self.iterations, key_mask=key_mask, init=init, generator=generator,
-        )
+        if q.shape[-2] * q.shape[-1] * k.shape[-2] * k.shape[-1] <= self.exact_pairs:
+            with torch.no_grad():  # small maps: the exhaustive search is exact and cheaper
+                nnf = exact_knn(q.detach(), k.detach(), patch_size=self.patch_size, neighbors=self.neighbors, key_mask=key_mask)
+        else:
+            nnf = patchmatch(
+                q.detach(), k.detach(), patch_size=self.patch_size, neighbors=self.neighbors,
+                iterations=self.iterations, key_mask=key_mask, init=init, generator=generator,
+            )
         self.last_nnf = nnf
         return self.attend(q, k, v, nnf.indices, nnf.distances)
 
@@ -463,16 +474,27 @@ class PSAL(nn.Module):
 
 
 def exact_knn(query: Tensor, key: Tensor, *, patch_size: int = 3, neighbors: int = 4, key_mask: Tensor | None = None) -> NNF:
-    """Exhaustive k-NN patches (the reference PatchMatch approximates): O(Nq·Nk) memory, small maps only."""
+    """Exhaustive k-NN patches: what PatchMatch approximates, by matrix products over query chunks.
+
+    O(Nq·Nk·C·p²) time but O(chunk·Nk) memory: on small maps (training crops) it is faster
+    than PatchMatch and exact. Candidates are ranked with ‖q‖² − 2q·k + ‖k‖² and the
+    returned distances recomputed as exact sums of squared differences.
+    """
     _check_inputs(query, key, patch_size, neighbors, key_mask)
     r = patch_size // 2
     B, _, Hq, Wq = query.shape
-    qp = F.unfold(F.pad(query.float(), (r, r, r, r), mode="replicate") if r else query.float(), patch_size)  # (B, C·p², Nq)
-    kp = F.unfold(key.float(), patch_size, padding=r)  # (B, C·p², Nk); only valid centres are kept below
-    valid = valid_key_centres(key.shape, patch_size, key_mask).flatten(1)  # (B, Nk)
+    dtype = _work_dtype(query)
+    maps = _Maps(query, key, patch_size)
+    qp = F.unfold(maps.padded, patch_size).transpose(1, 2)  # (B, Nq, C·p²)
+    kp = F.unfold(maps.key, patch_size, padding=r)  # (B, C·p², Nk); invalid centres masked below
+    valid = valid_key_centres(key.shape, patch_size, key_mask).to(query.device).flatten(1)  # (B, Nk)
     if int(valid.sum(1).min()) < neighbors:
         raise ValueError(f"neighbors={neighbors} exceeds the number of valid {patch_size}×{patch_size} key patches")
-    dist = torch.cdist(qp.transpose(1, 2).double(), kp.transpose(1, 2).double()).square().float()  # (B, Nq, Nk)
-    dist = dist.masked_fill(~valid[:, None], math.inf)
-    best_d, best_i = dist.topk(neighbors, -1, largest=False, sorted=True)
-    return NNF(best_i.view(B, Hq, Wq, neighbors), best_d.view(B, Hq, Wq, neighbors))
+    bias = kp.square().sum(1).masked_fill(~valid, math.inf)[:, None]  # (B, 1, Nk)
+    step = max(1, _EXACT_ELEMENTS // kp.shape[-1])
+    indices = torch.cat(
+        [(torch.baddbmm(bias, qp[:, a : a + step], kp, alpha=-2)).topk(neighbors, -1, largest=False).indices
+         for a in range(0, Hq * Wq, step)], 1)  # (B, Nq, k)
+    distances = patch_distances(query.to(dtype), key.to(dtype), indices.view(B, Hq, Wq, neighbors), patch_size)
+    distances, order = distances.sort(-1)
+    return NNF(indices.view(B, Hq, Wq, neighbors).gather(-1, order), distances)

@@ -127,12 +127,13 @@ def test_valid_key_centres_stay_inside_and_off_the_mask() -> None:
     assert torch.equal(valid_key_centres((1, 2, 6, 7), 3, mask), expected)
 
 
+@pytest.mark.parametrize("exact_pairs", [0, 1 << 30], ids=["patchmatch", "exhaustive"])
 @pytest.mark.parametrize("key_size", [(24, 20), (80, 72)], ids=["smaller key", "larger key"])
-def test_cross_attention_between_maps_of_different_sizes(key_size: tuple[int, int]) -> None:
+def test_cross_attention_between_maps_of_different_sizes(key_size: tuple[int, int], exact_pairs: int) -> None:
     g = seeded(3)
     Hk, Wk = key_size
     q, k, v = torch.randn(2, 6, 40, 40, generator=g), torch.randn(2, 6, Hk, Wk, generator=g), torch.randn(2, 5, Hk, Wk, generator=g)
-    layer = PSAL(neighbors=3)
+    layer = PSAL(neighbors=3, exact_pairs=exact_pairs)
     out = layer(q, k, v, generator=seeded())
     assert out.shape == (2, 5, 40, 40) and out.isfinite().all()
     nnf = layer.last_nnf
@@ -165,7 +166,7 @@ def test_forward_gradients_reach_q_k_and_v() -> None:
 
 def test_same_seed_gives_identical_output() -> None:
     q, k = features(crop("astronaut"), 8), features(crop("chelsea"), 8)
-    layer = PSAL(aggregation="patch")
+    layer = PSAL(aggregation="patch", exact_pairs=0)
     first, nnf = layer(q, k, k, generator=seeded(7)), layer.last_nnf
     second = layer(q, k, k, generator=seeded(7))
     assert torch.equal(first, second)
@@ -181,6 +182,16 @@ def test_half_precision_inputs(dtype: torch.dtype) -> None:
     assert nnf.distances.dtype == torch.float32
     _, ratio = quality(nnf, exact_knn(q.to(dtype).float(), k.to(dtype).float()))
     assert ratio <= 1.05
+
+
+def test_small_maps_use_the_exhaustive_search() -> None:
+    q, k = features(crop("coffee"), 8)[..., :24, :24], features(crop("astronaut"), 8)[..., :30, :30]
+    layer = PSAL(exact_pairs=24 * 24 * 30 * 30)
+    layer(q, k, k)
+    assert torch.equal(layer.last_nnf.indices, exact_knn(q, k).indices)
+    layer.exact_pairs -= 1  # one pair more than the threshold: PatchMatch
+    layer(q, k, k, generator=seeded())
+    assert not torch.equal(layer.last_nnf.indices, exact_knn(q, k).indices)
 
 
 def test_init_from_an_exact_nnf_is_kept() -> None:
