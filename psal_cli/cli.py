@@ -598,6 +598,10 @@ def evaluate(
     scale: Annotated[int | None, typer.Option("--scale", help="upscale: 2, 3 or 4.")] = None,
     masks: Annotated[str | None, typer.Option("--masks", help="inpaint: thin, thick or box.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N photos.")] = None,
+    size: Annotated[int | None, typer.Option(
+        "--size", min=0, help="colorize: resize photos to this longest side first (0 = full size). [default: 320]")] = None,
+    nearest: Annotated[bool | None, typer.Option(
+        "--nearest/--no-nearest", help="colorize: also measure the exhaustive nearest-patch baseline (slow).")] = None,
     device: Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     json_report: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
@@ -615,6 +619,8 @@ def evaluate(
       psal eval upscale --scale 4 --data ../shared/data/set5 --save-metrics
 
       psal eval inpaint --masks thick --limit 10 --json
+
+      psal eval colorize --size 320 --no-nearest
     """
     from psal_cli.modelfile import default_model_path, read_info, write_metrics
 
@@ -623,8 +629,8 @@ def evaluate(
     _existing(model, "--model")
     if save_metrics and model is None:
         model = default_model_path(task.value, scale or 4 if task == Task.upscale else None)
-    given = dict(data=data, model=model, scale=scale, masks=masks, limit=limit, device=_device(device),
-                 seed=seed)
+    given = dict(data=data, model=model, scale=scale, masks=masks, limit=limit, size=size, nearest=nearest,
+                 device=_device(device), seed=seed)
     with _reported():
         report = _task_call(task, "evaluate", given)
         module = sys.modules[f"psal_cli.tasks.{task.value}"]
