@@ -188,7 +188,8 @@ def test_every_network_tiled_equals_untiled(name: str, size: tuple[int, int]) ->
 
     The stages themselves are exact (see above); what can differ is a k-NN choice between
     patches tied to ~1e-7 (tiny random features make many), which float summation order
-    flips. So: at least 99 % of the pixels within 1/255, none off by more than 0.02.
+    flips. So: at least 97 % of the pixels within 1/255, none off by more than 0.02. A
+    real tiling error (no overlap) puts far more pixels off, as the last check shows.
     """
     from psal_cli.networks import create_model
 
@@ -199,6 +200,12 @@ def test_every_network_tiled_equals_untiled(name: str, size: tuple[int, int]) ->
     whole = run_network(model, inputs, Options(device="cpu", tile=0, seed=1))
     tiled = run_network(model, inputs, Options(device="cpu", tile=16, seed=1))
     assert tiled.shape == whole.shape
-    diff = (tiled - whole).abs().amax(1)  # (1, H, W)
-    assert (diff <= 1 / 255).float().mean().item() >= 0.99
-    assert diff.max().item() <= 0.02
+
+    def agreement(out: Tensor) -> float:
+        return ((out - whole).abs().amax(1) <= 1 / 255).float().mean().item()
+
+    assert agreement(tiled) >= 0.97
+    assert (tiled - whole).abs().max().item() <= 0.02
+    if min(size) > 32:  # several tiles each way
+        seamy = run_network(model, inputs, Options(device="cpu", tile=16, tile_overlap=0, seed=1))
+        assert agreement(seamy) < 0.97
