@@ -64,7 +64,7 @@ def test_attention_never_matches_hole_cells():
 def test_detail_copies_known_texture_only():
     """Flat known pixels have no texture to copy: the detail stage changes nothing. Textured
     known pixels: the hole gets texture of the same strength, from a flat fill."""
-    model = tiny()
+    model = tiny(detail_ramp=0)
     hole = box_hole(64, 96, 20, 44, 30, 66)
     flat = torch.full((1, 3, 64, 96), 0.4)
     torch.manual_seed(0)
