@@ -267,7 +267,10 @@ class PSALInpaint(nn.Module):
         qknown = 1 - F.max_pool2d(mask_p[..., qy0 : qy0 + hq * f, qx0 : qx0 + wq * f], f)
         spread = max(1.0, max(hq, wq) / 4)
         num, den = gaussian_blur(eq * qknown, spread), gaussian_blur(qknown, spread)
-        fallback = (eq * qknown).sum((2, 3), keepdim=True) / qknown.sum((2, 3), keepdim=True).clamp(min=1)
+        # Far from any known block of the query box (a box-shaped hole has none): the mean
+        # texture energy of the keys that may be copied from.
+        allowed = (~forbid)[:, None].float()  # (B, 1, hk, wk)
+        fallback = (ek * allowed).sum((2, 3), keepdim=True) / allowed.sum((2, 3), keepdim=True).clamp(min=1)
         guess = torch.where(den > 1e-4, num / den.clamp(min=1e-4), fallback)
         eq = qknown * eq + (1 - qknown) * guess
         w = c.detail_energy_weight
