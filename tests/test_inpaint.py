@@ -14,7 +14,6 @@ from PIL import Image
 from psal_cli.engine import Options, run_network
 from psal_cli.modelfile import load_model, read_info
 from psal_cli.networks import create_model
-from psal_cli.networks.stages import Direct
 from psal_cli.tasks import inpaint as task
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -281,7 +281,7 @@ class PSALInpaint(nn.Module):
         by, bx = nnf // wk, nnf % wk
         oy = torch.arange(hq * f, device=fill.device).view(1, -1, 1, 1) % f  # (1, hq·f, 1, 1)
         ox = torch.arange(wq * f, device=fill.device).view(1, 1, -1, 1) % f  # (1, 1, wq·f, 1)
-        up = lambda t: t.repeat_interleave(f, 1).repeat_interleave(f, 2)  # noqa: E731  (B, hq·f, wq·f, 1)
+        up = lambda t: t.repeat_interleave(f, 1).repeat_interleave(f, 2)
         indices = (up(by) * f + oy) * (wk * f) + up(bx) * f + ox  # full-resolution key positions
         detail = self.transfer.attend(q, k, v, indices)  # (B, 3, hq·f, wq·f)
         detail = F.pad(detail, (qx0, W + f - qx0 - wq * f, qy0, H + f - qy0 - hq * f))[..., :H, :W]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -306,8 +306,9 @@ def format_report(report: dict) -> str:
     """A per-image table (PSNR dB / hole MAE / sharpness % of the truth's) with the means, model beside the baselines."""
     methods = ["model", *report["baselines"]]
     head = f"{'image':<14} {'hole':>5}" + "".join(f" {m:>22}" for m in methods)
-    lines = [f"inpaint, {report['masks']} masks on {report['data']} ({report['model']}): "
-             "PSNR dB / hole MAE 0-255 / sharpness % of the true image's", head, "-" * len(head)]
+    title = (f"inpaint, {report['masks']} masks on {report['data']} ({report['model']}): "
+             "PSNR dB / hole MAE 0-255 / sharpness % of the true image's")
+    lines = [title, head, "-" * len(head)]
 
     def cell(values: dict, prefix: str = "") -> str:
         return f"{values[prefix + 'psnr']:6.2f} /{values[prefix + 'mae']:5.1f} /{100 * values[prefix + 'sharpness_rel']:4.0f}%"
