@@ -561,6 +561,8 @@ def train(
     lr: Annotated[float | None, typer.Option("--lr", min=0, help="Peak learning rate.")] = None,
     device: Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    attention: Annotated[bool | None, typer.Option(
+        "--attention/--no-attention", help="upscale: --no-attention trains the ablation without the PSAL block.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output.")] = False,
 ) -> None:
     """Train a network on a folder of photos and write its model file.
@@ -582,7 +584,7 @@ def train(
                                  param_hint="--output")
     output.parent.mkdir(parents=True, exist_ok=True)
     given = dict(data=data, out=output, scale=scale, init=init, steps=steps, batch=batch, patch=patch,
-                 lr=lr, device=_device(device), seed=seed)
+                 lr=lr, device=_device(device), seed=seed, attention=attention)
     with _reported():
         _task_call(task, "train", given)
     log.info("wrote %s", output)
