@@ -63,11 +63,12 @@ def _work_dtype(x: Tensor) -> torch.dtype:
 
 
 class _Maps:
-    """Query and key maps laid out channels-last and flattened over the batch.
+    """Query and key maps as channels-last rows, flattened over the batch.
 
-    Pairs are then plain row gathers: the query patch pixel x + d is row
-    `qrow(x) + qoff[d]` of the padded query map, the key pixel y + d is row
-    `krow(y) + koff[d]`, for the same list of patch offsets d.
+    Pairs are then plain row gathers: the key pixel y + d is row `krow(y) + koff[d]`, the
+    query pixel x + d is row `query_pixels(x)[:, d]`, its coordinates clamped to the map
+    (replicate padding without a padded copy). For channels-last maps the rows are views,
+    not copies: on a large map PSAL then holds little beyond its inputs.
     """
 
     def __init__(self, query: Tensor, key: Tensor, patch_size: int) -> None:
@@ -76,43 +77,45 @@ class _Maps:
         self.Hk, self.Wk = key.shape[-2:]
         self.r = r
         dtype = _work_dtype(query)
-        self.padded = F.pad(query.to(dtype), (r, r, r, r), mode="replicate") if r else query.to(dtype)
-        self.key = key.to(dtype)
-        self.Wp = self.Wq + 2 * r
         # contiguous(): for B = 1 reshape would return a strided view, and row gathers from it
         # read one float per cache line.
-        self.q = self.padded.permute(0, 2, 3, 1).contiguous().view(-1, self.C)  # (B·(Hq+2r)·(Wq+2r), C)
-        self.k = self.key.permute(0, 2, 3, 1).contiguous().view(-1, self.C)  # (B·Hk·Wk, C)
+        self.q = query.to(dtype).permute(0, 2, 3, 1).contiguous().view(-1, self.C)  # (B·Hq·Wq, C)
+        self.k = key.to(dtype).permute(0, 2, 3, 1).contiguous().view(-1, self.C)  # (B·Hk·Wk, C)
         dy, dx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
         device = query.device
-        self.qoff = (dy * self.Wp + dx).flatten().to(device)  # (p²,)
+        self.dy, self.dx = dy.flatten().to(device), dx.flatten().to(device)  # (p²,)
         self.koff = (dy * self.Wk + dx).flatten().to(device)  # (p²,)
 
-    def query_rows(self) -> Tensor:
-        """Row of every query centre in the padded map, in (B, Hq, Wq) order."""
-        r, device = self.r, self.q.device
-        b = torch.arange(self.B, device=device).view(-1, 1, 1)
-        y = torch.arange(self.Hq, device=device).view(1, -1, 1)
-        x = torch.arange(self.Wq, device=device).view(1, 1, -1)
-        rows = (b * (self.Hq + 2 * r) + y + r) * self.Wp + x + r
-        return rows.flatten()  # (B·Hq·Wq,)
+    def query_map(self) -> Tensor:
+        return self.q.view(self.B, self.Hq, self.Wq, self.C).permute(0, 3, 1, 2)
 
-    def key_base(self) -> Tensor:
-        """Offset of each batch element's key map in the flattened keys, per query."""
-        b = torch.arange(self.B, device=self.q.device).repeat_interleave(self.Hq * self.Wq)
-        return b * (self.Hk * self.Wk)  # (B·Hq·Wq,)
+    def key_map(self) -> Tensor:
+        return self.k.view(self.B, self.Hk, self.Wk, self.C).permute(0, 3, 1, 2)
+
+    def query_pixels(self, index: Tensor) -> Tensor:
+        """(n, p²) rows of the pixels of the query patches centred at flat positions `index`."""
+        Hq, Wq = self.Hq, self.Wq
+        b, y, x = index // (Hq * Wq), index // Wq % Hq, index % Wq
+        yy = (y[:, None] + self.dy).clamp(0, Hq - 1)
+        xx = (x[:, None] + self.dx).clamp(0, Wq - 1)
+        return (b[:, None] * Hq + yy) * Wq + xx
+
+    def key_base(self, index: Tensor) -> Tensor:
+        """Offset of each query's batch element in the flattened keys."""
+        return index // (self.Hq * self.Wq) * (self.Hk * self.Wk)
 
 
-def _patch_ssd(maps: _Maps, qrows: Tensor, krows: Tensor) -> Tensor:
-    """Exact patch SSD of query qrows[i] against keys krows[i, j]: (n, m); differentiable.
+def _patch_ssd(maps: _Maps, qindex: Tensor, krows: Tensor) -> Tensor:
+    """Exact patch SSD of query qindex[i] against keys krows[i, j]: (n, m); differentiable.
 
     The query pixel is gathered once per offset and broadcast over its m candidates.
     """
     n, m = krows.shape
+    qpixels = maps.query_pixels(qindex)  # (n, p²)
     total = None
-    for oq, ok in zip(maps.qoff.tolist(), maps.koff.tolist()):
+    for d, ok in enumerate(maps.koff.tolist()):
         kpix = maps.k.index_select(0, (krows + ok).flatten()).view(n, m, -1)  # (n, m, C)
-        qpix = maps.q.index_select(0, qrows + oq)  # (n, C)
+        qpix = maps.q.index_select(0, qpixels[:, d])  # (n, C)
         term = (kpix - qpix[:, None]).square().sum(-1)  # (n, m)
         total = term if total is None else total + term
     return total
@@ -146,43 +149,6 @@ def _check_inputs(query: Tensor, key: Tensor, patch_size: int, neighbors: int, k
         raise ValueError(f"key_mask must be (B, Hk, Wk) = {(key.shape[0], *key.shape[-2:])}, got {tuple(key_mask.shape)}")
 
 
-def _search_tables(maps: _Maps, valid: Tensor, patch_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Patches projected on the principal axes of the patch space, ready for the search.
-
-    Returns query rows [−2·z_q, 1] (n, D+1), their squared norms |z_q|² (n,) and key rows
-    [z_k, |z_k|²] (B·Hk·Wk + 1, D+1), so that |z_q − z_k|² = |z_q|² + row_q · row_k.
-    Invalid key centres and the extra last row (the "no candidate" sentinel) have an
-    infinite norm: any candidate there loses. The axes come from ~1k patches of each map,
-    one set for the whole batch (batch elements thus nudge each other's search, never its
-    exact distances).
-    """
-    q, k = maps.padded.float(), maps.key.float()
-    C, p = q.shape[1], patch_size
-    samples = []
-    for x in (q, k):
-        count = x.shape[0] * (x.shape[2] - p + 1) * (x.shape[3] - p + 1)
-        stride = max(1, math.isqrt(count // _PCA_SAMPLES))
-        samples.append(F.unfold(x, p, stride=stride).transpose(1, 2).reshape(-1, C * p * p))  # (s, C·p²)
-    x = torch.cat(samples)
-    mean = x.mean(0)
-    x = x - mean
-    variance, axes = torch.linalg.eigh((x.T @ x).cpu().double())  # ascending
-    explained = variance.flip(0).cumsum(0) / variance.sum().clamp(min=1e-30)
-    needed = int((explained < _SEARCH_ENERGY).sum()) + 1
-    dims = min(max(needed, _SEARCH_DIMS[0]), _SEARCH_DIMS[1], C * p * p)
-    basis = axes[:, -dims:].T.float().to(q.device)  # (D, C·p²)
-    weight, bias = basis.view(dims, C, p, p), -(basis @ mean)
-    zq = F.conv2d(q, weight, bias).permute(0, 2, 3, 1).contiguous().view(-1, dims)  # (B·Hq·Wq, D)
-    r = p // 2
-    zk = F.pad(F.conv2d(k, weight, bias), (r, r, r, r)).permute(0, 2, 3, 1).contiguous().view(-1, dims)  # (B·Hk·Wk, D)
-    knorm = zk.square().sum(1).masked_fill(~valid.flatten(), math.inf)
-    krows = torch.cat([zk, knorm[:, None]], 1)  # (B·Hk·Wk, D+1)
-    sentinel = torch.zeros(1, dims + 1, device=q.device)
-    sentinel[0, -1] = math.inf
-    qrows = torch.cat([-2 * zq, torch.ones_like(zq[:, :1])], 1)  # (B·Hq·Wq, D+1)
-    return qrows, zq.square().sum(1), torch.cat([krows, sentinel])
-
-
 def patchmatch(
     query: Tensor,
     key: Tensor,
@@ -211,22 +177,71 @@ def patchmatch(
         return _patchmatch(query, key, patch_size, neighbors, iterations, key_mask, init, generator)
 
 
+def _search_tables(maps: _Maps, valid: Tensor, patch_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The principal axes of the patch space, and every key patch projected on them.
+
+    Returns the query projection (p²·C, D) and bias (D,) for patches flattened as
+    (pixel, channel) rows, the key table z_k (B·Hk·Wk + 1, D) and the key norms |z_k|²
+    (B·Hk·Wk + 1,), so that |z_q − z_k|² = |z_q|² − 2·z_q·z_k + |z_k|². Invalid key centres
+    and the extra last row (the "no candidate" sentinel) have an infinite norm: any
+    candidate there loses. The axes come from ~1k patches of each map, one set for the
+    whole batch (batch elements thus nudge each other's search, never its exact distances).
+    Query projections are made per chunk (`_Search.query_rows`); the key table is filled in
+    bands of rows and stored in float16 (norms in float32): the search holds 2·D + 4 bytes
+    per key and no full-map temporaries. The table only ranks candidates, and the final
+    re-ranking is exact, so its rounding (~1e-3 of a patch's norm) cost no measurable
+    recall (benchmarks/attention.py: 0.869 vs 0.877 at 128², same distance ratio 1.017).
+    """
+    C, p, r = maps.C, patch_size, maps.r
+    samples = []
+    for x in (maps.query_map(), maps.key_map()):
+        count = x.shape[0] * (x.shape[2] - p + 1) * (x.shape[3] - p + 1)
+        stride = max(1, math.isqrt(count // _PCA_SAMPLES))
+        samples.append(F.unfold(x.float(), p, stride=stride).transpose(1, 2).reshape(-1, C * p * p))  # (s, C·p²)
+    x = torch.cat(samples)
+    mean = x.mean(0)
+    x = x - mean
+    variance, axes = torch.linalg.eigh((x.T @ x).cpu().double())  # ascending
+    explained = variance.flip(0).cumsum(0) / variance.sum().clamp(min=1e-30)
+    needed = int((explained < _SEARCH_ENERGY).sum()) + 1
+    dims = min(max(needed, _SEARCH_DIMS[0]), _SEARCH_DIMS[1], C * p * p)
+    device = maps.q.device
+    basis = axes[:, -dims:].T.float().to(device)  # (D, C·p²), (channel, pixel) order
+    weight, bias = basis.view(dims, C, p, p), -(basis @ mean.to(device))
+
+    B, Hk, Wk = maps.B, maps.Hk, maps.Wk
+    table = torch.zeros(B * Hk * Wk + 1, dims, device=device, dtype=torch.float16)
+    norm = torch.zeros(B * Hk * Wk + 1, device=device)
+    grid, grid_norm = table[:-1].view(B, Hk, Wk, dims), norm[:-1].view(B, Hk, Wk)
+    keys, band = maps.key_map(), max(1, (1 << 22) // (Wk * (C + dims)))  # ~16 MB of conv per band
+    for b in range(B):
+        for y0 in range(r, Hk - r, band):
+            y1 = min(Hk - r, y0 + band)
+            z = F.conv2d(keys[b : b + 1, :, y0 - r : y1 + r].float(), weight, bias)[0].permute(1, 2, 0)  # (rows, Wk − 2r, D)
+            grid[b, y0:y1, r : Wk - r] = z
+            grid_norm[b, y0:y1, r : Wk - r] = z.square().sum(-1)
+    norm[:-1].masked_fill_(~valid.flatten(), math.inf)
+    norm[-1] = math.inf
+    projection = basis.view(dims, C, p * p).transpose(1, 2).reshape(dims, -1).T.contiguous()  # (p²·C, D)
+    return projection, bias, table, norm
+
+
 class _Search:
     """One PatchMatch run's search tables, geometry and candidate generators.
 
     Query positions are flat (B·Hq·Wq) rows; `rows` is a slice of them (one chunk) and
-    `held` the (rows, 3k) int32 key positions held for them, best first.
+    `held` the (rows, 3k) int32 key positions held for them, best first, −1 for an empty
+    slot (fewer valid keys than 3k). Everything per query is made per chunk: beyond its
+    inputs the search holds the key table and `held`.
     """
 
     def __init__(self, maps: _Maps, valid: Tensor, patch_size: int, held: int, generator: torch.Generator | None) -> None:
         self.maps, self.held_n, self.generator = maps, held, generator
-        self.qrows, self.qnorm, self.krows = _search_tables(maps, valid, patch_size)
-        self.sentinel = self.krows.shape[0] - 1
-        B, Hq, Wq, Hk, Wk, r = maps.B, maps.Hq, maps.Wq, maps.Hk, maps.Wk, maps.r
+        self.projection, self.bias, self.table, self.norm = _search_tables(maps, valid, patch_size)
+        self.sentinel = self.table.shape[0] - 1
+        self.n = maps.B * maps.Hq * maps.Wq
+        Hk, Wk, r = maps.Hk, maps.Wk, maps.r
         device = maps.q.device
-        pos = torch.arange(B * Hq * Wq, device=device, dtype=torch.int32)
-        self.qb, self.qy, self.qx = pos // (Hq * Wq), pos // Wq % Hq, pos % Wq  # (n,) each
-        self.kbase = self.qb * (Hk * Wk)  # (n,)
         # Valid centres lie in [r, Hk − 1 − r] × [r, Wk − 1 − r].
         self.lo, self.hi_y, self.hi_x = r, Hk - 1 - r, Wk - 1 - r
         radii, window = [], max(Hk, Wk)
@@ -236,32 +251,45 @@ class _Search:
         self.radii = torch.tensor(radii, device=device, dtype=torch.float32)  # (R,)
         self.near = torch.tensor(_NEAR, device=device, dtype=torch.int32)  # (8, 2)
 
+    def index(self, rows: slice) -> Tensor:
+        return torch.arange(rows.start, min(rows.stop, self.n), device=self.maps.q.device, dtype=torch.int32)
+
     def rand(self, *shape: int) -> Tensor:
         return torch.rand(*shape, generator=self.generator).to(self.maps.q.device)
 
     def inside(self, y: Tensor, x: Tensor) -> Tensor:
         return (y >= self.lo) & (y <= self.hi_y) & (x >= self.lo) & (x <= self.hi_x)
 
-    def select(self, rows: slice, cand: Tensor) -> tuple[Tensor, Tensor]:
+    def query_rows(self, index: Tensor) -> Tensor:
+        """−2·z_q (c, D) for the query patches at `index`."""
+        maps = self.maps
+        pixels = maps.q.index_select(0, maps.query_pixels(index).flatten()).view(index.numel(), -1)  # (c, p²·C)
+        return torch.addmm(self.bias, pixels.float(), self.projection, alpha=-2, beta=-2)  # (c, D)
+
+    def select(self, rows: slice, cand: Tensor) -> Tensor:
         """The held_n best distinct candidates (c, m) of each query (−1 = none), by search distance."""
+        index = self.index(rows)
         cand = cand.sort(1).values  # (c, m)
         repeat = torch.zeros_like(cand, dtype=torch.bool)
         repeat[:, 1:] = cand[:, 1:] == cand[:, :-1]
-        at = torch.where(cand >= 0, self.kbase[rows, None] + cand, self.sentinel)
-        z = self.krows.index_select(0, at.flatten()).view(*cand.shape, -1)  # (c, m, D+1)
-        dist = (z * self.qrows[rows, None]).sum(-1) + self.qnorm[rows, None]  # (c, m)
+        at = torch.where(cand >= 0, self.maps.key_base(index)[:, None] + cand, self.sentinel)
+        z = self.table.index_select(0, at.flatten()).view(*cand.shape, -1).float()  # (c, m, D)
+        # |z_q − z_k|² less |z_q|², the same for all of a query's candidates.
+        dist = torch.baddbmm(self.norm[at][..., None], z, self.query_rows(index)[:, :, None])[..., 0]  # (c, m)
         best, pick = dist.masked_fill(repeat, math.inf).topk(self.held_n, 1, largest=False)
-        return cand.gather(1, pick), best
+        return torch.where(best.isfinite(), cand.gather(1, pick), -1)
 
     def propagate(self, rows: slice, held: Tensor, jumps: tuple[int, ...], slots: int) -> Tensor:
         """Candidates NNF(x + s·e) − s·e from the neighbours' best `slots` matches: (c, 4·J·slots)."""
         Hq, Wq, Wk = self.maps.Hq, self.maps.Wq, self.maps.Wk
+        index = self.index(rows)
+        qb, qy, qx = index // (Hq * Wq), index // Wq % Hq, index % Wq
         step = torch.tensor([(s * ey, s * ex) for s in jumps for ey, ex in _DIRECTIONS], device=held.device, dtype=torch.int32)
-        sy, sx = self.qy[rows, None] + step[:, 0], self.qx[rows, None] + step[:, 1]  # (c, 4J)
-        source = (self.qb[rows, None] * Hq + sy.clamp(0, Hq - 1)) * Wq + sx.clamp(0, Wq - 1)
+        sy, sx = qy[:, None] + step[:, 0], qx[:, None] + step[:, 1]  # (c, 4J)
+        source = (qb[:, None] * Hq + sy.clamp(0, Hq - 1)) * Wq + sx.clamp(0, Wq - 1)
         src = held[:, :slots][source]  # (c, 4J, slots)
         py, px = src // Wk - step[:, :1], src % Wk - step[:, 1:]
-        ok = ((sy >= 0) & (sy < Hq) & (sx >= 0) & (sx < Wq))[..., None] & self.inside(py, px)
+        ok = ((sy >= 0) & (sy < Hq) & (sx >= 0) & (sx < Wq))[..., None] & (src >= 0) & self.inside(py, px)
         return torch.where(ok, py * Wk + px, -1).flatten(1)
 
     def random_search(self, held: Tensor) -> Tensor:
@@ -302,22 +330,25 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
 
     # Init: 3k distinct valid positions (as many as exist), evenly spaced in the valid list
     # from a random start, merged with the caller's seed.
-    listed = valid.flatten(1).nonzero()[:, 1]  # valid positions, batch after batch
+    listed = (valid.flatten().nonzero()[:, 0] % (Hk * Wk)).int()  # valid positions, batch after batch
+    del valid
     starts = torch.cumsum(counts, 0) - counts  # (B,)
-    batch = search.qb.long()
-    count_q = counts[batch]  # (n,)
-    start = (search.rand(n) * count_q).long()
-    spread = torch.arange(3 * k, device=device) * (count_q // (3 * k)).clamp(min=1)[:, None]
-    held = listed[starts[batch][:, None] + (start[:, None] + spread) % count_q[:, None]].int()  # (n, 3k)
+    seed = None
     if init is not None:
         seed = (init.indices if isinstance(init, NNF) else init).to(device).reshape(n, -1)
-        held = torch.cat([held, torch.where((seed >= 0) & (seed < Hk * Wk), seed, -1).int()], 1)
-    held_d = torch.empty(n, 3 * k, device=device)
-    picked = torch.empty(n, 3 * k, device=device, dtype=torch.int32)
+    held = torch.empty(n, 3 * k, device=device, dtype=torch.int32)
     for a in chunks:
         rows = slice(a, a + _CHUNK)
-        picked[rows], held_d[rows] = search.select(rows, held[rows])
-    held = picked  # (n, 3k) int32, ascending search distance
+        batch = (search.index(rows) // (Hq * Wq)).long()
+        count = counts[batch]  # (c,)
+        start = (search.rand(batch.numel()) * count).long()
+        spread = torch.arange(3 * k, device=device) * (count // (3 * k)).clamp(min=1)[:, None]
+        cand = listed[starts[batch][:, None] + (start[:, None] + spread) % count[:, None]]  # (c, 3k)
+        if seed is not None:
+            mine = seed[rows]
+            cand = torch.cat([cand, torch.where((mine >= 0) & (mine < Hk * Wk), mine, -1).int()], 1)
+        held[rows] = search.select(rows, cand)
+    del listed
 
     for t in range(iterations):
         jumps = (8 >> t, 1) if 8 >> t > 1 else (1,)
@@ -325,18 +356,19 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
             rows = slice(a, a + _CHUNK)
             mine = held[rows]
             fresh = [search.propagate(rows, held, jumps, 2 * k), search.random_search(mine), search.around_best(mine)]
-            held[rows], held_d[rows] = search.select(rows, torch.cat([mine, *fresh], 1))
+            held[rows] = search.select(rows, torch.cat([mine, *fresh], 1))
+    del search  # the key table
 
-    # Exact re-ranking of the best 2k; slots without a finite search distance (fewer valid
-    # keys than 3k, or repeats) point at the best match and are ruled out.
+    # Exact re-ranking of the best 2k; empty slots point at the best match and are ruled out.
     indices = torch.empty(n, k, device=device, dtype=torch.int64)
     distances = torch.empty(n, k, device=device, dtype=_work_dtype(query))
-    qrows, kbase = maps.query_rows(), maps.key_base()
     for a in chunks:
         rows = slice(a, a + _CHUNK)
-        finite = held_d[rows, : 2 * k].isfinite()
-        cand = torch.where(finite, held[rows, : 2 * k], held[rows, :1]).long()  # (c, 2k)
-        exact = _patch_ssd(maps, qrows[rows], kbase[rows, None] + cand).masked_fill(~finite, math.inf)
+        index = torch.arange(a, min(a + _CHUNK, n), device=device)
+        found = held[rows, : 2 * k]
+        filled = found >= 0
+        cand = torch.where(filled, found, found[:, :1]).long()  # (c, 2k)
+        exact = _patch_ssd(maps, index, maps.key_base(index)[:, None] + cand).masked_fill(~filled, math.inf)
         distances[rows], pick = exact.topk(k, 1, largest=False, sorted=True)
         indices[rows] = cand.gather(1, pick)
     return NNF(indices.view(B, Hq, Wq, k), distances.view(B, Hq, Wq, k))
@@ -346,11 +378,11 @@ def patch_distances(query: Tensor, key: Tensor, indices: Tensor, patch_size: int
     """Differentiable patch distances (B, Hq, Wq, k) for a fixed NNF, float32 (float64 for float64 maps)."""
     maps = _Maps(query, key, patch_size)
     k = indices.shape[-1]
-    qrows = maps.query_rows()  # (n,)
-    krows = maps.key_base()[:, None] + indices.reshape(-1, k)  # (n, k)
+    index = torch.arange(indices[..., 0].numel(), device=indices.device)  # (n,)
+    krows = maps.key_base(index)[:, None] + indices.reshape(-1, k)  # (n, k)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
-        return _patch_ssd(maps, qrows, krows).view(indices.shape)
-    out = torch.cat([_patch_ssd(maps, qrows[a : a + _CHUNK], krows[a : a + _CHUNK]) for a in range(0, qrows.numel(), _CHUNK)])
+        return _patch_ssd(maps, index, krows).view(indices.shape)
+    out = torch.cat([_patch_ssd(maps, index[a : a + _CHUNK], krows[a : a + _CHUNK]) for a in range(0, index.numel(), _CHUNK)])
     return out.view(indices.shape)
 
 
@@ -436,6 +468,21 @@ class PSAL(nn.Module):
     ) -> Tensor:
         if v.shape[0] != k.shape[0] or v.shape[-2:] != k.shape[-2:]:
             raise ValueError(f"value {tuple(v.shape)} must match key {tuple(k.shape)} in batch and size")
+        nnf = self.search(q, k, key_mask, init, generator)
+        return self.attend(q, k, v, nnf.indices, nnf.distances)
+
+    def search(
+        self,
+        q: Tensor,
+        k: Tensor,
+        key_mask: Tensor | None = None,
+        init: NNF | Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> NNF:
+        """The NNF `forward` attends with (also kept in `last_nnf`), without attending.
+
+        Lets a network free q and k before it aggregates a large map in bands (`attend`).
+        """
         if q.shape[-2] * q.shape[-1] * k.shape[-2] * k.shape[-1] <= self.exact_pairs:
             with torch.no_grad():  # small maps: the exhaustive search is exact and cheaper
                 nnf = exact_knn(q.detach(), k.detach(), patch_size=self.patch_size, neighbors=self.neighbors, key_mask=key_mask)
@@ -445,14 +492,16 @@ class PSAL(nn.Module):
                 iterations=self.iterations, key_mask=key_mask, init=init, generator=generator,
             )
         self.last_nnf = nnf
-        return self.attend(q, k, v, nnf.indices, nnf.distances)
+        return nnf
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, indices: Tensor, distances: Tensor | None = None) -> Tensor:
+    def attend(self, q: Tensor | None, k: Tensor | None, v: Tensor, indices: Tensor, distances: Tensor | None = None) -> Tensor:
         """Attention output for a fixed NNF; aggregates in row chunks when no gradient is needed.
 
-        `distances` (the NNF's own) are reused unless q or k needs a gradient through them.
+        `distances` (the NNF's own) are reused unless q or k needs a gradient through them;
+        q and k may then be None. `indices`/`distances` may be a band of rows of the NNF
+        (with center aggregation), so a caller can aggregate a large map band by band.
         """
-        if distances is None or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+        if distances is None or (torch.is_grad_enabled() and (q is not None and q.requires_grad or k is not None and k.requires_grad)):
             distances = patch_distances(q, k, indices, self.patch_size)
         logits = -distances / self.temperature  # (B, Hq, Wq, k)
         Hq, Wq = indices.shape[1:3]
@@ -484,9 +533,9 @@ def exact_knn(query: Tensor, key: Tensor, *, patch_size: int = 3, neighbors: int
     r = patch_size // 2
     B, _, Hq, Wq = query.shape
     dtype = _work_dtype(query)
-    maps = _Maps(query, key, patch_size)
-    qp = F.unfold(maps.padded, patch_size).transpose(1, 2)  # (B, Nq, C·p²)
-    kp = F.unfold(maps.key, patch_size, padding=r)  # (B, C·p², Nk); invalid centres masked below
+    padded = F.pad(query.to(dtype), (r, r, r, r), mode="replicate") if r else query.to(dtype)
+    qp = F.unfold(padded, patch_size).transpose(1, 2)  # (B, Nq, C·p²)
+    kp = F.unfold(key.to(dtype), patch_size, padding=r)  # (B, C·p², Nk); invalid centres masked below
     valid = valid_key_centres(key.shape, patch_size, key_mask).to(query.device).flatten(1)  # (B, Nk)
     if int(valid.sum(1).min()) < neighbors:
         raise ValueError(f"neighbors={neighbors} exceeds the number of valid {patch_size}×{patch_size} key patches")

@@ -126,7 +126,10 @@ class Tiled:
                 with self._precision():
                     result = stage(*crops)
                 if out is None:
-                    out = torch.empty(*result.shape[:-2], int(H * scale), int(W * scale), dtype=torch.float32, device=self.storage)
+                    # Channels-last: whole-map stages (PSAL) gather pixel rows of it without a copy.
+                    shape = (*result.shape[:-2], int(H * scale), int(W * scale))
+                    layout = torch.channels_last if len(shape) == 4 else torch.contiguous_format
+                    out = torch.empty(shape, dtype=torch.float32, device=self.storage, memory_format=layout)
                 # Keep the tile's own area: its context was only there to make it exact.
                 oy, ox = int((y0 - cy0) * scale), int((x0 - cx0) * scale)
                 oh, ow = int((y1 - y0) * scale), int((x1 - x0) * scale)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from psal_cli.attention import PSAL, valid_key_centres
+from psal_cli.attention import PSAL, patch_distances, valid_key_centres
 from psal_cli.networks import register_model
 from psal_cli.networks.stages import Direct, LocalStage, conv_radius
 
@@ -116,10 +116,14 @@ def nearest_patches(q: Tensor, k: Tensor, patch_size: int, neighbors: int, grid_
 class Attention(nn.Module):
     """PSAL self-attention with learned 1×1 projections and a small residual scale.
 
-    q and k are projections to few channels (the search cost is ∝ their count); v is a
-    projection of the features; the attended values go through a 1×1 output convolution
-    and join the features scaled by `gamma`, initialised small so that training starts
-    from the plain CNN and lets attention in as it becomes useful.
+    q and k are projections to few channels (the search cost is ∝ their count); the
+    attended features go through the 1×1 value and output convolutions and join the
+    features scaled by `gamma`, initialised small so that training starts from the plain
+    CNN and lets attention in as it becomes useful. The value projection is applied after
+    aggregating, not before: the attention weights sum to one, so both orders give the
+    same result, and no value map as large as the features is held. At inference the
+    map is aggregated in bands of rows once q and k are freed: a 4K input holds the
+    features, their output and the NNF, little else.
     """
 
     def __init__(self, channels: int, qk_channels: int, psal: PSAL, exact_keys: int, grid_keys: int) -> None:
@@ -133,14 +137,26 @@ class Attention(nn.Module):
         self.exact_keys, self.grid_keys = exact_keys, grid_keys
 
     def forward(self, feat: Tensor) -> Tensor:
-        q, k, v = self.query(feat), self.key(feat), self.value(feat)
+        q, k = self.query(feat), self.key(feat)
         if q.shape[-2] * q.shape[-1] <= self.exact_keys:
             with torch.no_grad():
                 indices = nearest_patches(q, k, self.psal.patch_size, self.psal.neighbors, self.grid_keys)
-            attended = self.psal.attend(q, k, v, indices)  # (B, C, H, W)
+            distances = None
         else:
-            attended = self.psal(q, k, v)  # (B, C, H, W)
-        return feat + self.gamma * self.out(attended)
+            nnf = self.psal.search(q, k)
+            indices, distances = nnf.indices, nnf.distances
+        if torch.is_grad_enabled():
+            return feat + self.gamma * self.out(self.value(self.psal.attend(q, k, feat, indices, distances)))
+        if distances is None:
+            distances = patch_distances(q, k, indices, self.psal.patch_size)
+        del q, k
+        values = feat.contiguous(memory_format=torch.channels_last)  # rows to gather: a copy only if not already so
+        out = torch.empty_like(feat)
+        rows = max(1, self.psal.query_chunk // feat.shape[-1])
+        for a in range(0, feat.shape[-2], rows):
+            band = self.psal.attend(None, None, values, indices[:, a : a + rows], distances[:, a : a + rows])
+            out[:, :, a : a + rows] = feat[:, :, a : a + rows] + self.gamma * self.out(self.value(band))
+        return out
 
 
 @register_model("psal-upscale")
