@@ -268,3 +268,11 @@ INVALID = {
 def test_invalid_arguments_raise_value_error(case: str) -> None:
     with pytest.raises(ValueError):
         INVALID[case]()
+
+
+def test_channels_last_maps_give_the_same_nnf() -> None:
+    """The engine hands PSAL channels-last maps (rows without a copy): same result as NCHW."""
+    query, key = features(crop("chelsea"), 8)[..., :40, :], features(crop("astronaut"), 8)
+    plain = patchmatch(query, key, generator=seeded())
+    cl = patchmatch(query.contiguous(memory_format=torch.channels_last), key.contiguous(memory_format=torch.channels_last), generator=seeded())
+    assert torch.equal(plain.indices, cl.indices) and torch.allclose(plain.distances, cl.distances)

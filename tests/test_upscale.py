@@ -175,3 +175,23 @@ def test_model_file_round_trip(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(loaded(image=x), model(image=x))
     assert info.scale == 4
+
+
+@pytest.mark.parametrize("exact_keys", [0, 1 << 17])  # PatchMatch and exact search
+def test_banded_inference_attention_equals_the_training_formula(exact_keys: int) -> None:
+    """At inference the attention aggregates features in bands and projects values after
+    aggregating; it must equal feat + γ·out(attend(q, k, value(feat))) computed whole."""
+    model = tiny(2, exact_keys=exact_keys)
+    attention = model.attention
+    attention.psal.query_chunk = 40  # bands of 2–3 rows on a 17-wide map
+    torch.manual_seed(3)
+    feat = torch.randn(2, 8, 23, 17)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        banded = attention(feat)
+    nnf = attention.psal.last_nnf if exact_keys == 0 else None
+    q, k, v = attention.query(feat), attention.key(feat), attention.value(feat)
+    with torch.no_grad():
+        indices = nnf.indices if nnf is not None else nearest_patches(q, k, 3, 4, attention.grid_keys)
+        whole = feat + attention.gamma * attention.out(attention.psal.attend(q, k, v, indices))
+    assert torch.allclose(banded, whole, atol=1e-5)
