@@ -11,9 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from psal_cli.attention import patch_distances, valid_key_centres
 from psal_cli.engine import Options, run_network
 from psal_cli.modelfile import load_model, read_info
 from psal_cli.networks import create_model
+from psal_cli.networks.inpaint import coherent_nnf
+from psal_cli.networks.stages import Direct
 from psal_cli.tasks import inpaint as task
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -75,6 +78,40 @@ def test_detail_copies_known_texture_only():
     assert torch.equal(out[~hole.bool().expand_as(out)], filled[~hole.bool().expand_as(out)])
     assert task.sharpness_ratio(filled, hole) == 0
     assert task.sharpness_ratio(out, hole) > 0.5 * task.sharpness_ratio(texture, hole)
+
+
+def test_coherent_nnf_grows_coherent_regions_from_valid_keys_only():
+    """A query map cut out of the key map: a random NNF becomes mostly coherent (neighbours
+    copy neighbours), every returned key is a valid centre, and matches get no worse on average."""
+    gen = torch.Generator().manual_seed(0)
+    key = torch.rand(1, 4, 24, 24, generator=gen)
+    query = key[..., 4:16, 6:18] + 0.01 * torch.rand(1, 4, 12, 12, generator=gen)
+    forbid = torch.zeros(1, 24, 24, dtype=torch.bool)
+    forbid[:, 8:12, 8:12] = True
+    valid = valid_key_centres(key.shape, 3, forbid)
+    allowed = valid.flatten().nonzero()[:, 0]
+    start = allowed[torch.randint(len(allowed), (1, 12, 12), generator=gen)]
+    out = coherent_nnf(query, key, start, valid, 3, 1.0, 8)
+    assert valid.flatten()[out.flatten()].all()
+
+    def coherence(nnf: torch.Tensor) -> float:
+        return ((nnf[:, :, 1:] == nnf[:, :, :-1] + 1).float().mean() + (nnf[:, 1:] == nnf[:, :-1] + 24).float().mean()).item() / 2
+
+    assert coherence(start) < 0.1 and coherence(out) > 0.5
+    before = patch_distances(query, key, start[..., None], 3).mean()
+    assert patch_distances(query, key, out[..., None], 3).mean() <= before
+
+
+def test_fill_ensemble_keeps_known_pixels_and_averages_views():
+    image, hole = photo(40, 56), box_hole(40, 56, 10, 30, 12, 40)
+    seen = image * (1 - hole)
+    with torch.no_grad():
+        one = tiny(fill_flips=1).fill_ensemble(Direct(), seen, hole)
+        four = tiny(fill_flips=4).fill_ensemble(Direct(), seen, hole)
+        views = [tiny().fill(Direct(), seen.flip(d), hole.flip(d)).flip(d) for d in ((-1,), (-2,), (-2, -1))]
+    known = ~hole.bool().expand_as(image)
+    assert torch.equal(four[known], seen[known])
+    assert torch.allclose(four, seen + hole * (one + sum(views)) / 4, atol=1e-6)
 
 
 def test_tiled_equals_untiled():

@@ -11,7 +11,9 @@ with PatchMatch, then copies the *high-frequency* part of the matched known pixe
 the hole (patch aggregation, so neighbouring queries copy coherent texture). The search
 runs at a reduced "match" resolution over the hole's bounding box only; its NNF is
 upsampled into a full-resolution NNF and PSAL attends with it at full resolution, so the
-copied texture is real full-resolution texture of the same photo.
+copied texture is real full-resolution texture of the same photo. Before upsampling, the
+block NNF is made coherent (neighbouring blocks copy neighbouring blocks where that costs
+little match quality), so the copy comes in large seamless pieces, not a block patchwork.
 
 Known pixels are kept exactly by every stage (each composites with the input), so the
 seam is the input's own edge plus a fill that the refine stage learned to continue.
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from psal_cli.attention import PSAL, patchmatch, valid_key_centres
+from psal_cli.attention import PSAL, patch_distances, patchmatch, valid_key_centres
 from psal_cli.networks import register_model
 from psal_cli.networks.stages import Direct, LocalStage, conv_radius, pad_to_multiple
 
@@ -141,16 +143,19 @@ class PSALInpaint(nn.Module):
         attn_neighbors: int = 4
         attn_iterations: int = 3
         work_size: int = 512  # long side of the working resolution (larger photos are reduced, then detailed)
+        fill_flips: int = 4  # self-ensemble at inference: mean fill over 1, 2 (+ mirrored) or 4 (+ flipped) views
         detail: bool = True  # full-resolution PSAL detail transfer
-        detail_gain: float = 1.0  # how much of the copied high-frequency texture is added
-        detail_ramp: float = 3.0  # σ in pixels (× reduction) of the fade-in of texture from the seam; 0 = none
-        detail_sigma: float = 1.5  # low-pass that separates what the network paints from what is copied (× reduction)
+        detail_gain: float = 1.7  # gain on the copied band: > 1 since a σ = 0.7 high-pass keeps only part of the fine contrast
+        detail_ramp: float = 1.0  # σ in pixels (× reduction) of the fade-in of texture from the seam; 0 = none
+        detail_sigma: float = 0.7  # low-pass that separates what the network paints from what is copied (× reduction)
         detail_match_size: int = 128  # long side of the hole box, in blocks, at which PatchMatch searches
         detail_patch: int = 3  # patch side of the search, in blocks (odd, ≥ 3)
         detail_iterations: int = 3
         detail_search: int = 512  # keys: the hole box grown by this many full-resolution pixels
         detail_temperature: float = 1e-5  # ≈ hard choice of the best patch vote: averaging votes would blur the copy
         detail_energy_weight: float = 2.0  # weight of the texture-energy channel in the match features
+        detail_coherence: float = 3.0  # price of a seam between blocks copied from unrelated places (× median match distance)
+        detail_coherence_sweeps: int = 8
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -177,14 +182,29 @@ class PSALInpaint(nn.Module):
         if factor < 1:
             size = (max(4, round(H * factor)), max(4, round(W * factor)))
             small = ex.whole(lambda x, m: _reduce(x, m, size), image, mask)  # (B, 4, h, w)
-            fill = self.fill(ex, small[:, :3], small[:, 3:])
+            fill = self.fill_ensemble(ex, small[:, :3], small[:, 3:])
             fill = ex.whole(lambda f: F.interpolate(f, size=(H, W), mode="bicubic", align_corners=False).clamp(0, 1), fill)
             out = image + mask * fill
         else:
-            out = self.fill(ex, image, mask)
+            out = self.fill_ensemble(ex, image, mask)
         if self.config.detail:
             out = ex.whole(self.add_detail, out, mask)
         return out
+
+    def fill_ensemble(self, ex, image: Tensor, mask: Tensor) -> Tensor:
+        """`fill`, averaged over mirror images of the input (`fill_flips` views).
+
+        The network's guesses for a hole differ a little with its orientation; their mean
+        is closer to the truth on average (a lower hole error) at the price of one network
+        run per view at working size. Composited, so known pixels stay exact.
+        """
+        views = ((), (-1,), (-2,), (-2, -1))[: max(1, self.config.fill_flips)]
+        total = None
+        for dims in views:
+            flip = (lambda t, d=dims: t.flip(d)) if dims else (lambda t: t)
+            out = ex.whole(flip, self.fill(ex, ex.whole(flip, image), ex.whole(flip, mask)))
+            total = out if total is None else ex.whole(torch.add, total, out)
+        return ex.whole(lambda t, x, m: x + m * (t / len(views)), total, image, mask)
 
     def fill(self, ex, image: Tensor, mask: Tensor) -> Tensor:
         """The learned coarse-to-fine fill at working size; composited, so known pixels stay exact.
@@ -235,8 +255,10 @@ class PSALInpaint(nn.Module):
         known pixels only, so nothing of the hole leaks into them). PatchMatch runs on f×f
         block averages of the hole box (long side ≤ detail_match_size blocks), against keys
         in the box grown by detail_search pixels, with every block near the hole
-        forbidden; its NNF, upsampled (each query pixel copies from the same place within
-        its matched block), drives PSAL's patch aggregation at full resolution.
+        forbidden; `coherent_nnf` then grows regions of blocks copied from one place (block
+        edges inside a region are no seams); the NNF, upsampled (each query pixel copies
+        from the same place within its matched block), drives PSAL's patch aggregation at
+        full resolution.
         """
         c = self.config
         H, W = fill.shape[-2:]
@@ -278,6 +300,9 @@ class PSALInpaint(nn.Module):
         fk = torch.cat([F.avg_pool2d(k, f), w * ek], 1)  # (B, 4, hk, wk)
         nnf = patchmatch(fq, fk, patch_size=c.detail_patch, neighbors=1,
                          iterations=c.detail_iterations, key_mask=forbid).indices  # (B, hq, wq, 1)
+        if c.detail_coherence > 0:
+            valid = valid_key_centres(fk.shape, c.detail_patch, forbid)
+            nnf = coherent_nnf(fq, fk, nnf[..., 0], valid, c.detail_patch, c.detail_coherence, c.detail_coherence_sweeps)[..., None]
         by, bx = nnf // wk, nnf % wk
         oy = torch.arange(hq * f, device=fill.device).view(1, -1, 1, 1) % f  # (1, hq·f, 1, 1)
         ox = torch.arange(wq * f, device=fill.device).view(1, 1, -1, 1) % f  # (1, 1, wq·f, 1)
@@ -291,6 +316,48 @@ class PSALInpaint(nn.Module):
         ramp = c.detail_ramp * sigma / c.detail_sigma
         weight = (2 * gaussian_blur(mask, ramp) - 1).clamp(0, 1) * mask if ramp > 0 else mask
         return (fill + c.detail_gain * weight * detail).clamp(0, 1)
+
+
+_STEPS = tuple((s * dy, s * dx) for s in (1, 2, 4, 8) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)))
+
+
+def coherent_nnf(query: Tensor, key: Tensor, nnf: Tensor, valid: Tensor, patch: int, price: float, sweeps: int) -> Tensor:
+    """Let neighbouring query blocks copy from neighbouring key blocks where that costs little match quality.
+
+    PatchMatch on smooth block features picks, for each block, any of many near-equal
+    sources, so the copied texture is a patchwork whose every block edge is a seam.
+    Iterated conditional modes on a Potts prior (as the coherence term of Image
+    Analogies): each block may take the source of a block 1, 2, 4 or 8 blocks away,
+    shifted by that step, paying its extra patch distance but saving `price` × (median
+    match distance) per such block it becomes coherent with. The far steps let a large
+    coherent region absorb small ones, where nearest-neighbour ICM would freeze in a
+    patchwork of 2×2-block regions. Red-black sweeps, so every update lowers the total
+    cost (the far steps pair blocks of one colour too, a near-monotone approximation).
+    nnf (B, hq, wq) flat key indices → the same, with coherent regions grown.
+    """
+    B, hq, wq = nnf.shape
+    hk, wk = key.shape[-2:]
+    dist = patch_distances(query, key, nnf[..., None], patch)  # (B, hq, wq, 1)
+    scale = price * dist.flatten(1).median(1).values.clamp(min=1e-12).view(B, 1, 1, 1)
+    ys = torch.arange(hq, device=nnf.device).view(1, -1, 1)
+    xs = torch.arange(wq, device=nnf.device).view(1, 1, -1)
+    colour = (ys + xs) % 2  # (1, hq, wq)
+    for t in range(2 * sweeps):
+        proposals = []
+        for dy, dx in _STEPS:  # the block at (y + dy, x + dx) copies from s; this one would copy from s − (dy, dx)
+            n = torch.roll(nnf, (-dy, -dx), (1, 2))
+            sy, sx = n // wk - dy, n % wk - dx
+            inside = (ys + dy >= 0) & (ys + dy < hq) & (xs + dx >= 0) & (xs + dx < wq) & (sy >= 0) & (sy < hk) & (sx >= 0) & (sx < wk)
+            at = torch.where(inside, sy * wk + sx, nnf)
+            ok = inside & valid.flatten(1).gather(1, at.flatten(1)).view_as(at)
+            proposals.append(torch.where(ok, at, -1))
+        proposals = torch.stack(proposals, -1)  # (B, hq, wq, S), −1 = none
+        cand = torch.cat([nnf[..., None], torch.where(proposals >= 0, proposals, nnf[..., None])], -1)  # (B, hq, wq, 1 + S)
+        agree = (cand[..., :, None] == proposals[..., None, :]).sum(-1)  # neighbours each candidate is coherent with
+        cost = patch_distances(query, key, cand, patch) - scale * agree
+        best = cand.gather(-1, cost.argmin(-1, keepdim=True))[..., 0]
+        nnf = torch.where(colour == t % 2, best, nnf)
+    return nnf
 
 
 _NEIGHBOURS = torch.tensor([[0.0, 0.25, 0.0], [0.25, 0.0, 0.25], [0.0, 0.25, 0.0]]).view(1, 1, 3, 3)
