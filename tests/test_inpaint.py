@@ -197,3 +197,11 @@ def test_train_writes_and_resumes(tmp_path):
     model, info = load_model(out, task="inpaint")
     assert info.training["steps"] == 3 and info.architecture == "psal-inpaint"
     assert isinstance(model(image=torch.zeros(1, 3, 32, 32), mask=box_hole(32, 32, 8, 20, 8, 20)), torch.Tensor)
+
+
+def test_separable_ssim_equals_metrics_ssim():
+    from psal_cli.metrics import ssim
+
+    a = photo(40, 52) * 255
+    b = (a + 20 * torch.rand(a.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 255)
+    assert task.separable_ssim(a, b) == pytest.approx(ssim(a, b), abs=1e-12)
