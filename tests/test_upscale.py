@@ -195,3 +195,14 @@ def test_banded_inference_attention_equals_the_training_formula(exact_keys: int)
         indices = nnf.indices if nnf is not None else nearest_patches(q, k, 3, 4, attention.grid_keys)
         whole = feat + attention.gamma * attention.out(attention.psal.attend(q, k, v, indices))
     assert torch.allclose(banded, whole, atol=1e-5)
+
+
+def test_nearest_patches_in_small_chunks_equal_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grid search and its refinement run in query chunks (bounded memory): same result."""
+    from psal_cli.networks import upscale
+
+    torch.manual_seed(4)
+    q, k = torch.randn(2, 4, 30, 27), torch.randn(2, 4, 30, 27)
+    whole = nearest_patches(q, k, patch_size=3, neighbors=4, grid_keys=100)  # stride 3
+    monkeypatch.setattr(upscale, "_CHUNK_ELEMENTS", 5000)
+    assert torch.equal(nearest_patches(q, k, patch_size=3, neighbors=4, grid_keys=100), whole)

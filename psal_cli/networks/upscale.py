@@ -100,17 +100,25 @@ def nearest_patches(q: Tensor, k: Tensor, patch_size: int, neighbors: int, grid_
                        for a in range(0, H * W, step)], 1)  # (B, N, k)
     if stride == 1:
         return found.view(B, H, W, neighbors)
-    # Refine: every valid position within s // 2 of a match, each counted once.
+    # Refine: every valid position within s // 2 of a match, each counted once; in chunks of
+    # queries, as the candidates' patches (N, m, C·p²) would not fit at once.
     d = torch.arange(-(stride // 2), stride // 2 + 1, device=q.device)
-    y = (found // W)[..., None] + d.repeat_interleave(d.numel())  # (B, N, k, (2ρ+1)²)
-    x = (found % W)[..., None] + d.repeat(d.numel())
-    inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
-    cand = torch.where(inside, y * W + x, found[..., None]).flatten(2).sort(-1).values  # (B, N, m)
-    rows = cand + (torch.arange(B, device=q.device) * H * W)[:, None, None]
-    keys = F.embedding(rows, kp.transpose(1, 2).reshape(B * H * W, -1))  # (B, N, m, C·p²)
-    dist = bias.view(-1)[rows] - 2 * (keys @ qp[..., None])[..., 0]  # (B, N, m)
-    dist[..., 1:].masked_fill_(cand[..., 1:] == cand[..., :-1], float("inf"))
-    return cand.gather(-1, dist.topk(neighbors, -1, largest=False).indices).view(B, H, W, neighbors)
+    dy, dx = d.repeat_interleave(d.numel()), d.repeat(d.numel())
+    keys = kp.transpose(1, 2).reshape(B * H * W, -1)  # (B·N, C·p²)
+    base = (torch.arange(B, device=q.device) * H * W)[:, None, None]
+    m = neighbors * d.numel() ** 2
+    step = max(1, _CHUNK_ELEMENTS // (B * m * keys.shape[1]))
+    out = torch.empty_like(found)
+    for a in range(0, H * W, step):
+        near = found[:, a : a + step]  # (B, n, k)
+        y, x = (near // W)[..., None] + dy, (near % W)[..., None] + dx  # (B, n, k, (2ρ+1)²)
+        inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        cand = torch.where(inside, y * W + x, near[..., None]).flatten(2).sort(-1).values  # (B, n, m)
+        rows = cand + base
+        dist = bias.view(-1)[rows] - 2 * (F.embedding(rows, keys) @ qp[:, a : a + step, :, None])[..., 0]  # (B, n, m)
+        dist[..., 1:].masked_fill_(cand[..., 1:] == cand[..., :-1], float("inf"))
+        out[:, a : a + step] = cand.gather(-1, dist.topk(neighbors, -1, largest=False).indices)
+    return out.view(B, H, W, neighbors)
 
 
 class Attention(nn.Module):
