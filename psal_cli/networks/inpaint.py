@@ -145,7 +145,7 @@ class PSALInpaint(nn.Module):
         work_size: int = 512  # long side of the working resolution (larger photos are reduced, then detailed)
         fill_flips: int = 4  # self-ensemble at inference: mean fill over 1, 2 (+ mirrored) or 4 (+ flipped) views
         detail: bool = True  # full-resolution PSAL detail transfer
-        detail_gain: float = 1.7  # gain on the copied band: > 1 since a σ = 0.7 high-pass keeps only part of the fine contrast
+        detail_gain: float = 1.7  # gain on the copied band at native size (→ 1 on reduced photos, see transfer_detail)
         detail_ramp: float = 1.0  # σ in pixels (× reduction) of the fade-in of texture from the seam; 0 = none
         detail_sigma: float = 0.7  # low-pass that separates what the network paints from what is copied (× reduction)
         detail_match_size: int = 128  # long side of the hole box, in blocks, at which PatchMatch searches
@@ -315,7 +315,11 @@ class PSALInpaint(nn.Module):
         # costs more accuracy than it adds; deep inside a large hole it is what makes it look real.
         ramp = c.detail_ramp * sigma / c.detail_sigma
         weight = (2 * gaussian_blur(mask, ramp) - 1).clamp(0, 1) * mask if ramp > 0 else mask
-        return (fill + c.detail_gain * weight * detail).clamp(0, 1)
+        # The gain makes up for the fine contrast that a narrow (σ < 1 px) high-pass leaves out
+        # at native size; on a reduced photo the band is wide and holds all the texture that the
+        # upsampled fill lacks, so the gain goes to 1 with the reduction.
+        gain = 1 + (c.detail_gain - 1) * c.detail_sigma / sigma
+        return (fill + gain * weight * detail).clamp(0, 1)
 
 
 _STEPS = tuple((s * dy, s * dx) for s in (1, 2, 4, 8) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)))
