@@ -14,7 +14,7 @@ from PIL import Image
 
 from psal_cli.attention import exact_knn, patch_distances
 from psal_cli.modelfile import read_info, save_model
-from psal_cli.networks.upscale import PSALUpscale, nearest_patches
+from psal_cli.networks.upscale import PSALUpscale
 from psal_cli.tasks import upscale as task
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -52,26 +52,17 @@ def test_stage_radii_bound_the_receptive_field() -> None:
         assert xs.min() >= (15 - r) * scale and xs.max() < (16 + r) * scale
 
 
-def test_nearest_patches_match_brute_force() -> None:
-    torch.manual_seed(1)
-    q, k = torch.randn(2, 5, 11, 9), torch.randn(2, 5, 11, 9)
-    ours = nearest_patches(q, k, patch_size=3, neighbors=4, grid_keys=99)
-    assert torch.equal(ours, exact_knn(q, k, patch_size=3, neighbors=4).indices)
-
-
-def test_grid_search_finds_nearly_the_exact_neighbours() -> None:
-    """Above grid_keys the search is approximate: on smooth features it still finds
-    almost every exact nearest patch, and k distinct valid ones."""
-    torch.manual_seed(0)
-    k = torch.nn.functional.avg_pool2d(torch.randn(1, 8, 44, 44), 5, 1)  # (1, 8, 40, 40), smooth
-    q = k + 0.1 * torch.randn_like(k)
-    exact = exact_knn(q, k, patch_size=3, neighbors=4)
-    found = nearest_patches(q, k, patch_size=3, neighbors=4, grid_keys=400)  # stride 2
-    assert (found[..., 0] == exact.indices[..., 0]).float().mean() > 0.95
-    assert patch_distances(q, k, found, 3).mean() < 1.02 * exact.distances.mean()
-    assert (found.sort(-1).values.diff(dim=-1) > 0).all()
-    y, x = found // 40, found % 40
-    assert ((y >= 1) & (y <= 38) & (x >= 1) & (x <= 38)).all()
+def test_attention_uses_exact_neighbours_on_small_maps_and_patchmatch_above() -> None:
+    model = tiny(2, exact_keys=12 * 12)
+    for side, exact in [(12, True), (13, False)]:
+        torch.manual_seed(0)
+        feat = torch.randn(1, 8, side, side)
+        with torch.no_grad():
+            model.attention(feat)
+            q, k = model.attention.query(feat), model.attention.key(feat)
+        found, truth = model.attention.psal.last_nnf, exact_knn(q, k, patch_size=3, neighbors=4)
+        assert torch.equal(found.indices, truth.indices) == exact
+        assert torch.allclose(found.distances, patch_distances(q, k, found.indices, 3), atol=1e-5)
 
 
 def test_gradient_reaches_attention_inputs() -> None:
@@ -189,20 +180,8 @@ def test_banded_inference_attention_equals_the_training_formula(exact_keys: int)
     torch.manual_seed(0)
     with torch.no_grad():
         banded = attention(feat)
-    nnf = attention.psal.last_nnf if exact_keys == 0 else None
+    indices = attention.psal.last_nnf.indices
     q, k, v = attention.query(feat), attention.key(feat), attention.value(feat)
     with torch.no_grad():
-        indices = nnf.indices if nnf is not None else nearest_patches(q, k, 3, 4, attention.grid_keys)
         whole = feat + attention.gamma * attention.out(attention.psal.attend(q, k, v, indices))
     assert torch.allclose(banded, whole, atol=1e-5)
-
-
-def test_nearest_patches_in_small_chunks_equal_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The grid search and its refinement run in query chunks (bounded memory): same result."""
-    from psal_cli.networks import upscale
-
-    torch.manual_seed(4)
-    q, k = torch.randn(2, 4, 30, 27), torch.randn(2, 4, 30, 27)
-    whole = nearest_patches(q, k, patch_size=3, neighbors=4, grid_keys=100)  # stride 3
-    monkeypatch.setattr(upscale, "_CHUNK_ELEMENTS", 5000)
-    assert torch.equal(nearest_patches(q, k, patch_size=3, neighbors=4, grid_keys=100), whole)
