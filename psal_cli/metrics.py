@@ -26,22 +26,23 @@ def psnr(a: Tensor, b: Tensor, data_range: float = 1.0) -> float:
 
 
 def ssim(a: Tensor, b: Tensor, data_range: float = 255.0) -> float:
-    """Mean SSIM (Wang et al. 2004): 11×11 Gaussian window σ = 1.5, K1 = 0.01, K2 = 0.03, per channel."""
+    """Mean SSIM (Wang et al. 2004): 11×11 Gaussian window σ = 1.5, K1 = 0.01, K2 = 0.03, per channel.
+
+    The Gaussian window is separable: two 1-D passes give the 2-D window's value to
+    float64 rounding at 1/5 of the cost (SSIM was most of an inpaint evaluation's time).
+    """
     a, b = a.double(), b.double()
-    coords = torch.arange(11, dtype=torch.float64) - 5
-    g = torch.exp(-(coords**2) / (2 * 1.5**2))
-    g = g / g.sum()
-    channels = a.shape[1]
-    window = (g[:, None] * g[None, :]).expand(channels, 1, 11, 11).to(a.device)
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    g = (g / g.sum()).to(a.device)
+    C = a.shape[1]
+    rows, cols = g.view(1, 1, 1, 11).expand(C, 1, 1, 11), g.view(1, 1, 11, 1).expand(C, 1, 11, 1)
 
     def blur(x: Tensor) -> Tensor:
-        return F.conv2d(x, window, groups=channels)  # "valid": no padding artefacts
+        return F.conv2d(F.conv2d(x, rows, groups=C), cols, groups=C)  # "valid": no padding artefacts
 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
+    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return s.mean().item()
 

@@ -199,9 +199,19 @@ def test_train_writes_and_resumes(tmp_path):
     assert isinstance(model(image=torch.zeros(1, 3, 32, 32), mask=box_hole(32, 32, 8, 20, 8, 20)), torch.Tensor)
 
 
-def test_separable_ssim_equals_metrics_ssim():
+def test_ssim_equals_the_2d_window_formula():
+    """metrics.ssim blurs with two 1-D passes; the 2-D 11×11 Gaussian window is the definition."""
     from psal_cli.metrics import ssim
 
     a = photo(40, 52) * 255
     b = (a + 20 * torch.rand(a.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 255)
-    assert task.separable_ssim(a, b) == pytest.approx(ssim(a, b), abs=1e-12)
+    a, b = a.double(), b.double()
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / 4.5)
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :]).expand(3, 1, 11, 11)
+    blur = lambda x: torch.nn.functional.conv2d(x, window, groups=3)
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
+    c1, c2 = 2.55**2, 7.65**2
+    truth = (((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))).mean().item()
+    assert ssim(a, b) == pytest.approx(truth, abs=1e-12) and 0 < truth < 0.99

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from psal_cli.color import rgb_to_luma
-from psal_cli.metrics import psnr, to_uint8_levels
+from psal_cli.metrics import psnr, ssim, to_uint8_levels
 from psal_cli.networks.stages import Direct
 from psal_cli.training import IMAGE_SUFFIXES, TrainOptions, fit, load_photos, random_crop
 
@@ -188,33 +188,11 @@ def sharpness_ratio(image: Tensor, hole: Tensor) -> float:
     return (inner / outer.clamp(min=1e-12)).item()
 
 
-def separable_ssim(a: Tensor, b: Tensor, data_range: float = 255.0) -> float:
-    """`psal_cli.metrics.ssim` (11×11 Gaussian window σ = 1.5, valid, float64) as two 1-D passes.
-
-    The same value to float64 rounding; the 2-D window made SSIM most of the evaluation's
-    time (three methods per photo).
-    """
-    a, b = a.double(), b.double()
-    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
-    g = (g / g.sum()).to(a.device)
-    C = a.shape[1]
-    rows, cols = g.view(1, 1, 1, 11).expand(C, 1, 1, 11), g.view(1, 1, 11, 1).expand(C, 1, 11, 1)
-
-    def blur(x: Tensor) -> Tensor:
-        return F.conv2d(F.conv2d(x, rows, groups=C), cols, groups=C)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s.mean().item()
-
-
 def inpaint_metrics(out: Tensor, truth: Tensor, hole: Tensor) -> dict[str, float]:
     """PSNR (dB) and SSIM over the whole RGB image (8-bit levels), MAE (0–255) inside the hole, sharpness ratio."""
     out = to_uint8_levels(out)
     mae = ((out - truth).abs() * hole).sum() / (3 * hole.sum())
-    return {"psnr": psnr(out, truth), "ssim": separable_ssim(out * 255, truth * 255, data_range=255.0),
+    return {"psnr": psnr(out, truth), "ssim": ssim(out * 255, truth * 255, data_range=255.0),
             "mae": 255 * mae.item(), "sharpness": sharpness_ratio(out, hole)}
 
 
