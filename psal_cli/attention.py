@@ -181,14 +181,16 @@ def _search_tables(maps: _Maps, valid: Tensor, patch_size: int) -> tuple[Tensor,
     """The principal axes of the patch space, and every key patch projected on them.
 
     Returns the query projection (p²·C, D) and bias (D,) for patches flattened as
-    (pixel, channel) rows, the key table z_k (B·Hk·Wk + 1, D) and the key norms |z_k|²
+    (pixel, channel) rows (times s, below), the key table z_k / s (B·Hk·Wk + 1, D) and the key norms |z_k|²
     (B·Hk·Wk + 1,), so that |z_q − z_k|² = |z_q|² − 2·z_q·z_k + |z_k|². Invalid key centres
     and the extra last row (the "no candidate" sentinel) have an infinite norm: any
     candidate there loses. The axes come from ~1k patches of each map, one set for the
     whole batch (batch elements thus nudge each other's search, never its exact distances).
     Query projections are made per chunk (`_Search.query_rows`); the key table is filled in
     bands of rows and stored in float16 (norms in float32): the search holds 2·D + 4 bytes
-    per key and no full-map temporaries. The table only ranks candidates, and the final
+    per key and no full-map temporaries. It holds z_k / s for a power of two s near the
+    patches' spread, so any feature scale stays in float16's range (the query side is
+    multiplied by s instead). The table only ranks candidates, and the final
     re-ranking is exact, so its rounding (~1e-3 of a patch's norm) cost no measurable
     recall (benchmarks/attention.py: 0.869 vs 0.877 at 128², same distance ratio 1.017).
     """
@@ -208,6 +210,8 @@ def _search_tables(maps: _Maps, valid: Tensor, patch_size: int) -> tuple[Tensor,
     device = maps.q.device
     basis = axes[:, -dims:].T.float().to(device)  # (D, C·p²), (channel, pixel) order
     weight, bias = basis.view(dims, C, p, p), -(basis @ mean.to(device))
+    spread = math.sqrt(float(variance[-1]) / x.shape[0])
+    scale = 2.0 ** math.ceil(math.log2(spread)) if spread > 0 else 1.0
 
     B, Hk, Wk = maps.B, maps.Hk, maps.Wk
     table = torch.zeros(B * Hk * Wk + 1, dims, device=device, dtype=torch.float16)
@@ -218,12 +222,12 @@ def _search_tables(maps: _Maps, valid: Tensor, patch_size: int) -> tuple[Tensor,
         for y0 in range(r, Hk - r, band):
             y1 = min(Hk - r, y0 + band)
             z = F.conv2d(keys[b : b + 1, :, y0 - r : y1 + r].float(), weight, bias)[0].permute(1, 2, 0)  # (rows, Wk − 2r, D)
-            grid[b, y0:y1, r : Wk - r] = z
+            grid[b, y0:y1, r : Wk - r] = z / scale
             grid_norm[b, y0:y1, r : Wk - r] = z.square().sum(-1)
     norm[:-1].masked_fill_(~valid.flatten(), math.inf)
     norm[-1] = math.inf
     projection = basis.view(dims, C, p * p).transpose(1, 2).reshape(dims, -1).T.contiguous()  # (p²·C, D)
-    return projection, bias, table, norm
+    return projection * scale, bias * scale, table, norm
 
 
 class _Search:

@@ -276,3 +276,14 @@ def test_channels_last_maps_give_the_same_nnf() -> None:
     plain = patchmatch(query, key, generator=seeded())
     cl = patchmatch(query.contiguous(memory_format=torch.channels_last), key.contiguous(memory_format=torch.channels_last), generator=seeded())
     assert torch.equal(plain.indices, cl.indices) and torch.allclose(plain.distances, cl.distances)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e5])
+def test_search_is_invariant_to_the_feature_scale(scale: float) -> None:
+    """The float16 search table is scaled to the features: tiny or huge maps match alike."""
+    query, key = features(crop("chelsea"), 8)[..., :40, :], features(crop("astronaut"), 8)
+    plain = patchmatch(query, key, generator=seeded())
+    scaled = patchmatch(query * scale, key * scale, generator=seeded())
+    same = scaled.indices == plain.indices
+    assert same.float().mean() > 0.98
+    assert torch.allclose(scaled.distances[same] / scale**2, plain.distances[same], rtol=1e-3, atol=1e-5)
