@@ -37,6 +37,7 @@ class Options:
     tile_overlap: int | None = None  # context around a tile; None = the stage's receptive radius (exact)
     half: bool = False  # float16 on CUDA/MPS; ignored on CPU
     seed: int = 0
+    views: int = 1  # geometric self-ensemble: mean output over 1, 2, 4 or 8 flips/transposes (`VIEWS`)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -142,6 +143,25 @@ class Tiled:
         return out
 
 
+# The dihedral views of an image as (transpose, flip height, flip width), in the order used:
+# the first 2 and 4 are mirror images, all 8 add the transposes (90° rotations).
+VIEWS = ((False, False, False), (False, False, True), (False, True, False), (False, True, True),
+         (True, False, False), (True, False, True), (True, True, False), (True, True, True))
+
+
+def view(x: Tensor, which: int, undo: bool = False) -> Tensor:
+    """`x` seen in dihedral view `which` (`VIEWS`), or brought back from it with `undo`."""
+    transpose, flip_h, flip_w = VIEWS[which]
+    if transpose and not undo:
+        x = x.transpose(-1, -2)
+    dims = [d for d, flip in ((-2, flip_h), (-1, flip_w)) if flip]
+    if dims:
+        x = x.flip(dims)
+    if transpose and undo:
+        x = x.transpose(-1, -2)
+    return x
+
+
 def run_network(
     model: nn.Module,
     inputs: dict[str, Tensor],
@@ -151,7 +171,12 @@ def run_network(
     """Run `model.run` on host-memory inputs with tiling; returns the output on the CPU, float32.
 
     The same seed, device and inputs give the same output (PSAL's random search draws
-    from the global generator, seeded here for every call).
+    from the global generator, seeded here for every call). With `options.views` > 1 the
+    output is the mean over that many mirrored/transposed copies of the inputs, each
+    brought back (EDSR's self-ensemble): a network's errors differ between views and
+    partly cancel, for `views`× the time. Only for networks whose output should follow
+    such a transform: upscaling, not stochastic texture (inpaint's copied detail would
+    average out into blur).
     """
     options = options or Options()
     device = resolve_device(options.device)
@@ -160,9 +185,15 @@ def run_network(
     tile = auto_tile(device) if options.tile is None else options.tile
     if tile < 0:
         raise ValueError(f"tile must be >= 0 (0 = whole image), got {tile}")
-    torch.manual_seed(options.seed)
+    if options.views not in (1, 2, 4, 8):
+        raise ValueError(f"views must be 1, 2, 4 or 8, got {options.views}")
     model = model.to(device).eval()
     executor = Tiled(device, tile, options.tile_overlap, options.half, on_tile)
+    total = None
     with torch.inference_mode():
-        out = model.run(executor, **{name: x.float().cpu() for name, x in inputs.items()})
-    return out.float().cpu()
+        for which in range(options.views):
+            torch.manual_seed(options.seed)
+            out = model.run(executor, **{name: view(x.float().cpu(), which) for name, x in inputs.items()})
+            out = view(out.float().cpu(), which, undo=True)
+            total = out if total is None else total.add_(out)
+    return total / options.views if options.views > 1 else total

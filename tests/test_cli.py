@@ -151,6 +151,14 @@ def test_quiet_run_with_device_options_prints_nothing() -> None:
     assert result.stdout == "" and result.stderr == "" and Image.open("out.png").size == (40, 24)
 
 
+def test_upscale_ensemble_averages_views() -> None:
+    make_image("in.png")
+    psal("upscale", "in.png", "--scale", "2", "-o", "plain.png")
+    psal("upscale", "in.png", "--scale", "2", "--ensemble", "-o", "ensemble.png")
+    a, b = pixels("plain.png"), pixels("ensemble.png")
+    assert a.shape == b.shape == (24, 40, 3) and not np.array_equal(a, b)
+
+
 def test_seed_makes_runs_repeatable() -> None:
     make_image("in.png")
     psal("upscale", "in.png", "--scale", "2", "--seed", "3", "-o", "a.png")

@@ -153,6 +153,64 @@ def test_same_seed_same_output() -> None:
     assert torch.equal(a, b)
 
 
+def _dihedral_mean(fn, x: Tensor) -> Tensor:
+    """Mean of g⁻¹(fn(g(x))) over the 8 rotations and mirrored rotations g, by rot90."""
+    total = torch.zeros_like(fn(x))
+    for mirror in (False, True):
+        for k in range(4):
+            g = x.flip(-1) if mirror else x
+            y = torch.rot90(fn(torch.rot90(g, k, (-2, -1))), -k, (-2, -1))
+            total += y.flip(-1) if mirror else y
+    return total / 8
+
+
+class OneStage(nn.Module):
+    """A network of one local stage (convolutions: their output follows no flip by itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage = Convs(3, 3, depth=2)
+
+    def run(self, ex, image: Tensor) -> Tensor:
+        return ex.local(self.stage, image)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.stage(image)
+
+
+def test_self_ensemble_is_the_mean_over_the_eight_views() -> None:
+    torch.manual_seed(0)
+    net = OneStage().eval()
+    image = torch.rand(1, 3, 21, 34)
+    with torch.no_grad():
+        truth = _dihedral_mean(net, image)
+        plain = net(image)
+    for tile in (0, 16):
+        got = run_network(net, {"image": image}, Options(device="cpu", tile=tile, views=8))
+        torch.testing.assert_close(got, truth, atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # a random network is no more symmetric than that
+    two = run_network(net, {"image": image}, Options(device="cpu", tile=0, views=2))
+    with torch.no_grad():
+        torch.testing.assert_close(two, (plain + net(image.flip(-1)).flip(-1)) / 2, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="views must be 1, 2, 4 or 8"):
+        run_network(net, {"image": image}, Options(device="cpu", views=3))
+
+
+def test_self_ensemble_of_a_symmetric_network_changes_nothing() -> None:
+    """A network with mirror- and rotation-symmetric kernels gives the same output in every view."""
+    net = OneStage().eval()
+    with torch.no_grad():
+        for conv in net.stage.body:
+            if isinstance(conv, nn.Conv2d):
+                w = conv.weight
+                views = [w, w.transpose(-1, -2)]
+                views += [v.flip(dims) for v in views for dims in ((-1,), (-2,), (-2, -1))]
+                w.copy_(sum(views) / 8)
+    image = torch.rand(1, 3, 19, 26)
+    plain = run_network(net, {"image": image}, Options(device="cpu"))
+    torch.testing.assert_close(run_network(net, {"image": image}, Options(device="cpu", views=8)), plain, atol=1e-5, rtol=1e-5)
+
+
 TINY_NETWORKS = {
     "upscale-x3": ("psal-upscale", dict(scale=3, channels=8, blocks_before=1, blocks_after=1, qk_channels=4)),
     "colorize": ("psal-colorize", dict(encoder_width=8, qk_channels=4, feat_channels=2, decoder_width=8, dilations=[1, 2])),

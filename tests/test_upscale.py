@@ -133,6 +133,25 @@ def test_evaluate_protocol(tmp_path: Path) -> None:
     json.dumps(report)
 
 
+def test_evaluate_with_self_ensemble_records_beside_the_plain_figures(tmp_path: Path) -> None:
+    from psal_cli.modelfile import save_model, write_metrics
+
+    data = tmp_path / "set"
+    data.mkdir()
+    Image.open(EXAMPLES / "chelsea.png").convert("RGB").crop((0, 0, 48, 36)).save(data / "chelsea.png")
+    path = tmp_path / "x3.safetensors"
+    save_model(tiny(3), path)
+    plain = task.evaluate(data, 3, path)
+    write_metrics(path, {"set": task.metrics_for_file(plain)})
+    both = task.evaluate(data, 3, path, ensemble=True)
+    assert both["ensemble"] and "self-ensemble" in task.format_report(both)
+    assert both["images"][0]["psnr"] != plain["images"][0]["psnr"]
+    assert both["baselines"] == plain["baselines"]
+    figures = task.metrics_for_file(both)
+    assert figures["psnr"] == round(plain["mean"]["psnr"], 3)  # kept
+    assert figures["ensemble_psnr"] == round(both["mean"]["psnr"], 3)
+
+
 def test_evaluate_refuses_another_scale(tmp_path: Path) -> None:
     Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
     with pytest.raises(ValueError, match="×2, not ×4"):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from psal_cli.engine import Options, run_network
 from psal_cli.metrics import psnr, rgb_to_y, shave, ssim, to_uint8_levels
 from psal_cli.training import IMAGE_SUFFIXES, TrainOptions, fit, load_photos, random_crop
 
@@ -65,11 +66,13 @@ def l1_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return F.l1_loss(model(image=batch["image"]), batch["target"])
 
 
-def upscale_tensor(model: nn.Module, lr: Tensor, seed: int = 0) -> Tensor:
-    """The model on one LR image (1, 3, h, w), untiled (tiling changes nothing but memory)."""
-    torch.manual_seed(seed)  # PatchMatch's random init: reproducible figures
-    with torch.no_grad():
-        return model(image=lr.to(next(model.parameters()).device)).cpu()
+def upscale_tensor(model: nn.Module, lr: Tensor, seed: int = 0, views: int = 1) -> Tensor:
+    """The model on one LR image (1, 3, h, w) through the engine, untiled (tiling changes nothing but memory).
+
+    `seed` seeds PatchMatch's random init (reproducible figures); `views` is the engine's self-ensemble.
+    """
+    options = Options(device=str(next(model.parameters()).device), tile=0, seed=seed, views=views)
+    return run_network(model, {"image": lr}, options)
 
 
 def _image_files(folder: Path, limit: int | None) -> list[Path]:
@@ -87,12 +90,14 @@ def evaluate(
     limit: int | None = None,
     device: str = "cpu",
     seed: int = 0,
+    ensemble: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """The super-resolution protocol on every image of `data`; bicubic and Lanczos alongside.
 
     `model` is a model file (default: the shipped weights/upscale-x<scale>) or a network;
-    `seed` seeds PatchMatch on maps too large for the matrix-product search.
+    `seed` seeds PatchMatch on maps too large for the matrix-product search; `ensemble`
+    averages the 8 flipped/transposed views (the engine's self-ensemble, `psal upscale --ensemble`).
     Returns {"task", "scale", "data", "model", "images": [{name, psnr, ssim, bicubic_psnr, ...}],
     "mean": {psnr, ssim}, "baselines": {bicubic: {psnr, ssim}, lanczos: {...}}, "seconds"}.
     """
@@ -111,7 +116,7 @@ def evaluate(
         hr_image, lr_image = degrade(Image.open(path).convert("RGB"), scale)
         hr = to_float(hr_image)
         row = {"name": path.stem}
-        row["psnr"], row["ssim"] = y_metrics(upscale_tensor(model, to_float(lr_image), seed), hr, scale)
+        row["psnr"], row["ssim"] = y_metrics(upscale_tensor(model, to_float(lr_image), seed, 8 if ensemble else 1), hr, scale)
         for base, method in BASELINES.items():
             up = to_float(lr_image.resize(hr_image.size, method))
             row[f"{base}_psnr"], row[f"{base}_ssim"] = y_metrics(up, hr, scale)
@@ -127,6 +132,7 @@ def evaluate(
         "scale": scale,
         "data": str(data),
         "model": name,
+        "ensemble": ensemble,
         "images": rows,
         "mean": {"psnr": mean("psnr"), "ssim": mean("ssim")},
         "baselines": {b: {"psnr": mean(f"{b}_psnr"), "ssim": mean(f"{b}_ssim")} for b in BASELINES},
@@ -135,16 +141,28 @@ def evaluate(
 
 
 def metrics_for_file(report: dict) -> dict[str, float]:
-    """The mean figures of a report as a model file records them (`psal eval --save-metrics`)."""
-    b = report["baselines"]
-    return {"psnr": round(report["mean"]["psnr"], 3), "ssim": round(report["mean"]["ssim"], 4),
-            **{f"{name}_{m}": round(b[name][m], 3 if m == "psnr" else 4) for name in b for m in ("psnr", "ssim")}}
+    """The mean figures of a report as a model file records them (`psal eval --save-metrics`).
+
+    Added to what the file holds for the data set: a self-ensemble run records
+    ensemble_psnr/ensemble_ssim beside the plain figures instead of replacing them.
+    """
+    from psal_cli.modelfile import read_info
+
+    kept = {}
+    if Path(report["model"]).is_file():
+        kept = read_info(report["model"]).metrics.get(Path(report["data"]).name, {})
+    m, b = report["mean"], report["baselines"]
+    if report.get("ensemble"):
+        return {**kept, "ensemble_psnr": round(m["psnr"], 3), "ensemble_ssim": round(m["ssim"], 4)}
+    return {**kept, "psnr": round(m["psnr"], 3), "ssim": round(m["ssim"], 4),
+            **{f"{name}_{k}": round(b[name][k], 3 if k == "psnr" else 4) for name in b for k in ("psnr", "ssim")}}
 
 
 def format_report(report: dict) -> str:
     """A per-image table (Y PSNR dB / SSIM) with the mean, model beside bicubic and Lanczos."""
     head = f"{'image':<20} {'model':>15} {'bicubic':>15} {'lanczos':>15}"
-    lines = [f"×{report['scale']} on {report['data']} ({report['model']}), Y-channel PSNR dB / SSIM",
+    how = ", self-ensemble of 8 views" if report.get("ensemble") else ""
+    lines = [f"×{report['scale']} on {report['data']} ({report['model']}{how}), Y-channel PSNR dB / SSIM",
              head, "-" * len(head)]
 
     def cell(psnr_: float, ssim_: float) -> str:
