@@ -146,7 +146,7 @@ class PSALInpaint(nn.Module):
         fill_flips: int = 4  # self-ensemble at inference: mean fill over 1, 2 (+ mirrored) or 4 (+ flipped) views
         detail: bool = True  # full-resolution PSAL detail transfer
         detail_gain: float = 1.7  # gain on the copied band at native size (→ 1 on reduced photos, see transfer_detail)
-        detail_ramp: float = 1.0  # σ in pixels (× reduction) of the fade-in of texture from the seam; 0 = none
+        detail_ramp: float = 1.0  # σ in full-resolution pixels of the fade-in of texture from the seam; 0 = none
         detail_sigma: float = 0.7  # low-pass that separates what the network paints from what is copied (× reduction)
         detail_match_size: int = 128  # long side of the hole box, in blocks, at which PatchMatch searches
         detail_patch: int = 3  # patch side of the search, in blocks (odd, ≥ 3)
@@ -313,8 +313,10 @@ class PSALInpaint(nn.Module):
         # Fade the copied texture in from the seam over ~detail_ramp pixels: next to known pixels
         # the network's fill is already informed (thin scratches), and uncorrelated texture there
         # costs more accuracy than it adds; deep inside a large hole it is what makes it look real.
-        ramp = c.detail_ramp * sigma / c.detail_sigma
-        weight = (2 * gaussian_blur(mask, ramp) - 1).clamp(0, 1) * mask if ramp > 0 else mask
+        # The ramp stays this narrow on a reduced photo: its fill holds none of the copied band
+        # even next to the seam, and a ramp widened with the reduction showed as a blurred strip
+        # along the hole's edge (12 MP: 8 px wide).
+        weight = (2 * gaussian_blur(mask, c.detail_ramp) - 1).clamp(0, 1) * mask if c.detail_ramp > 0 else mask
         # The gain makes up for the fine contrast that a narrow (σ < 1 px) high-pass leaves out
         # at native size; on a reduced photo the band is wide and holds all the texture that the
         # upsampled fill lacks, so the gain goes to 1 with the reduction.
