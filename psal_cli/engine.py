@@ -21,7 +21,7 @@ from typing import Callable, ContextManager
 import torch
 from torch import Tensor, nn
 
-from psal_cli.networks.stages import LocalStage
+from psal_cli.networks.stages import LocalStage, view
 
 log = logging.getLogger("psal")
 
@@ -37,7 +37,7 @@ class Options:
     tile_overlap: int | None = None  # context around a tile; None = the stage's receptive radius (exact)
     half: bool = False  # float16 on CUDA/MPS; ignored on CPU
     seed: int = 0
-    views: int = 1  # geometric self-ensemble: mean output over 1, 2, 4 or 8 flips/transposes (`VIEWS`)
+    views: int = 1  # geometric self-ensemble: mean output over 1, 2, 4 or 8 flips/transposes (stages.VIEWS)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -143,25 +143,6 @@ class Tiled:
         return out
 
 
-# The dihedral views of an image as (transpose, flip height, flip width), in the order used:
-# the first 2 and 4 are mirror images, all 8 add the transposes (90° rotations).
-VIEWS = ((False, False, False), (False, False, True), (False, True, False), (False, True, True),
-         (True, False, False), (True, False, True), (True, True, False), (True, True, True))
-
-
-def view(x: Tensor, which: int, undo: bool = False) -> Tensor:
-    """`x` seen in dihedral view `which` (`VIEWS`), or brought back from it with `undo`."""
-    transpose, flip_h, flip_w = VIEWS[which]
-    if transpose and not undo:
-        x = x.transpose(-1, -2)
-    dims = [d for d, flip in ((-2, flip_h), (-1, flip_w)) if flip]
-    if dims:
-        x = x.flip(dims)
-    if transpose and undo:
-        x = x.transpose(-1, -2)
-    return x
-
-
 def run_network(
     model: nn.Module,
     inputs: dict[str, Tensor],
@@ -185,7 +166,7 @@ def run_network(
     tile = auto_tile(device) if options.tile is None else options.tile
     if tile < 0:
         raise ValueError(f"tile must be >= 0 (0 = whole image), got {tile}")
-    if options.views not in (1, 2, 4, 8):
+    if options.views not in (1, 2, 4, 8):  # the first 2 and 4 views are mirror images, 8 adds transposes
         raise ValueError(f"views must be 1, 2, 4 or 8, got {options.views}")
     model = model.to(device).eval()
     executor = Tiled(device, tile, options.tile_overlap, options.half, on_tile)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from fractions import Fraction
 
 import torch
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from psal_cli.attention import PSAL, patch_distances, patchmatch, valid_key_centres
 from psal_cli.networks import register_model
-from psal_cli.networks.stages import Direct, LocalStage, conv_radius, pad_to_multiple
+from psal_cli.networks.stages import VIEWS, Direct, LocalStage, conv_radius, pad_to_multiple, view
 
 
 class GatedBlock(nn.Module):
@@ -143,7 +144,7 @@ class PSALInpaint(nn.Module):
         attn_neighbors: int = 4
         attn_iterations: int = 3
         work_size: int = 512  # long side of the working resolution (larger photos are reduced, then detailed)
-        fill_flips: int = 4  # self-ensemble at inference: mean fill over 1, 2 (+ mirrored) or 4 (+ flipped) views
+        fill_flips: int = 4  # self-ensemble at inference: mean fill over the first 1–8 views of stages.VIEWS
         detail: bool = True  # full-resolution PSAL detail transfer
         detail_gain: float = 1.7  # gain on the copied band at native size (→ 1 on reduced photos, see transfer_detail)
         detail_ramp: float = 1.0  # σ in full-resolution pixels of the fade-in of texture from the seam; 0 = none
@@ -198,13 +199,13 @@ class PSALInpaint(nn.Module):
         is closer to the truth on average (a lower hole error) at the price of one network
         run per view at working size. Composited, so known pixels stay exact.
         """
-        views = ((), (-1,), (-2,), (-2, -1))[: max(1, self.config.fill_flips)]
+        views = min(len(VIEWS), max(1, self.config.fill_flips))
         total = None
-        for dims in views:
-            flip = (lambda t, d=dims: t.flip(d)) if dims else (lambda t: t)
-            out = ex.whole(flip, self.fill(ex, ex.whole(flip, image), ex.whole(flip, mask)))
+        for which in range(views):
+            seen, back = partial(view, which=which), partial(view, which=which, undo=True)
+            out = ex.whole(back, self.fill(ex, ex.whole(seen, image), ex.whole(seen, mask)))
             total = out if total is None else ex.whole(torch.add, total, out)
-        return ex.whole(lambda t, x, m: x + m * (t / len(views)), total, image, mask)
+        return ex.whole(lambda t, x, m: x + m * (t / views), total, image, mask)
 
     def fill(self, ex, image: Tensor, mask: Tensor) -> Tensor:
         """The learned coarse-to-fine fill at working size; composited, so known pixels stay exact.

@@ -57,6 +57,27 @@ def conv_radius(*modules: nn.Module) -> int:
     return radius
 
 
+# The dihedral views of an image as (transpose, flip height, flip width), in the order used:
+# the first 2 and 4 are mirror images, all 8 add the transposes (90° rotations). Averaging
+# a network's outputs over views (a self-ensemble) cancels part of its errors: the engine
+# does it for any network (`Options.views`), the inpaint network for its fill.
+VIEWS = ((False, False, False), (False, False, True), (False, True, False), (False, True, True),
+         (True, False, False), (True, False, True), (True, True, False), (True, True, True))
+
+
+def view(x: Tensor, which: int, undo: bool = False) -> Tensor:
+    """`x` seen in dihedral view `which` (`VIEWS`), or brought back from it with `undo`."""
+    transpose, flip_h, flip_w = VIEWS[which]
+    if transpose and not undo:
+        x = x.transpose(-1, -2)
+    dims = [d for d, flip in ((-2, flip_h), (-1, flip_w)) if flip]
+    if dims:
+        x = x.flip(dims)
+    if transpose and undo:
+        x = x.transpose(-1, -2)
+    return x
+
+
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     """Replicate-pad bottom/right so H and W divide `multiple` (crop the result back)."""
     h, w = x.shape[-2:]
