@@ -18,7 +18,8 @@ from typing import BinaryIO, Literal
 
 from PIL import Image
 
-from psal_cli.imageio import FORMATS, ImageError, encode_image, format_for, read_image, write_image
+from psal_cli.imageio import (FORMATS, ImageError, encode_image, format_for, output_format, read_image,
+                              write_image)
 
 log = logging.getLogger("psal")
 STDIO = "-"
@@ -137,7 +138,7 @@ def plan_outputs(items: list[Item], output: str | None, *, batch: bool, suffix: 
             if item.source is None and out is None:
                 item.output = None
                 continue
-            name = f"{item.rel.stem}{sfx}{ext or item.rel.suffix or '.png'}"
+            name = f"{item.rel.stem}{sfx}{ext or _output_ext(item.rel)}"
             item.output = (out / item.rel.parent if out else item.source.parent) / name
     seen: dict[Path, Item] = {}
     for item in items:
@@ -148,6 +149,12 @@ def plan_outputs(items: list[Item], output: str | None, *, batch: bool, suffix: 
             raise UsageError(f"{seen[key].name} and {item.name} would both be written to {item.output}")
         seen[key] = item
     return items
+
+
+def _output_ext(rel: Path) -> str:
+    """The input's extension if psal writes it, else .png: decided here, so a GIF or PPM input
+    never fails at the write after the network has run."""
+    return rel.suffix if rel.suffix.lower() in FORMATS else ".png"
 
 
 def normalise_ext(ext: str | None) -> str | None:
@@ -257,7 +264,7 @@ def run_batch(
                 if not overwrite:
                     raise ImageError(f"{out}: already exists (use --overwrite or --skip-existing)")
             image = read_image(item.source) if item.source else read_image(stdin.read(), STDIO)
-            fmt = stdout_format or image.format or "PNG"
+            fmt = stdout_format or output_format(image.format)
             name_input = _NameInput(item.name)
             log.addFilter(name_input)
             try:

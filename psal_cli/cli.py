@@ -71,8 +71,8 @@ COMMON: list[tuple[str, Any, Any]] = [
         help="Added to each output file name's stem. Default: none with -o DIR, else _<command>ed.")],
      None),
     ("ext", Annotated[str | None, _opt(
-        "--ext", panel=BATCH, help="Output format for -o DIR or -o - (png, jpg, webp, tif, bmp). "
-        "Default: the input's.")], None),
+        "--ext", panel=BATCH, help="Output format for -o DIR or standard output (png, jpg, webp, tif, "
+        "bmp). Default: the input's (PNG for a format psal cannot write).")], None),
     ("overwrite", Annotated[bool, _opt(
         "--overwrite", panel=BATCH, help="Replace existing outputs (inputs are never replaced).")],
      False),
@@ -275,9 +275,8 @@ def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
         torch.set_num_threads(c.threads)
     options = Options(device=c.device, tile=c.tile, tile_overlap=c.tile_overlap, half=c.half,
                       seed=c.seed)
-    stdout_format = None
-    if c.output == batch.STDIO and c.ext:
-        stdout_format = batch.FORMATS[batch.normalise_ext(c.ext)]
+    # --ext names every output that goes to standard output (-o -, or - in without -o).
+    stdout_format = batch.FORMATS[batch.normalise_ext(c.ext)] if c.ext else None
     with Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
         process = body(Session(task, c, options, reporter.tile))
         for result in batch.run_batch(

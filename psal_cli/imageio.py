@@ -36,7 +36,6 @@ FORMATS = {
     ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP",
     ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP",
 }
-EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp"}
 _LOSSY = {"JPEG", "WEBP"}
 _SIXTEEN = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 # Modes each output format can hold; others are converted (with a warning if alpha is lost).
@@ -260,8 +259,20 @@ def _icc_fits(icc: bytes, mode: str) -> bool:
     return space == (b"GRAY" if mode in ("L", "LA", "I;16") else b"RGB ")
 
 
+def output_format(fmt: str | None) -> str:
+    """The format to write an image read as `fmt` back in (standard output follows the input).
+
+    Itself when psal writes it; JPEG for MPO (phone cameras' JPEGs with a preview open as
+    MPO); else PNG, which holds every mode losslessly (GIF, PPM, ... or unknown).
+    """
+    fmt = "JPEG" if fmt == "MPO" else fmt
+    return fmt if fmt in _WRITABLE else "PNG"
+
+
 def encode_image(img: Image.Image, fmt: str, *, quality: int | None = None, name: str = "") -> bytes:
-    """Encode to bytes in `fmt` (a key of EXTENSIONS), keeping ICC and EXIF where possible."""
+    """Encode to bytes in `fmt` (a key of _WRITABLE), keeping ICC and EXIF where possible."""
+    if fmt not in _WRITABLE:
+        raise ImageError(f"{name}: cannot write {fmt} (known: {', '.join(sorted(_WRITABLE))})")
     img = _fit_mode(img, fmt, name)
     params: dict[str, object] = {}
     icc = img.info.get("icc_profile")

@@ -187,6 +187,24 @@ def test_stdin_to_stdout_in_process() -> None:
     assert Image.open(io.BytesIO(result.stdout_bytes)).format == "WEBP"  # logs went to stderr
 
 
+@pytest.mark.parametrize("fmt, written", [("MPO", "JPEG"), ("GIF", "PNG"), ("PPM", "PNG")])
+def test_stdout_of_a_format_psal_cannot_write(fmt: str, written: str) -> None:
+    """Phone JPEGs open as MPO; GIF and PPM are read but not written: stdout gets JPEG or PNG."""
+    a, b = Image.new("RGB", (10, 6), "red"), Image.new("RGB", (10, 6), "blue")
+    buf = io.BytesIO()
+    a.save(buf, fmt, **({"save_all": True, "append_images": [b]} if fmt == "MPO" else {}))
+    assert Image.open(io.BytesIO(buf.getvalue())).format == fmt
+    result = psal("upscale", "-", "--scale", "2", "-o", "-", input=buf.getvalue())
+    out = Image.open(io.BytesIO(result.stdout_bytes))
+    assert (out.format, out.size) == (written, (20, 12))
+
+
+def test_ext_applies_to_stdout_without_o() -> None:
+    data = make_image("in.png").read_bytes()
+    result = psal("upscale", "-", "--scale", "2", "--ext", "jpg", input=data)
+    assert Image.open(io.BytesIO(result.stdout_bytes)).format == "JPEG"
+
+
 def test_pipeline_of_real_processes() -> None:
     """cat a.png | psal upscale - --scale 2 -o - | psal colorize - --reference r.png -o out.png"""
     data = make_image("a.png", "L").read_bytes()
@@ -231,6 +249,17 @@ def test_batch_naming_glob_suffix_ext_quality() -> None:
     assert sorted(p.name for p in Path("out").iterdir()) == ["a_x2.jpg", "b_x2.jpg"]
     psal("upscale", "pics/a.png", "--scale", "2")  # no -o: beside the input
     assert Path("pics/a_upscaled.png").exists()
+
+
+def test_input_format_psal_cannot_write_gets_png() -> None:
+    make_image("a.gif")
+    make_image("b.ppm", seed=1)
+    psal("upscale", "a.gif", "--scale", "2")
+    assert Image.open("a_upscaled.png").size == (40, 24)
+    psal("upscale", "a.gif", "b.ppm", "--scale", "2", "-o", "out")
+    assert sorted(p.name for p in Path("out").iterdir()) == ["a.png", "b.png"]
+    result = psal("upscale", "a.gif", "--scale", "2", "-o", "a.gif.out.gif", code=2)
+    assert "unknown image extension '.gif'" in result.stderr  # refused before any work
 
 
 def test_masks_and_references_matched_by_stem() -> None:

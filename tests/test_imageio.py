@@ -139,3 +139,10 @@ def test_atomic_write_never_replaces_without_overwrite(tmp_path: Path) -> None:
 def test_unwritable_folder_is_named(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match=r"nope/out.png: cannot write \(No such file or directory\)"):
         write_image(Image.new("RGB", (2, 2)), tmp_path / "nope" / "out.png")
+
+
+def test_encoding_a_format_psal_cannot_write() -> None:
+    with pytest.raises(ImageError, match="x.gif: cannot write GIF"):
+        imageio.encode_image(Image.new("RGB", (2, 2)), "GIF", name="x.gif")
+    assert [imageio.output_format(f) for f in ("MPO", "GIF", "PPM", None, "WEBP")] == \
+        ["JPEG", "PNG", "PNG", "PNG", "WEBP"]
