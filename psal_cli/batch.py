@@ -184,11 +184,13 @@ class Companions:
             raise UsageError(f"{what} {spec}: no such file or folder")
         self.index: dict[Path, Path] = {}
         if spec.is_dir():
-            for p in sorted(spec.rglob("*"), reverse=True):  # reverse: shallowest wins below
+            # Shallowest first (then by path): for a stem found at several depths, the
+            # first one seen, the shallowest, is what an input matched by stem alone gets.
+            for p in sorted(spec.rglob("*"), key=lambda p: (len(p.parts), p)):
                 if p.is_file() and _is_image(p):
                     rel = p.relative_to(spec).with_suffix("")
                     self.index[rel] = p
-                    self.index[Path(rel.name)] = self.index.get(Path(rel.name), p)
+                    self.index.setdefault(Path(rel.name), p)
         self._cache: dict[Path, Image.Image] = {}
 
     def for_item(self, item: Item) -> Image.Image:

@@ -277,6 +277,20 @@ def test_masks_and_references_matched_by_stem() -> None:
     assert [p.name for p in Path("fill").iterdir()] == ["a.png"]
 
 
+def test_mask_matched_by_stem_alone_is_the_shallowest() -> None:
+    make_image("q/x.jpg")
+    for folder, box in (("masks/a", (slice(2, 6), slice(2, 6))), ("masks/z/b", (slice(6, 10), slice(12, 18)))):
+        mask = np.zeros((12, 20), np.uint8)
+        mask[box] = 255
+        Path(folder).mkdir(parents=True)
+        Image.fromarray(mask).save(f"{folder}/x.png")
+    psal("inpaint", "q/x.jpg", "--mask", "masks", "-o", "by_stem.png")
+    psal("inpaint", "q/x.jpg", "--mask", "masks/a/x.png", "-o", "shallow.png")
+    psal("inpaint", "q/x.jpg", "--mask", "masks/z/b/x.png", "-o", "deep.png")
+    assert np.array_equal(pixels("by_stem.png"), pixels("shallow.png"))
+    assert not np.array_equal(pixels("shallow.png"), pixels("deep.png"))
+
+
 def test_skip_existing_overwrite_and_never_the_input() -> None:
     make_image("in/a.png")
     make_image("in/b.png")
