@@ -20,6 +20,7 @@ Every problem with a file (missing, damaged, truncated, foreign, mismatched) rai
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -163,24 +164,33 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         raise ModelFileError(path, f"{not_st} (the header is not JSON)") from None
     if not isinstance(header, dict):
         raise ModelFileError(path, f"{not_st} (the header is not a JSON object)")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ModelFileError(path, "damaged: __metadata__ is not a map of strings")
     end = 0
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            start, stop = entry["data_offsets"]
-            count = 1
-            for d in entry["shape"]:
-                count *= d
-            nbytes = count * _DTYPE_BYTES[entry["dtype"]]
-        except (KeyError, TypeError, ValueError):
-            raise ModelFileError(path, f"damaged: bad header entry for tensor {name!r}") from None
-        if stop - start != nbytes or start < 0:
+        if not _valid_entry(entry):
+            raise ModelFileError(path, f"damaged: bad header entry for tensor {name!r}")
+        start, stop = entry["data_offsets"]
+        if stop - start != math.prod(entry["shape"]) * _DTYPE_BYTES[entry["dtype"]]:
             raise ModelFileError(path, f"damaged: tensor {name!r} has inconsistent offsets")
         end = max(end, stop)
     if 8 + n + end > size:
         raise ModelFileError(path, f"truncated: {size} bytes, the header promises {8 + n + end}")
     return header, size
+
+
+def _valid_entry(entry: Any) -> bool:
+    """A tensor entry of known dtype, a shape of sizes and two offsets start <= stop (all ints >= 0)."""
+
+    def sizes(values: Any, n: int | None = None) -> bool:  # JSON true/false are not sizes
+        return (isinstance(values, list) and (n is None or len(values) == n)
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values))
+
+    return (isinstance(entry, dict) and entry.get("dtype") in _DTYPE_BYTES and sizes(entry.get("shape"))
+            and sizes(entry.get("data_offsets"), 2) and entry["data_offsets"][0] <= entry["data_offsets"][1])
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -190,7 +200,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def _psal_metadata(path: Path, header: dict[str, Any]) -> dict[str, str]:
-    meta = header.get("__metadata__") or {}
+    meta = header.get("__metadata__", {})  # a map of strings: checked by _read_header
     if meta.get("format") != FORMAT:
         raise ModelFileError(path, "a safetensors file, but not a psal model (no psal metadata)")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -215,13 +225,7 @@ def read_info(path: str | os.PathLike[str]) -> ModelInfo:
             raise ModelFileError(path, f"damaged: metadata {key!r} is not a JSON object")
         return value
 
-    parameters = 0
-    for name, entry in header.items():
-        if name != "__metadata__":
-            count = 1
-            for d in entry["shape"]:
-                count *= d
-            parameters += count
+    parameters = sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
     return ModelInfo(
         path=path,
         architecture=meta.get("architecture", "?"),
@@ -249,7 +253,7 @@ def load_model(path: str | os.PathLike[str], *, task: str | None = None) -> tupl
     except KeyError:
         raise ModelFileError(path, f"unknown architecture {info.architecture!r}; "
                              "it may need a newer psal") from None
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - the config comes from the file: any failure to build is the file's
         raise ModelFileError(path, f"config does not fit architecture {info.architecture!r}: {e}") from None
     if model.task != info.task:
         raise ModelFileError(path, f"says task {info.task!r} but {info.architecture!r} is a {model.task} network")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,15 @@ from tiny_networks import TinyInpaint, TinyUpscale
 
 def _rewrite_metadata(src: Path, dst: Path, **changes: str) -> Path:
     """Copy a model file with some metadata values changed (weights untouched)."""
+    return _rewrite_header(src, dst, lambda header: header["__metadata__"].update(changes))
+
+
+def _rewrite_header(src: Path, dst: Path, change: Callable[[dict], object]) -> Path:
+    """Copy a model file with its JSON header changed in place by `change` (weights untouched)."""
     data = src.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
-    header["__metadata__"].update(changes)
+    change(header)
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     dst.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
@@ -114,6 +120,28 @@ def _bad_config(p: Path, d: Path) -> Path:
     return _rewrite_metadata(p, d / "c.safetensors", config=json.dumps({"depth": 9}))
 
 
+def _constructor_fails(p: Path, d: Path) -> Path:  # nn.Conv2d raises RuntimeError on -3 channels
+    return _rewrite_metadata(p, d / "k.safetensors", architecture="psal-upscale",
+                             config=json.dumps({"scale": 3, "channels": -3}))
+
+
+def _metadata_list(p: Path, d: Path) -> Path:
+    return _rewrite_header(p, d / "ml.safetensors", lambda h: h.update(__metadata__=["psal-model"]))
+
+
+def _metadata_not_strings(p: Path, d: Path) -> Path:  # config as a JSON object, not a JSON string
+    return _rewrite_header(p, d / "ms.safetensors", lambda h: h["__metadata__"].update(config={"scale": 3}))
+
+
+def _tensor_entry(**changes: object) -> Callable[[Path, Path], Path]:
+    def make(p: Path, d: Path) -> Path:
+        def change(header: dict) -> None:
+            entry = header["body.conv.weight"]  # (27, 3, 3, 3)
+            entry.update({k: v(entry[k]) for k, v in changes.items()})
+        return _rewrite_header(p, d / "o.safetensors", change)
+    return make
+
+
 def _future(p: Path, d: Path) -> Path:
     return _rewrite_metadata(p, d / "v.safetensors", format_version="99")
 
@@ -134,6 +162,14 @@ def _nan(p: Path, d: Path) -> Path:
     (_unknown_arch, "unknown architecture 'psal-teleport'"),
     (_mismatch, "weights do not match architecture 'test-tiny-upscale'"),
     (_bad_config, "config does not fit architecture"),
+    (_constructor_fails, "config does not fit architecture 'psal-upscale'"),
+    (_metadata_list, "damaged: __metadata__ is not a map of strings"),
+    (_metadata_not_strings, "damaged: __metadata__ is not a map of strings"),
+    (_tensor_entry(data_offsets=lambda o: [str(o[0]), str(o[1])]), "bad header entry"),
+    (_tensor_entry(data_offsets=lambda o: [o[1], o[0]]), "bad header entry"),
+    (_tensor_entry(data_offsets=lambda o: [o[0], o[1], 0]), "bad header entry"),
+    (_tensor_entry(shape=lambda s: [-d for d in s]), "bad header entry"),  # 4 dims: same size
+    (_tensor_entry(shape=lambda s: [float(d) for d in s]), "bad header entry"),
     (_future, "format version '99' is not supported"),
     (_nan, "NaN"),
 ])
