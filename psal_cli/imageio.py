@@ -4,20 +4,14 @@ Reading applies the EXIF orientation and normalises the many Pillow modes to a f
 families: gray (L, I;16) or colour (RGB), each with or without alpha. Tensors are float
 in [0, 1], shape (1, C, H, W), so 16-bit images keep their precision end to end.
 Writing goes back to the input's family (16-bit stays 16-bit where the format allows),
-carries the ICC profile and EXIF, and is atomic: a temporary file renamed into place,
-so an interrupted run never leaves a partial output behind.
+carries the ICC profile and EXIF, and is atomic (psal_cli.files): a temporary file renamed
+into place, so an interrupted run never leaves a partial output behind.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import os
-import signal
-import tempfile
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
+
+from psal_cli.files import WriteError, atomic_write
 
 log = logging.getLogger("psal")
 # Against decompression bombs Pillow warns above MAX_IMAGE_PIXELS (89 Mpixel) and refuses
@@ -50,75 +46,6 @@ _WRITABLE = {
 
 class ImageError(ValueError):
     """An image that cannot be read or written; the message says why in one line."""
-
-
-# -- files -------------------------------------------------------------------------------
-
-
-@contextmanager
-def atomic_write(path: Path, *, overwrite: bool = False) -> Iterator[BinaryIO]:
-    """Write to a hidden temporary file beside `path`, then move it into place.
-
-    On any exception (Ctrl-C and SIGTERM included) the temporary file is removed and
-    `path` is untouched: creating, committing and removing the temporary file happen
-    with those signals held back, so an interruption cannot fall between the steps.
-    Without `overwrite`, an existing `path` is never replaced, even if it appeared while
-    we were writing (the final step is an exclusive link).
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        with _signals_held():
-            try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".psal-tmp", dir=path.parent)
-            except OSError as e:
-                raise ImageError(f"{path}: cannot write ({e.strerror})") from None
-            f = os.fdopen(fd, "wb")
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        with _signals_held():
-            os.chmod(tmp, 0o666 & ~_umask())
-            _commit(tmp, path, overwrite)
-    finally:
-        with _signals_held():
-            if tmp and os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-def _commit(tmp: str, path: Path, overwrite: bool) -> None:
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    exists = ImageError(f"{path}: already exists (use --overwrite to replace it)")
-    try:
-        os.link(tmp, path)  # fails if path exists: no check-then-write race
-    except FileExistsError:
-        raise exists from None
-    except OSError:  # a file system without hard links
-        if path.exists():
-            raise exists from None
-        os.replace(tmp, path)
-
-
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back (main thread, POSIX) until the block is done."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def format_for(path: str | Path) -> str:
@@ -309,6 +236,9 @@ def write_image(
     """Write atomically; the format follows the extension; `quality` (1-100) for JPEG/WebP."""
     path = Path(path)
     data = encode_image(img, format_for(path), quality=quality, name=str(path))
-    with atomic_write(path, overwrite=overwrite) as f:
-        f.write(data)
+    try:
+        with atomic_write(path, overwrite=overwrite) as f:
+            f.write(data)
+    except WriteError as e:
+        raise ImageError(str(e)) from None
     return path

@@ -33,7 +33,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from psal_cli.imageio import atomic_write
+from psal_cli.files import WriteError, atomic_write
 from psal_cli.networks import create_model, model_config
 
 FORMAT = "psal-model"
@@ -118,11 +118,7 @@ def save_model(
         if half and t.is_floating_point():
             t = t.half()
         tensors[name] = t.contiguous().clone()  # clone: safetensors refuses shared storage
-    data = save_tensors(tensors, metadata=metadata)
-    path = Path(path)
-    with atomic_write(path, overwrite=True) as f:
-        f.write(data)
-    return path
+    return _write(Path(path), save_tensors(tensors, metadata=metadata))
 
 
 def write_metrics(path: str | os.PathLike[str], metrics: dict[str, Any]) -> Path:
@@ -134,9 +130,16 @@ def write_metrics(path: str | os.PathLike[str], metrics: dict[str, Any]) -> Path
     except SafetensorError as e:
         raise ModelFileError(path, f"damaged: {e}") from None
     meta["metrics"] = json.dumps(metrics)
-    data = save_tensors(tensors, metadata=meta)
-    with atomic_write(path, overwrite=True) as f:
-        f.write(data)
+    return _write(path, save_tensors(tensors, metadata=meta))
+
+
+def _write(path: Path, data: bytes) -> Path:
+    """Replace `path` atomically; a failure is a ModelFileError, like every other problem with the file."""
+    try:
+        with atomic_write(path, overwrite=True) as f:
+            f.write(data)
+    except WriteError as e:
+        raise ModelFileError(path, e.problem) from None
     return path
 
 

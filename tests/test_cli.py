@@ -22,7 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import make_image, psal_command, psal_env, run_psal, stray_files
-from psal_cli import imageio
+from psal_cli import files
 from psal_cli.cli import app
 from psal_cli.modelfile import save_model
 from psal_cli.networks import create_model
@@ -325,7 +325,7 @@ def test_interrupted_write_leaves_no_file(monkeypatch: pytest.MonkeyPatch) -> No
     def interrupted(fd: int) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(imageio.os, "fsync", interrupted)
+    monkeypatch.setattr(files.os, "fsync", interrupted)
     result = psal("upscale", "in.png", "--scale", "2", "-o", "out.png", code=130)
     assert "interrupted" in result.stderr
     assert sorted(p.name for p in Path(".").iterdir()) == ["in.png"]

@@ -1,4 +1,4 @@
-"""Image I/O: modes, 16-bit, EXIF orientation, ICC/EXIF carried, formats, atomic writes."""
+"""Image I/O: modes, 16-bit, EXIF orientation, ICC/EXIF carried, formats, failed writes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image, ImageCms
 
 from conftest import make_image, stray_files
 from psal_cli import imageio
-from psal_cli.imageio import ImageError, atomic_write, from_tensor, read_image, to_tensor, write_image
+from psal_cli.imageio import ImageError, from_tensor, read_image, to_tensor, write_image
 
 LOSSLESS = ["png", "tif"]
 
@@ -114,26 +114,6 @@ def test_truncated_image(tmp_path: Path) -> None:
 def test_unknown_output_extension(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="unknown image extension '.gif'"):
         write_image(Image.new("RGB", (2, 2)), tmp_path / "out.gif")
-
-
-def test_atomic_write_leaves_nothing_on_interrupt(tmp_path: Path) -> None:
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_write(tmp_path / "out.png") as f:
-            f.write(b"partial")
-            raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_write_never_replaces_without_overwrite(tmp_path: Path) -> None:
-    (tmp_path / "out.png").write_bytes(b"old")
-    with pytest.raises(ImageError, match="already exists"):
-        with atomic_write(tmp_path / "out.png") as f:
-            f.write(b"new")
-    assert (tmp_path / "out.png").read_bytes() == b"old"
-    with atomic_write(tmp_path / "out.png", overwrite=True) as f:
-        f.write(b"new")
-    assert (tmp_path / "out.png").read_bytes() == b"new"
-    assert not stray_files(tmp_path)
 
 
 def test_unwritable_folder_is_named(tmp_path: Path) -> None:

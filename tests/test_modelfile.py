@@ -66,6 +66,11 @@ def test_write_metrics_keeps_the_weights(saved: tuple[TinyUpscale, Path]) -> Non
     assert not stray_files(path.parent)
 
 
+def test_failed_write_is_a_model_file_error(tmp_path: Path, saved: tuple[TinyUpscale, Path]) -> None:
+    with pytest.raises(ModelFileError, match=r"nope/m.safetensors: cannot write \(No such file or directory\)"):
+        save_model(saved[0], tmp_path / "nope" / "m.safetensors")
+
+
 def test_half_storage_loads_as_float32(tmp_path: Path, saved: tuple[TinyUpscale, Path]) -> None:
     model, full = saved
     half = save_model(model, tmp_path / "h.safetensors", half=True)
