@@ -217,11 +217,19 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
     log.setLevel(logging.DEBUG if debug else logging.ERROR if quiet else logging.INFO)
 
 
+def _message(e: Exception) -> str:
+    """The one line a user sees for a failure: its message, or an internal error named as such."""
+    from psal_cli.modelfile import ModelFileError
+
+    if isinstance(e, (NoModel, ModelFileError, ValueError, OSError)):
+        return str(e)
+    return f"internal error: {type(e).__name__}: {e} (run with --debug for details)"
+
+
 def _run(task: str, c: Common, body: Callable[[Session], Callable[..., Any]]) -> int:
     """Run the batch and report: per-file lines, JSON summary; returns the exit status."""
     _setup_logging(c.quiet, c.debug)
     from psal_cli.batch import UsageError
-    from psal_cli.modelfile import ModelFileError
 
     results: list[Any] = []
     error, code = None, 0
@@ -235,9 +243,7 @@ def _run(task: str, c: Common, body: Callable[[Session], Callable[..., Any]]) ->
     except Exception as e:  # noqa: BLE001 - a user never sees a traceback without --debug
         if c.debug:
             raise
-        known = isinstance(e, (NoModel, ModelFileError, ValueError, OSError))
-        error, code = (str(e) if known else
-                       f"internal error: {type(e).__name__}: {e} (run with --debug for details)"), 1
+        error, code = _message(e), 1
     if error:
         log.error("%s", error)
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
@@ -398,7 +404,7 @@ def colorize(
 def upscale(
     session: Session,
     scale: Annotated[int | None, typer.Option(
-        "--scale", "-s", min=2, help="Enlargement factor; picks weights/upscale-x<scale>.safetensors. "
+        "--scale", "-s", min=2, max=4, help="Enlargement factor; picks weights/upscale-x<scale>.safetensors. "
         "[dim]\\[default: 4, or the --model's][/]")] = None,
     ensemble: Annotated[bool, typer.Option(
         "--ensemble", help="Average 8 flipped/rotated runs (self-ensemble): a little more accurate, 8× slower.")] = False,
@@ -440,8 +446,8 @@ def models(
         except ModelFileError as e:
             bad += 1
             rows.append({"file": str(path), "error": e.problem})
-    missing = [str(p) for p in (default_model_path(t.value, 4 if t == Task.upscale else None) for t in Task)
-               if not p.exists()]
+    defaults = [default_model_path(t.value, s) for t in Task for s in ((2, 3, 4) if t == Task.upscale else (None,))]
+    missing = [str(p) for p in defaults if not p.exists()]
     if json_summary:
         typer.echo(json.dumps({"models": rows, "not_installed": missing}, indent=2))
     else:
@@ -518,17 +524,19 @@ def _task_call(task: Task, function: str, given: dict[str, Any]) -> Any:
 
 
 @contextmanager
-def _reported() -> Iterator[None]:
-    """One line and exit status 1 for a failure, 130 for Ctrl-C (the last checkpoint stays)."""
-    from psal_cli.modelfile import ModelFileError
-
+def _reported(debug: bool) -> Iterator[None]:
+    """One line and exit status 1 for a failure (`debug`: the traceback), 130 for Ctrl-C (the last checkpoint stays)."""
     try:
         yield
     except KeyboardInterrupt:
         log.error("interrupted")
         raise typer.Exit(130) from None
-    except (ModelFileError, ValueError, OSError) as e:
-        log.error("%s", e)
+    except (typer.TyperException, typer.Exit, typer.Abort):
+        raise  # usage errors (BadParameter) and exit statuses: Typer reports them
+    except Exception as e:  # noqa: BLE001 - a user never sees a traceback without --debug
+        if debug:
+            raise
+        log.error("%s", _message(e))
         raise typer.Exit(1) from None
 
 
@@ -567,6 +575,7 @@ def train(
     attention: Annotated[bool | None, typer.Option(
         "--attention/--no-attention", help="upscale: --no-attention trains the ablation without the PSAL block.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug messages.")] = False,
 ) -> None:
     """Train a network on a folder of photos and write its model file.
 
@@ -579,16 +588,15 @@ def train(
 
       psal train inpaint --steps 200 -o /tmp/try.safetensors --device cuda
     """
-    _setup_logging(quiet=False, debug=False)
+    _setup_logging(quiet=False, debug=debug)
     _existing(data, "--data")
     _existing(init, "--init")
     if output.exists() and not overwrite and (init is None or init.resolve() != output.resolve()):
         raise typer.BadParameter(f"{output} exists (use --overwrite, or --init {output} to resume)",
                                  param_hint="--output")
-    output.parent.mkdir(parents=True, exist_ok=True)
     given = dict(data=data, out=output, scale=scale, init=init, steps=steps, batch=batch, patch=patch,
                  lr=lr, device=_device(device), seed=seed, attention=attention)
-    with _reported():
+    with _reported(debug):  # the output's folder is made when training starts (training.fit)
         _task_call(task, "train", given)
     log.info("wrote %s", output)
 
@@ -614,6 +622,7 @@ def evaluate(
     json_report: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
     save_metrics: Annotated[bool, typer.Option(
         "--save-metrics", help="Record the mean figures in the model file (shown by psal models).")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug messages.")] = False,
 ) -> None:
     """Measure a model with the task's published protocol, beside classical baselines.
 
@@ -631,14 +640,14 @@ def evaluate(
     """
     from psal_cli.modelfile import default_model_path, read_info, write_metrics
 
-    _setup_logging(quiet=json_report, debug=False)
+    _setup_logging(quiet=json_report, debug=debug)
     _existing(data, "--data")
     _existing(model, "--model")
     if save_metrics and model is None:
         model = default_model_path(task.value, scale or 4 if task == Task.upscale else None)
     given = dict(data=data, model=model, scale=scale, masks=masks, limit=limit, size=size, nearest=nearest,
                  ensemble=ensemble, device=_device(device), seed=seed)
-    with _reported():
+    with _reported(debug):
         report = _task_call(task, "evaluate", given)
         module = sys.modules[f"psal_cli.tasks.{task.value}"]
         typer.echo(json.dumps(report, indent=2, default=str) if json_report else module.format_report(report))

@@ -26,11 +26,20 @@ from psal_cli.imageio import from_tensor, is_gray, to_rgb, to_tensor
 
 log = logging.getLogger("psal")
 OnTile = Callable[[int, int], None]
+MIN_SIDE = 3  # PSAL matches 3×3 patches: a smaller image has none
+
+
+def _check_size(image: Image.Image, what: str = "image") -> None:
+    """A clear error for an image too small for any network, before the network fails inside."""
+    if min(image.size) < MIN_SIDE:
+        w, h = image.size
+        raise ValueError(f"{what} too small (at least {MIN_SIDE}×{MIN_SIDE} pixels, got {w}×{h})")
 
 
 def upscale(model: nn.Module, image: Image.Image, options: Options | None = None,
             on_tile: OnTile | None = None) -> Image.Image:
     """Enlarge by the model's scale; alpha is resized bicubically to the same size."""
+    _check_size(image)
     color, alpha = to_tensor(image)
     out = run_network(model, {"image": to_rgb(color)}, options or Options(), on_tile)
     if is_gray(image):
@@ -43,6 +52,8 @@ def upscale(model: nn.Module, image: Image.Image, options: Options | None = None
 def colorize(model: nn.Module, image: Image.Image, reference: Image.Image,
              options: Options | None = None, on_tile: OnTile | None = None) -> Image.Image:
     """Colour a gray image after a colour reference; a colour input is reduced to luminance first."""
+    _check_size(image)
+    _check_size(reference, "reference")
     color, alpha = to_tensor(image)
     gray = color if color.shape[1] == 1 else rgb_to_luma(color)
     ref = to_rgb(to_tensor(reference)[0])
@@ -87,6 +98,7 @@ def inpaint(model: nn.Module, image: Image.Image, hole: Tensor, options: Options
     An empty hole returns the image unchanged (with a warning); a hole covering every
     pixel is an error, since there is nothing to fill it from.
     """
+    _check_size(image)
     color, alpha = to_tensor(image)
     if hole.shape[-2:] != color.shape[-2:]:
         raise ValueError(f"hole is {hole.shape[-1]}x{hole.shape[-2]}, the image {image.width}x{image.height}")

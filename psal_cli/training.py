@@ -75,6 +75,7 @@ def fit(
     """
     from psal_cli.modelfile import save_model  # the file format lives with the CLI's model files
 
+    out.parent.mkdir(parents=True, exist_ok=True)  # only now: a run refused earlier leaves no folder
     device = torch.device(options.device)
     model.to(device).train()
     rng = random.Random(options.seed + done_steps)

@@ -359,6 +359,7 @@ def test_killed_batch_leaves_only_complete_files() -> None:
     (["upscale", "a.png", "--model", "nope.safetensors"], "--model nope.safetensors: no such file"),
     (["upscale", "a.png", "--device", "tpu"], "--device: unknown device 'tpu'"),
     (["upscale", "a.png", "--device", "cuda:7"], "--device: device 'cuda:7'"),
+    (["upscale", "a.png", "--scale", "5"], "less than or equal to 4"),
     (["upscale", "a.png", "--bogus"], "No such option"),
     (["colorize", "a.png"], "Missing option '--reference'"),
     (["colorize", "a.png", "--reference", "none.png"], "reference none.png: no such file"),
@@ -378,6 +379,16 @@ def test_non_image_input_and_debug_traceback() -> None:
     result = runner.invoke(app, ["upscale", "notes.png", "-o", "out.png", "--debug"])
     assert result.exit_code == 1 and "Traceback" in result.stderr
     assert not Path("out.png").exists()
+
+
+def test_images_too_small_for_a_patch() -> None:
+    make_image("tiny.png", size=(2, 5))
+    make_image("ok.png", size=(3, 3))
+    result = psal("upscale", "tiny.png", "ok.png", "--scale", "2", "-o", "out", code=1)
+    assert "error: tiny.png: image too small (at least 3×3 pixels, got 2×5)" in result.stderr
+    assert [p.name for p in Path("out").iterdir()] == ["ok.png"]
+    result = psal("colorize", "ok.png", "--reference", "tiny.png", "-o", "c.png", code=1)
+    assert "ok.png: reference too small (at least 3×3 pixels" in result.stderr
 
 
 def test_no_installed_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -430,11 +441,11 @@ def test_train_then_eval_records_metrics() -> None:
         make_image(f"photos/{i}.png", size=(40, 32), seed=i)
     common = ["--data", "photos", "--device", "cpu"]
     psal("train", "upscale", "--scale", "2", "--steps", "1", "--batch", "1", "--patch", "16",
-         "-o", "m.safetensors", *common)
-    psal("eval", "upscale", "--model", "m.safetensors", "--scale", "2", "--limit", "1",
+         "-o", "new/m.safetensors", *common)  # the folder is made when training starts
+    psal("eval", "upscale", "--model", "new/m.safetensors", "--scale", "2", "--limit", "1",
          "--save-metrics", *common)
-    rows = json.loads(psal("models", "m.safetensors", "--json").stdout)["models"]
-    (row,) = [r for r in rows if r["file"] == "m.safetensors"]
+    rows = json.loads(psal("models", "new/m.safetensors", "--json").stdout)["models"]
+    (row,) = [r for r in rows if r["file"] == "new/m.safetensors"]
     assert row["training"]["steps"] == 1 and set(row["metrics"]["photos"]) >= {"psnr", "ssim"}
 
 
@@ -448,6 +459,32 @@ def test_train_and_eval_usage_errors() -> None:
     assert "no such file" in psal("train", "upscale", "-o", "n.safetensors", "--data", "nope", code=2).stderr
     result = psal("eval", "upscale", "--model", "m.safetensors", "--data", "photos", code=1)
     assert "m.safetensors: not a safetensors model file" in result.stderr
+    Path("empty").mkdir()
+    result = psal("train", "upscale", "-o", "new/n.safetensors", "--data", "empty", code=1)
+    assert "no images found in empty" in result.stderr
+    psal("train", "colorize", "--scale", "2", "-o", "new/n.safetensors", "--data", "photos", code=2)
+    assert not Path("new").exists()  # a refused run leaves no folder behind
+
+
+def test_train_and_eval_internal_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
+
+    from psal_cli.tasks import upscale
+
+    def broken(fn):  # same signature (the CLI checks the options against it), raises
+        @functools.wraps(fn)
+        def call(**kwargs: object) -> None:
+            raise RuntimeError("boom")
+        return call
+
+    make_image("photos/a.png", size=(40, 32))
+    monkeypatch.setattr(upscale, "evaluate", broken(upscale.evaluate))
+    monkeypatch.setattr(upscale, "train", broken(upscale.train))
+    for command in (["eval", "upscale"], ["train", "upscale", "-o", "m.safetensors"]):
+        result = psal(*command, "--data", "photos", code=1)
+        assert result.stderr == "error: internal error: RuntimeError: boom (run with --debug for details)\n"
+        result = runner.invoke(app, [*command, "--data", "photos", "--debug"])
+        assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
 
 
 # -- models -----------------------------------------------------------------------------------
@@ -462,5 +499,6 @@ def test_models_lists_installed_and_given_files(weights: Path) -> None:
     assert rows["mine.safetensors"]["architecture"] == "test-tiny-inpaint"
     assert rows["mine.safetensors"]["metrics"] == {"psnr": 12.5}
     assert "not a safetensors model file" in rows["bad.safetensors"]["error"]
+    assert [Path(p).name for p in json.loads(result.stdout)["not_installed"]] == ["upscale-x3.safetensors"]
     table = psal("models").stdout
     assert "test-tiny-colorize" in table and "psnr=12.5" in table and "bad.safetensors" not in table
