@@ -1,4 +1,6 @@
-"""PSAL: the Patch-based Stochastic Attention Layer (Cherel et al., CVIU; see PSAL.md).
+"""PSAL: the Patch-based Stochastic Attention Layer (Cherel et al., CVIU).
+
+The method is summarised in ../shared/PSAL.md, beside this repository (not in it).
 
 Each query position attends to its k approximate nearest-neighbour *patches* among the
 keys, found by PatchMatch, instead of to all keys: memory is O(N·k) and attention stays

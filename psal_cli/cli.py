@@ -272,14 +272,18 @@ def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
     if any(i.source is None for i in items) and click.get_binary_stream("stdin").isatty():
         raise batch.UsageError("- reads an image from standard input, but it is a terminal; pipe one in")
     try:
-        resolve_device(c.device)
+        device = resolve_device(c.device)
     except ValueError as e:
         raise batch.UsageError(f"--device: {e}") from None
+    half = c.half
+    if half and device.type == "cpu":  # said once here, not by the engine for every image
+        log.warning("--half has no effect on the CPU: running in float32")
+        half = False
     if c.threads:
         import torch
 
         torch.set_num_threads(c.threads)
-    options = Options(device=c.device, tile=c.tile, tile_overlap=c.tile_overlap, half=c.half,
+    options = Options(device=c.device, tile=c.tile, tile_overlap=c.tile_overlap, half=half,
                       seed=c.seed)
     # --ext names every output that goes to standard output (-o -, or - in without -o).
     stdout_format = batch.FORMATS[batch.normalise_ext(c.ext)] if c.ext else None
@@ -367,8 +371,13 @@ def inpaint(
     model = session.load_model()
 
     def process(item: Any, image: Any) -> Any:
-        hole = edit.hole_mask(image, masks.for_item(item) if masks else None, invert=invert_mask,
-                              from_alpha=mask_from_alpha, dilate=dilate)
+        try:
+            hole = edit.hole_mask(image, masks.for_item(item) if masks else None, invert=invert_mask,
+                                  from_alpha=mask_from_alpha, dilate=dilate)
+        except ValueError as e:
+            if mask_from_alpha:  # the library's message, with the option it comes from
+                raise ValueError(f"--mask-from-alpha: {e}") from None
+            raise
         return edit.inpaint(model, image, hole, session.options, session.on_tile)
 
     return process

@@ -13,19 +13,17 @@ back gray, 16-bit stays 16-bit, ICC profile and EXIF are carried over.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from psal_cli.engine import Options, run_network
+from psal_cli.engine import OnTile, Options, run_network
 from psal_cli.color import rgb_to_luma
 from psal_cli.imageio import from_tensor, is_gray, to_rgb, to_tensor
 
 log = logging.getLogger("psal")
-OnTile = Callable[[int, int], None]
 MIN_SIDE = 3  # PSAL matches 3×3 patches: a smaller image has none
 
 
@@ -72,7 +70,7 @@ def hole_mask(image: Image.Image, mask: Image.Image | None = None, *, invert: bo
     if from_alpha:
         alpha = to_tensor(image)[1]
         if alpha is None:
-            raise ValueError("--mask-from-alpha: the image has no alpha channel")
+            raise ValueError("the image has no alpha channel to take the hole from")
         hole = alpha < 1
     else:
         if mask is None:

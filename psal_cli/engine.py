@@ -162,7 +162,7 @@ def run_network(
     options = options or Options()
     device = resolve_device(options.device)
     if options.half and device.type == "cpu":
-        log.warning("--half has no effect on the CPU: running in float32")
+        log.warning("half precision has no effect on the CPU: running in float32")
     tile = auto_tile(device) if options.tile is None else options.tile
     if tile < 0:
         raise ValueError(f"tile must be >= 0 (0 = whole image), got {tile}")

@@ -73,7 +73,7 @@ def fit(
     `sample(rng)` returns one batch (inputs and "target", on the CPU); `loss_fn(model, batch)`
     the scalar loss. `done_steps` counts earlier runs, so the metadata keeps the total.
     """
-    from psal_cli.modelfile import save_model  # the file format lives with the CLI's model files
+    from psal_cli.modelfile import save_model  # checkpoints are ordinary model files (psal_cli.modelfile)
 
     out.parent.mkdir(parents=True, exist_ok=True)  # only now: a run refused earlier leaves no folder
     device = torch.device(options.device)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -136,7 +137,11 @@ def test_inpaint_mask_problems() -> None:
     assert "error: in.png: the mask covers the whole image" in result.stderr
     assert not Path("x.png").exists()
     result = psal("inpaint", "in.png", "--mask-from-alpha", "-o", "x.png", code=1)
-    assert "no alpha channel" in result.stderr
+    assert "error: in.png: --mask-from-alpha: the image has no alpha channel" in result.stderr
+    from psal_cli import edit, imageio
+
+    with pytest.raises(ValueError, match="^the image has no alpha channel"):  # the library names no option
+        edit.hole_mask(imageio.read_image("in.png"), from_alpha=True)
     assert "--mask" in psal("inpaint", "in.png", "-o", "x.png", code=2).stderr
     Path("notes.png").write_text("not an image")
     result = psal("inpaint", "in.png", "--mask", "notes.png", "-o", "x.png", code=1)
@@ -149,6 +154,19 @@ def test_quiet_run_with_device_options_prints_nothing() -> None:
     result = psal("upscale", "in.png", "--scale", "2", "-o", "out.png", "--quiet", "--device", "cpu",
                   "--threads", "1", "--tile", "0", "--tile-overlap", "2", "--half")
     assert result.stdout == "" and result.stderr == "" and Image.open("out.png").size == (40, 24)
+
+
+def test_half_on_the_cpu_is_said_once_by_the_cli(caplog: pytest.LogCaptureFixture) -> None:
+    make_image("in/a.png")
+    make_image("in/b.png")
+    result = psal("upscale", "in", "--scale", "2", "-o", "out", "--half", "--device", "cpu")
+    assert result.stderr.count("warning: --half has no effect on the CPU") == 1
+    from psal_cli.engine import Options, run_network
+    from tiny_networks import TinyUpscale
+
+    model = TinyUpscale(TinyUpscale.Config())
+    run_network(model, {"image": torch.rand(1, 3, 4, 4)}, Options(device="cpu", half=True))
+    assert caplog.records[-1].getMessage() == "half precision has no effect on the CPU: running in float32"
 
 
 def test_upscale_ensemble_averages_views() -> None:
