@@ -93,7 +93,6 @@ class Tiled:
     ) -> None:
         self.device, self.tile, self.overlap, self.on_tile, self.storage = device, tile, overlap, on_tile, storage
         self.half = half and device.type in ("cuda", "mps")
-        self.tiles_done = 0
 
     def _precision(self) -> ContextManager:
         if self.half:
@@ -137,7 +136,6 @@ class Tiled:
                 out[..., int(y0 * scale) : int(y0 * scale) + oh, int(x0 * scale) : int(x0 * scale) + ow] = (
                     result[..., oy : oy + oh, ox : ox + ow].float().to(self.storage)
                 )
-                self.tiles_done += 1
                 if self.on_tile is not None:
                     self.on_tile(i * len(cols) + j + 1, total)
         return out

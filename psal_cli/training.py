@@ -1,7 +1,7 @@
 """The training loop shared by every network: sample a batch, step Adam, checkpoint, resume.
 
 Each task (psal_cli/tasks/) supplies what differs: how a batch is made from the photos
-and the loss. Checkpoints are ordinary model files (safetensors with metadata), so a
+and the loss. The photo helpers here (which files, as tensors) serve its evaluation too. Checkpoints are ordinary model files (safetensors with metadata), so a
 run resumes from any of them with `--init` and a shipped weights file is a checkpoint.
 """
 
@@ -19,7 +19,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+from psal_cli.imageio import FORMATS
+
+SHARED_TRAIN = "BSDS500 train+test (shared/data/train, 400 photos)"
 
 
 @dataclass
@@ -36,13 +38,30 @@ class TrainOptions:
     validate_every: int = 1000
 
 
-def load_photos(folder: Path, limit: int | None = None) -> list[Tensor]:
-    """Every photo of a folder as a (3, H, W) uint8 tensor, sorted by name (held in memory)."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+def image_files(folder: Path, limit: int | None = None) -> list[Path]:
+    """The images of a folder that psal reads (imageio.FORMATS), sorted by name; the first `limit`."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in FORMATS)
     if not files:
         raise ValueError(f"no images found in {folder}")
-    files = files[:limit] if limit else files
+    return files[:limit] if limit else files
+
+
+def load_photos(folder: Path, limit: int | None = None) -> list[Tensor]:
+    """Every photo of a folder as a (3, H, W) uint8 tensor, sorted by name (held in memory)."""
+    files = image_files(folder, limit)
     return [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).contiguous() for f in files]
+
+
+def to_float(image: Image.Image) -> Tensor:
+    """(1, 3, H, W) float in [0, 1] of an RGB Pillow image."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def data_description(data: Path, photos: int, limit: int | None = None) -> str:
+    """What a model file records as its training data: the shared set by name when `data` is
+    shared/data/train used whole, else the folder given and how many photos it gave."""
+    shared = Path(data).resolve().parts[-3:] == ("shared", "data", "train") and not limit
+    return SHARED_TRAIN if shared else f"{data} ({photos} photos)"
 
 
 def random_crop(photo: Tensor, size: int, rng: random.Random) -> Tensor:

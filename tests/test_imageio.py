@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from conftest import make_image, stray_files
+from conftest import make_image
 from psal_cli import imageio
 from psal_cli.imageio import ImageError, from_tensor, read_image, to_tensor, write_image
 

@@ -18,6 +18,7 @@ from psal_cli.networks import create_model
 from psal_cli.networks.inpaint import coherent_nnf
 from psal_cli.networks.stages import Direct
 from psal_cli.tasks import inpaint as task
+from psal_cli.training import to_float
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = dict(width=8, encoder_dilations=(1, 2), decoder_dilations=(1,), refine_width=4, attn_channels=4,
@@ -26,7 +27,7 @@ TINY = dict(width=8, encoder_dilations=(1, 2), decoder_dilations=(1,), refine_wi
 
 def photo(h: int, w: int) -> torch.Tensor:
     image = Image.open(EXAMPLES / "coffee.png").convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
-    return task.to_float(image)
+    return to_float(image)
 
 
 def box_hole(h: int, w: int, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:

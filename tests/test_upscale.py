@@ -16,6 +16,7 @@ from psal_cli.attention import exact_knn, patch_distances
 from psal_cli.modelfile import read_info, save_model
 from psal_cli.networks.upscale import PSALUpscale
 from psal_cli.tasks import upscale as task
+from psal_cli.training import to_float
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -122,7 +123,7 @@ def test_evaluate_protocol(tmp_path: Path) -> None:
         bicubic = np.array(lr.resize((48, 36), Image.Resampling.BICUBIC))
         assert row["bicubic_psnr"] == pytest.approx(_y_psnr_by_hand(bicubic, hr, 3), abs=1e-6)
         with torch.no_grad():
-            sr = model(image=task.to_float(lr))[0].permute(1, 2, 0).mul(255).round().byte().numpy()
+            sr = model(image=to_float(lr))[0].permute(1, 2, 0).mul(255).round().byte().numpy()
         assert row["psnr"] == pytest.approx(_y_psnr_by_hand(sr, hr, 3), abs=1e-6)
         assert 0 < row["ssim"] <= 1 and 0 < row["lanczos_ssim"] <= 1
     assert report["mean"]["psnr"] == pytest.approx(sum(r["psnr"] for r in report["images"]) / 2)

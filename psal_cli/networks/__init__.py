@@ -6,7 +6,6 @@ network's config dataclass); `create_model(architecture, **config)` rebuilds it.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import asdict
 from typing import Any, Callable
 
@@ -38,11 +37,6 @@ def create_model(name: str, **config: Any) -> nn.Module:
         raise KeyError(f"unknown architecture {name!r} (known: {', '.join(sorted(_REGISTRY))})")
     cls = _REGISTRY[name]
     return cls(cls.Config(**config))
-
-
-def list_models(pattern: str = "*") -> list[str]:
-    _load_all()
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:

@@ -31,9 +31,8 @@ from psal_cli.color import lab_to_rgb, rgb_to_lab, rgb_to_ycbcr, ycbcr_to_rgb
 from psal_cli.metrics import psnr, to_uint8_levels
 from psal_cli.networks.colorize import PSALColorize, exhaustive_knn, quantize8
 from psal_cli.networks.stages import Direct
-from psal_cli.training import IMAGE_SUFFIXES, TrainOptions, fit, load_photos
+from psal_cli.training import TrainOptions, data_description, fit, image_files, load_photos
 
-TRAIN_DATA = "BSDS500 train+test (shared/data/train, 400 photos)"
 CROP = 0.7  # target and reference each take 70 % of the width
 
 
@@ -125,8 +124,7 @@ def train(
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device)
     log(f"colorize: {sum(p.numel() for p in model.parameters())} parameters, {len(photos)} photos, "
         f"from step {done}")
-    shared = Path(data).resolve().parts[-3:] == ("shared", "data", "train") and not limit
-    meta = {"data": TRAIN_DATA if shared else f"{data} ({len(photos)} photos)", "init": str(init or "")}
+    meta = {"data": data_description(data, len(photos), limit), "init": str(init or "")}
     fit(model, make_sampler(photos, batch, patch), chroma_l1, options, Path(out),
         training_meta=meta, done_steps=done, log=log)
     return Path(out)
@@ -209,9 +207,7 @@ def evaluate(
         model = load_model(model or default_model_path("colorize"), task="colorize")[0]
     dev = torch.device(device)
     model = model.to(dev).eval()
-    files = sorted(p for p in Path(data).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-    if not files:
-        raise ValueError(f"no images found in {data}")
+    files = image_files(data, limit)
     methods: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
         "psal": lambda g, r: model.run(Direct(), gray=g.to(dev), reference=r.to(dev)).cpu(),
         "reinhard": reinhard,

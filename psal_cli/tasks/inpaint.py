@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from psal_cli.color import rgb_to_luma
 from psal_cli.metrics import psnr, ssim, to_uint8_levels
 from psal_cli.networks.stages import Direct
-from psal_cli.training import IMAGE_SUFFIXES, TrainOptions, fit, load_photos, random_crop
+from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos, random_crop,
+                               to_float)
 
-TRAIN_DATA = "BSDS500 train+test (shared/data/train, 400 photos)"
 # family: (fraction of pixels low, high), (stroke width low, high) in pixels.
 FAMILIES = {"thin": ((0.05, 0.15), (3, 9)), "thick": ((0.25, 0.40), (15, 35)), "box": ((0.20, 0.30), None)}
 RING = 8  # width in pixels of the known ring against which hole sharpness is compared
@@ -156,13 +156,8 @@ def train(
     params = sum(p.numel() for p in model.parameters())
     log(f"psal-inpaint: {params} parameters, {len(photos)} photos, {steps} steps from step {done}")
     fit(model, make_sampler(photos, batch, patch), hole_l1, options, Path(out),
-        training_meta={"data": TRAIN_DATA, "loss": "L1 over hole pixels", "masks": "thin/thick/box as in evaluation"},
+        training_meta={"data": data_description(data, len(photos)), "loss": "L1 over hole pixels", "masks": "thin/thick/box as in evaluation"},
         done_steps=done, log=log)
-
-
-def to_float(image: Image.Image) -> Tensor:
-    """(1, 3, H, W) float in [0, 1] of an RGB Pillow image."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
 
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
@@ -224,13 +219,6 @@ def inpaint_tensor(model: nn.Module, image: Tensor, hole: Tensor, seed: int = 0)
     return torch.where(hole.bool(), out, image)
 
 
-def _image_files(folder: Path, limit: int | None) -> list[Path]:
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"no images found in {folder}")
-    return files[:limit] if limit else files
-
-
 METRICS = ("psnr", "ssim", "mae", "sharpness")
 
 
@@ -265,7 +253,7 @@ def evaluate(
         model = load_model(model, task="inpaint")[0]
     model.to(device).eval()
     rows, start = [], time.time()
-    for index, path in enumerate(_image_files(data, limit)):
+    for index, path in enumerate(image_files(data, limit)):
         truth = to_float(Image.open(path).convert("RGB"))
         h, w = truth.shape[-2:]
         hole = torch.from_numpy(eval_mask(masks, h, w, index, seed))[None, None].float()

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -21,15 +20,10 @@ from torch import Tensor, nn
 
 from psal_cli.engine import Options, run_network
 from psal_cli.metrics import psnr, rgb_to_y, shave, ssim, to_uint8_levels
-from psal_cli.training import IMAGE_SUFFIXES, TrainOptions, fit, load_photos, random_crop
+from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos, random_crop,
+                               to_float)
 
-TRAIN_DATA = "BSDS500 train+test (shared/data/train, 400 photos)"
 BASELINES = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
-
-
-def to_float(image: Image.Image) -> Tensor:
-    """(1, 3, H, W) float in [0, 1] of an RGB Pillow image."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
 
 
 def degrade(hr: Image.Image, scale: int) -> tuple[Image.Image, Image.Image]:
@@ -75,13 +69,6 @@ def upscale_tensor(model: nn.Module, lr: Tensor, seed: int = 0, views: int = 1) 
     return run_network(model, {"image": lr}, options)
 
 
-def _image_files(folder: Path, limit: int | None) -> list[Path]:
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"no images found in {folder}")
-    return files[:limit] if limit else files
-
-
 def evaluate(
     data: Path,
     scale: int = 4,
@@ -112,7 +99,7 @@ def evaluate(
         raise ValueError(f"{name} upscales ×{model.config.scale}, not ×{scale}")
     model.to(device).eval()
     rows, start = [], time.time()
-    for path in _image_files(data, limit):
+    for path in image_files(data, limit):
         hr_image, lr_image = degrade(Image.open(path).convert("RGB"), scale)
         hr = to_float(hr_image)
         row = {"name": path.stem}
@@ -181,7 +168,7 @@ def format_report(report: dict) -> str:
 def _validation(folder: Path, scale: int, images: int, crop: int) -> Callable[[nn.Module], dict[str, float]]:
     """Mean Y PSNR of the model and bicubic on the centre crops of a few validation photos."""
     pairs = []
-    for path in _image_files(folder, images):
+    for path in image_files(folder, images):
         photo = Image.open(path).convert("RGB")
         left, top = max(0, (photo.width - crop) // 2), max(0, (photo.height - crop) // 2)
         hr, lr = degrade(photo.crop((left, top, left + crop, top + crop)), scale)
@@ -228,7 +215,7 @@ def train(
     from psal_cli.networks import create_model
     from psal_cli.networks.upscale import PSALUpscale
 
-    done, meta = 0, {"data": TRAIN_DATA if Path(data).name == "train" else str(data)}
+    done, meta = 0, {}
     if init is None:
         model = PSALUpscale(PSALUpscale.Config(**{**(config or {}), "scale": scale, "attention": attention}))
     else:
@@ -244,6 +231,7 @@ def train(
             meta["init_from"] = f"{Path(init).name} (×{info.config['scale']}, {info.training.get('steps', 0)} steps)"
             log(f"initialised {len(fits)}/{len(own)} tensors from {init}")
     photos = load_photos(data)
+    meta["data"] = data_description(data, len(photos))
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device,
                            validate_every=validate_every)
     val = val if val is not None else Path(data).parent / "val"

@@ -1,0 +1,31 @@
+"""What training shares across tasks: which photo files, and what a model file records as its data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import make_image
+from psal_cli.modelfile import read_info
+from psal_cli.tasks import inpaint
+from psal_cli.training import SHARED_TRAIN, data_description, image_files
+
+
+def test_image_files_sorted_readable_limited(tmp_path: Path) -> None:
+    for name in ("b.JPG", "a.png", "c.tif", "notes.txt", "d.gif"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in image_files(tmp_path)] == ["a.png", "b.JPG", "c.tif"]
+    assert [p.name for p in image_files(tmp_path, 2)] == ["a.png", "b.JPG"]
+
+
+def test_data_description_names_only_the_shared_set(tmp_path: Path) -> None:
+    shared, mine = tmp_path / "shared" / "data" / "train", tmp_path / "mine" / "train"
+    assert data_description(shared, 400) == SHARED_TRAIN
+    assert data_description(shared, 5, limit=5) == f"{shared} (5 photos)"
+    assert data_description(mine, 3) == f"{mine} (3 photos)"  # a folder named train is not the set
+
+
+def test_inpaint_records_the_data_it_trained_on(tmp_path: Path) -> None:
+    make_image(tmp_path / "photos" / "a.png", size=(40, 40))
+    inpaint.train(tmp_path / "photos", tmp_path / "m.safetensors", steps=1, batch=1, patch=32,
+                  log=lambda line: None)
+    assert read_info(tmp_path / "m.safetensors").training["data"] == f"{tmp_path / 'photos'} (1 photos)"
