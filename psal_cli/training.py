@@ -90,7 +90,9 @@ def fit(
     """Train `model` for `options.steps` more steps, writing `out` every checkpoint_every steps.
 
     `sample(rng)` returns one batch (inputs and "target", on the CPU); `loss_fn(model, batch)`
-    the scalar loss. `done_steps` counts earlier runs, so the metadata keeps the total.
+    the scalar loss. `done_steps` counts earlier runs, so the metadata keeps the total, and
+    `training_meta["runs"]` (the resumed file's) gets this run appended: a model file that
+    several sessions improved in turn says how every one of its steps was trained.
     """
     from psal_cli.modelfile import save_model  # checkpoints are ordinary model files (psal_cli.modelfile)
 
@@ -103,8 +105,14 @@ def fit(
     metrics: dict[str, float] = {}
     start, seen_loss, seen = time.time(), 0.0, 0
 
+    earlier = list(training_meta.get("runs", []))
+    recipe = {k: v for k, v in asdict(options).items() if k in ("batch", "patch", "lr", "lr_final", "seed", "device")}
+
     def checkpoint(step: int) -> None:
-        meta = {**training_meta, "steps": done_steps + step, "options": asdict(options)}
+        run = {"steps": f"{done_steps}-{done_steps + step}", **recipe}
+        if step < options.steps:
+            run["stopped_of"] = options.steps  # a checkpoint inside a cosine schedule
+        meta = {**training_meta, "steps": done_steps + step, "options": asdict(options), "runs": earlier + [run]}
         save_model(model, out, training=meta, metrics=metrics)
 
     for step in range(1, options.steps + 1):

@@ -159,5 +159,6 @@ def test_train_writes_and_resumes(tmp_path: Path) -> None:
     task.train(data, out, steps=2, batch=2, patch=24, log=lambda s: None)
     task.train(data, out, init=out, steps=1, batch=2, patch=24, log=lambda s: None)
     assert read_info(out).training["steps"] == 3
+    assert [run["steps"] for run in read_info(out).training["runs"]] == ["0-2", "2-3"]
     model, info = load_model(out, task="colorize")
     assert info.architecture == "psal-colorize" and isinstance(model, PSALColorize)

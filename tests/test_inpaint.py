@@ -194,9 +194,11 @@ def test_train_writes_and_resumes(tmp_path):
     out = tmp_path / "m.safetensors"
     task.train(tmp_path, out, steps=2, batch=1, patch=32, log=lambda s: None)
     assert read_info(out).training["steps"] == 2
-    task.train(tmp_path, out, init=out, steps=1, batch=1, patch=32, log=lambda s: None)
+    task.train(tmp_path, out, init=out, steps=1, batch=1, patch=32, lr=2e-4, seed=5, log=lambda s: None)
     model, info = load_model(out, task="inpaint")
     assert info.training["steps"] == 3 and info.architecture == "psal-inpaint"
+    first, second = info.training["runs"]  # each run's recipe is kept
+    assert first["steps"] == "0-2" and second["steps"] == "2-3" and (second["lr"], second["seed"]) == (2e-4, 5)
     assert isinstance(model(image=torch.zeros(1, 3, 32, 32), mask=box_hole(32, 32, 8, 20, 8, 20)), torch.Tensor)
 
 

@@ -169,6 +169,7 @@ def test_train_resumes_and_changes_scale(tmp_path: Path) -> None:
     assert read_info(out).training["steps"] == 2
     task.train(data, out, 2, init=out, steps=3, batch=2, patch=24, log=logs.append)
     assert read_info(out).training["steps"] == 5
+    assert [run["steps"] for run in read_info(out).training["runs"]] == ["0-2", "2-5"]
     x4 = tmp_path / "x4.safetensors"
     task.train(data, x4, 4, init=out, steps=1, batch=2, patch=24, log=logs.append)
     info = read_info(x4)

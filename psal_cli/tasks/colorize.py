@@ -114,9 +114,10 @@ def train(
     """
     from psal_cli.modelfile import load_model
 
+    earlier = {}
     if init is not None:
         model, info = load_model(init, task="colorize")
-        done = int(info.training.get("steps", 0))
+        done, earlier = int(info.training.get("steps", 0)), dict(info.training)
     else:
         torch.manual_seed(seed)
         model, done = PSALColorize(PSALColorize.Config()), 0
@@ -124,7 +125,7 @@ def train(
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device)
     log(f"colorize: {sum(p.numel() for p in model.parameters())} parameters, {len(photos)} photos, "
         f"from step {done}")
-    meta = {"data": data_description(data, len(photos), limit), "init": str(init or "")}
+    meta = {**earlier, "data": data_description(data, len(photos), limit), "init": str(init or "")}
     fit(model, make_sampler(photos, batch, patch), chroma_l1, options, Path(out),
         training_meta=meta, done_steps=done, log=log)
     return Path(out)

@@ -143,10 +143,10 @@ def train(
     from psal_cli.modelfile import load_model
     from psal_cli.networks import create_model
 
-    done = 0
+    done, meta = 0, {}
     if init is not None:
         model, info = load_model(init, task="inpaint")
-        done = int(info.training.get("steps", 0))
+        done, meta = int(info.training.get("steps", 0)), dict(info.training)
     else:
         torch.manual_seed(seed)
         model = create_model("psal-inpaint")
@@ -156,7 +156,8 @@ def train(
     params = sum(p.numel() for p in model.parameters())
     log(f"psal-inpaint: {params} parameters, {len(photos)} photos, {steps} steps from step {done}")
     fit(model, make_sampler(photos, batch, patch), hole_l1, options, Path(out),
-        training_meta={"data": data_description(data, len(photos)), "loss": "L1 over hole pixels", "masks": "thin/thick/box as in evaluation"},
+        training_meta={**meta, "data": data_description(data, len(photos)), "loss": "L1 over hole pixels",
+                       "masks": "thin/thick/box as in evaluation"},
         done_steps=done, log=log)
 
 
