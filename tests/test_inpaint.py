@@ -81,6 +81,25 @@ def test_detail_copies_known_texture_only():
     assert task.sharpness_ratio(out, hole) > 0.5 * task.sharpness_ratio(texture, hole)
 
 
+@pytest.mark.parametrize("where", ["corner pixel", "scratch across", "scratch on the edge"])
+def test_detail_of_holes_thinner_than_a_search_patch(where):
+    """A one-pixel hole's box is thinner than PatchMatch's 3-block patch (it failed with
+    "query map (1, 94) is smaller than one 3×3 patch"); the long scratch makes 3-px blocks."""
+    model = tiny(detail_ramp=0)
+    rows, cols = {"corner pixel": (slice(0, 1), slice(0, 1)), "scratch across": (slice(20, 21), slice(10, 290)),
+                  "scratch on the edge": (slice(39, 40), slice(0, 300))}[where]
+    hole = torch.zeros(1, 1, 40, 300)
+    hole[..., rows, cols] = 1
+    gen = torch.Generator().manual_seed(1)
+    texture = 0.5 + 0.2 * torch.rand(1, 1, 40, 300, generator=gen).expand(1, 3, 40, 300)
+    filled = torch.where(hole.bool(), torch.full_like(texture, 0.6), texture)
+    torch.manual_seed(0)
+    out = model.add_detail(filled, hole)
+    known = ~hole.bool().expand_as(out)
+    assert torch.equal(out[known], filled[known])
+    assert (out - filled)[~known].abs().mean() > 0.01  # texture was copied into the hole
+
+
 def test_coherent_nnf_grows_coherent_regions_from_valid_keys_only():
     """A query map cut out of the key map: a random NNF becomes mostly coherent (neighbours
     copy neighbours), every returned key is a valid centre, and matches get no worse on average."""

@@ -268,10 +268,13 @@ class PSALInpaint(nn.Module):
         high = (fill - masked_blur(fill, known, sigma)) * known
         y0, y1, x0, x1 = hole_box(mask, 1)
         f = max(1, math.ceil(max(y1 - y0, x1 - x0) / c.detail_match_size))
-        hq, wq = -(-(y1 - y0) // f), -(-(x1 - x0) // f)  # query box in blocks
+        # The query box in blocks, at least one search patch across (a one-pixel scratch, a hole
+        # in a corner: the box of such a hole is thinner than a patch).
+        hq, wq = max(c.detail_patch, -(-(y1 - y0) // f)), max(c.detail_patch, -(-(x1 - x0) // f))
         # Pad bottom/right so the block-aligned query box always fits; cropped back at the end.
-        low_p, mask_p = F.pad(low, (0, f, 0, f), mode="replicate"), F.pad(mask, (0, f, 0, f), mode="replicate")
-        qy0, qx0 = min(y0, H + f - hq * f), min(x0, W + f - wq * f)
+        py, px = max(f, hq * f - H), max(f, wq * f - W)
+        low_p, mask_p = F.pad(low, (0, px, 0, py), mode="replicate"), F.pad(mask, (0, px, 0, py), mode="replicate")
+        qy0, qx0 = min(y0, H + py - hq * f), min(x0, W + px - wq * f)
         q = low_p[..., qy0 : qy0 + hq * f, qx0 : qx0 + wq * f]  # (B, 3, hq·f, wq·f)
         g = c.detail_search
         ky0, ky1, kx0, kx1 = max(0, y0 - g), min(H, y1 + g), max(0, x0 - g), min(W, x1 + g)
@@ -284,7 +287,7 @@ class PSALInpaint(nn.Module):
         # Match features per block: low-pass colour plus the local texture energy, which in the
         # hole is extrapolated from the known blocks around it (so a flat fill still asks for texture).
         energy = masked_blur(high.square().sum(1, keepdim=True), known, 2 * sigma).sqrt()  # (B, 1, H, W)
-        energy_p = F.pad(energy, (0, f, 0, f), mode="replicate")
+        energy_p = F.pad(energy, (0, px, 0, py), mode="replicate")
         eq = F.avg_pool2d(energy_p[..., qy0 : qy0 + hq * f, qx0 : qx0 + wq * f], f)  # (B, 1, hq, wq)
         ek = F.avg_pool2d(energy[..., ky0 : ky0 + hk * f, kx0 : kx0 + wk * f], f)  # (B, 1, hk, wk)
         qknown = 1 - F.max_pool2d(mask_p[..., qy0 : qy0 + hq * f, qx0 : qx0 + wq * f], f)
@@ -310,7 +313,7 @@ class PSALInpaint(nn.Module):
         up = lambda t: t.repeat_interleave(f, 1).repeat_interleave(f, 2)
         indices = (up(by) * f + oy) * (wk * f) + up(bx) * f + ox  # full-resolution key positions
         detail = self.transfer.attend(q, k, v, indices)  # (B, 3, hq·f, wq·f)
-        detail = F.pad(detail, (qx0, W + f - qx0 - wq * f, qy0, H + f - qy0 - hq * f))[..., :H, :W]
+        detail = F.pad(detail, (qx0, W + px - qx0 - wq * f, qy0, H + py - qy0 - hq * f))[..., :H, :W]
         # Fade the copied texture in from the seam over ~detail_ramp pixels: next to known pixels
         # the network's fill is already informed (thin scratches), and uncorrelated texture there
         # costs more accuracy than it adds; deep inside a large hole it is what makes it look real.
