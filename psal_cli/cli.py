@@ -583,6 +583,9 @@ def train(
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     attention: Annotated[bool | None, typer.Option(
         "--attention/--no-attention", help="upscale: --no-attention trains the ablation without the PSAL block.")] = None,
+    deepen: Annotated[int | None, typer.Option(
+        "--deepen", min=1, metavar="BLOCKS",
+        help="upscale: add BLOCKS residual blocks after attention to the --init network, starting as the identity.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug messages.")] = False,
 ) -> None:
@@ -604,7 +607,7 @@ def train(
         raise typer.BadParameter(f"{output} exists (use --overwrite, or --init {output} to resume)",
                                  param_hint="--output")
     given = dict(data=data, out=output, scale=scale, init=init, steps=steps, batch=batch, patch=patch,
-                 lr=lr, device=_device(device), seed=seed, attention=attention)
+                 lr=lr, device=_device(device), seed=seed, attention=attention, deepen=deepen)
     with _reported(debug):  # the output's folder is made when training starts (training.fit)
         _task_call(task, "train", given)
     log.info("wrote %s", output)

@@ -177,6 +177,33 @@ def test_train_resumes_and_changes_scale(tmp_path: Path) -> None:
     assert any("initialised" in line for line in logs)
 
 
+def test_deepen_keeps_the_function_and_adds_trainable_blocks(tmp_path: Path) -> None:
+    model = tiny(2, blocks_after=2)
+    with torch.no_grad():  # a trained-looking network: no zero convolution anywhere
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    deeper = model.deepen(3)
+    assert deeper.config.blocks_after == 5 and model.config.blocks_after == 2
+    image = torch.rand(1, 3, 14, 18)
+    torch.manual_seed(1)
+    before = model(image=image)
+    torch.manual_seed(1)
+    torch.testing.assert_close(deeper(image=image), before, atol=1e-6, rtol=1e-6)
+    deeper(image=image).sum().backward()
+    assert deeper.tail.body[0].conv2.weight.grad.abs().sum() > 0  # the new blocks learn
+
+    data = tmp_path / "train"
+    data.mkdir()
+    Image.open(EXAMPLES / "chelsea.png").convert("RGB").resize((64, 48)).save(data / "a.png")
+    out = tmp_path / "x2.safetensors"
+    task.train(data, out, 2, steps=1, batch=1, patch=24, config={"channels": 8, "blocks_after": 1}, log=lambda s: None)
+    task.train(data, out, 2, init=out, deepen=2, steps=1, batch=1, patch=24, log=lambda s: None)
+    info = read_info(out)
+    assert info.config["blocks_after"] == 3 and info.training["steps"] == 2 and "+2" in info.training["deepened"][0]
+    with pytest.raises(ValueError, match="deepen"):
+        task.train(data, tmp_path / "x4.safetensors", 4, init=out, deepen=1, steps=1, log=lambda s: None)
+
+
 def test_model_file_round_trip(tmp_path: Path) -> None:
     from psal_cli.modelfile import load_model
 

@@ -141,6 +141,27 @@ class PSALUpscale(nn.Module):
         self.attention = Attention(c.channels, c.qk_channels, psal) if c.attention else None
         self.tail = Tail(c.channels, c.blocks_after, c.scale)
 
+    def deepen(self, blocks: int) -> PSALUpscale:
+        """This network with `blocks` more residual blocks after attention, the same function.
+
+        The new blocks come first in the tail and start as the identity (their last
+        convolution is zero), so a trained network keeps its output and further training
+        puts the added capacity to use (Net2Net's deeper network).
+        """
+        config = PSALUpscale.Config(**{**vars(self.config), "blocks_after": self.config.blocks_after + blocks})
+        deeper = PSALUpscale(config)
+        state = deeper.state_dict()
+        for name, tensor in self.state_dict().items():
+            if name.startswith("tail.body."):
+                _, _, index, rest = name.split(".", 3)
+                name = f"tail.body.{int(index) + blocks}.{rest}"
+            state[name] = tensor
+        for i in range(blocks):
+            state[f"tail.body.{i}.conv2.weight"].zero_()
+            state[f"tail.body.{i}.conv2.bias"].zero_()
+        deeper.load_state_dict(state)
+        return deeper
+
     def run(self, ex, image: Tensor) -> Tensor:
         """image (B, 3, H, W) in [0, 1] → (B, 3, s·H, s·W) in [0, 1]."""
         feat = ex.local(self.head, image)

@@ -195,6 +195,7 @@ def train(
     device: str = "cpu",
     seed: int = 0,
     attention: bool = True,
+    deepen: int = 0,
     config: dict | None = None,
     val: Path | None = None,
     val_images: int = 5,
@@ -206,6 +207,8 @@ def train(
     `patch` is the HR crop side (the LR crop is patch/scale). `init` resumes from a model
     file: same scale → its config and step count carry on; another scale (×2 → ×4) →
     every tensor that fits (head, attention, body) initialises a fresh ×`scale` network.
+    `deepen` adds that many identity-initialised residual blocks after attention to the
+    resumed network (`PSALUpscale.deepen`): more capacity from where training stands.
     `attention=False` trains the ablation without PSAL; `config` overrides other fields of
     a new network's `PSALUpscale.Config` (tests use tiny ones). Validation PSNR is measured every
     `validate_every` steps on `val_images` centre crops of `val` (default: `data`/../val
@@ -215,6 +218,8 @@ def train(
     from psal_cli.networks import create_model
     from psal_cli.networks.upscale import PSALUpscale
 
+    if deepen and init is None:
+        raise ValueError("deepen needs a network to resume (init)")
     done, meta = 0, {}
     if init is None:
         model = PSALUpscale(PSALUpscale.Config(**{**(config or {}), "scale": scale, "attention": attention}))
@@ -223,6 +228,12 @@ def train(
         if info.config["scale"] == scale:
             model, done = start, int(info.training.get("steps", 0))
             meta = {**info.training, **meta}
+            if deepen:
+                model = model.deepen(deepen)
+                meta["deepened"] = meta.get("deepened", []) + [f"+{deepen} residual blocks after attention at step {done}"]
+                log(f"deepened: {model.config.blocks_after} blocks after attention ({deepen} new, starting as the identity)")
+        elif deepen:
+            raise ValueError(f"deepen resumes a ×{scale} network, {init} is ×{info.config['scale']}")
         else:
             model = create_model(info.architecture, **{**info.config, "scale": scale})
             own = model.state_dict()
