@@ -1,8 +1,9 @@
 """The training loop shared by every network: sample a batch, step Adam, checkpoint, resume.
 
 Each task (psal_cli/tasks/) supplies what differs: how a batch is made from the photos
-and the loss. The photo helpers here (which files, as tensors) serve its evaluation too. Checkpoints are ordinary model files (safetensors with metadata), so a
-run resumes from any of them with `--init` and a shipped weights file is a checkpoint.
+and the loss. The photo helpers here (which files, as tensors) serve its evaluation too.
+Checkpoints are ordinary model files (safetensors with metadata), so a run resumes from
+any of them with `--init` and a shipped weights file is a checkpoint.
 """
 
 from __future__ import annotations

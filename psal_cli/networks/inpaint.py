@@ -193,7 +193,7 @@ class PSALInpaint(nn.Module):
         return out
 
     def fill_ensemble(self, ex, image: Tensor, mask: Tensor) -> Tensor:
-        """`fill`, averaged over mirror images of the input (`fill_flips` views).
+        """`fill`, averaged over the first `fill_flips` views of the input (stages.VIEWS: mirror images, then transposes).
 
         The network's guesses for a hole differ a little with its orientation; their mean
         is closer to the truth on average (a lower hole error) at the price of one network
