@@ -586,6 +586,9 @@ def train(
     deepen: Annotated[int | None, typer.Option(
         "--deepen", min=1, metavar="BLOCKS",
         help="upscale: add BLOCKS residual blocks after attention to the --init network, starting as the identity.")] = None,
+    widen: Annotated[int | None, typer.Option(
+        "--widen", min=1, metavar="CHANNELS",
+        help="upscale: CHANNELS inside every residual block of the --init network, added ones starting at zero.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug messages.")] = False,
 ) -> None:
@@ -607,7 +610,7 @@ def train(
         raise typer.BadParameter(f"{output} exists (use --overwrite, or --init {output} to resume)",
                                  param_hint="--output")
     given = dict(data=data, out=output, scale=scale, init=init, steps=steps, batch=batch, patch=patch,
-                 lr=lr, device=_device(device), seed=seed, attention=attention, deepen=deepen)
+                 lr=lr, device=_device(device), seed=seed, attention=attention, deepen=deepen, widen=widen)
     with _reported(debug):  # the output's folder is made when training starts (training.fit)
         _task_call(task, "train", given)
     log.info("wrote %s", output)

@@ -204,6 +204,34 @@ def test_deepen_keeps_the_function_and_adds_trainable_blocks(tmp_path: Path) -> 
         task.train(data, tmp_path / "x4.safetensors", 4, init=out, deepen=1, steps=1, log=lambda s: None)
 
 
+def test_widen_keeps_the_function_and_trains_the_added_channels(tmp_path: Path) -> None:
+    model = tiny(2, blocks_after=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    wider = model.widen(13)
+    assert wider.head.body[0].conv1.weight.shape[0] == 13 and wider.tail.body[1].conv2.weight.shape[1] == 13
+    image = torch.rand(1, 3, 14, 18)
+    torch.manual_seed(1)
+    before = model(image=image)
+    torch.manual_seed(1)
+    torch.testing.assert_close(wider(image=image), before, atol=1e-6, rtol=1e-6)
+    wider(image=image).sum().backward()
+    width = model.config.channels
+    assert wider.tail.body[0].conv2.weight.grad[:, width:].abs().sum() > 0  # the added channels learn
+    with pytest.raises(ValueError, match="inner channels"):
+        wider.widen(13)
+
+    data = tmp_path / "train"
+    data.mkdir()
+    Image.open(EXAMPLES / "chelsea.png").convert("RGB").resize((64, 48)).save(data / "a.png")
+    out = tmp_path / "x2.safetensors"
+    task.train(data, out, 2, steps=1, batch=1, patch=24, config={"channels": 8, "blocks_after": 1}, log=lambda s: None)
+    task.train(data, out, 2, init=out, widen=12, steps=1, batch=1, patch=24, log=lambda s: None)
+    info = read_info(out)
+    assert info.config["inner_channels"] == 12 and "12 channels" in info.training["deepened"][0]
+
+
 def test_model_file_round_trip(tmp_path: Path) -> None:
     from psal_cli.modelfile import load_model
 

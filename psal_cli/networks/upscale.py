@@ -28,12 +28,17 @@ BICUBIC_RADIUS = 2  # bicubic interpolation reads 2 input pixels on each side
 
 
 class ResBlock(nn.Module):
-    """conv-ReLU-conv with an identity skip (EDSR: no batch norm)."""
+    """conv-ReLU-conv with an identity skip (EDSR: no batch norm).
 
-    def __init__(self, channels: int) -> None:
+    `inner` channels between the two convolutions (default `channels`): a wider activation
+    than the trunk (WDSR) adds capacity where the ReLU is, without widening every map.
+    """
+
+    def __init__(self, channels: int, inner: int | None = None) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        inner = inner or channels
+        self.conv1 = nn.Conv2d(channels, inner, 3, padding=1)
+        self.conv2 = nn.Conv2d(inner, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv2(F.relu(self.conv1(x)))
@@ -42,10 +47,10 @@ class ResBlock(nn.Module):
 class Head(LocalStage):
     """RGB → features, then the residual blocks before attention."""
 
-    def __init__(self, channels: int, blocks: int) -> None:
+    def __init__(self, channels: int, blocks: int, inner: int | None = None) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, channels, 3, padding=1)
-        self.body = nn.Sequential(*(ResBlock(channels) for _ in range(blocks)))
+        self.body = nn.Sequential(*(ResBlock(channels, inner) for _ in range(blocks)))
         self.radius = conv_radius(self)
 
     def forward(self, lr: Tensor) -> Tensor:
@@ -55,9 +60,9 @@ class Head(LocalStage):
 class Tail(LocalStage):
     """The residual blocks after attention, sub-pixel upsampling, plus bicubic(lr)."""
 
-    def __init__(self, channels: int, blocks: int, scale: int) -> None:
+    def __init__(self, channels: int, blocks: int, scale: int, inner: int | None = None) -> None:
         super().__init__()
-        self.body = nn.Sequential(*(ResBlock(channels) for _ in range(blocks)))
+        self.body = nn.Sequential(*(ResBlock(channels, inner) for _ in range(blocks)))
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.up = nn.Conv2d(channels, 3 * scale * scale, 3, padding=1)
         self.shuffle = nn.PixelShuffle(scale)
@@ -120,6 +125,7 @@ class PSALUpscale(nn.Module):
         channels: int = 32
         blocks_before: int = 4  # residual blocks before the attention block
         blocks_after: int = 6  # residual blocks after it
+        inner_channels: int | None = None  # channels inside each residual block (None: `channels`)
         attention: bool = True  # False: the same network without PSAL (the ablation)
         qk_channels: int = 16
         patch_size: int = 3
@@ -136,10 +142,10 @@ class PSALUpscale(nn.Module):
             raise ValueError(f"scale must be 2, 3 or 4, got {config.scale}")
         self.config = config
         c = config
-        self.head = Head(c.channels, c.blocks_before)
+        self.head = Head(c.channels, c.blocks_before, c.inner_channels)
         psal = PSAL(c.patch_size, c.neighbors, c.iterations, c.temperature, aggregation="center", exact_pairs=c.exact_keys**2)
         self.attention = Attention(c.channels, c.qk_channels, psal) if c.attention else None
-        self.tail = Tail(c.channels, c.blocks_after, c.scale)
+        self.tail = Tail(c.channels, c.blocks_after, c.scale, c.inner_channels)
 
     def deepen(self, blocks: int) -> PSALUpscale:
         """This network with `blocks` more residual blocks after attention, the same function.
@@ -161,6 +167,28 @@ class PSALUpscale(nn.Module):
             state[f"tail.body.{i}.conv2.bias"].zero_()
         deeper.load_state_dict(state)
         return deeper
+
+    def widen(self, inner: int) -> PSALUpscale:
+        """This network with `inner` channels inside every residual block, the same function.
+
+        The added channels get fresh first-convolution filters and zero weights in the
+        second convolution, so the output is unchanged and training brings them in.
+        """
+        width = self.config.inner_channels or self.config.channels
+        if inner <= width:
+            raise ValueError(f"the residual blocks already have {width} inner channels, not fewer than {inner}")
+        wider = PSALUpscale(PSALUpscale.Config(**{**vars(self.config), "inner_channels": inner}))
+        state = wider.state_dict()
+        for name, tensor in self.state_dict().items():
+            if ".conv2.weight" in name and ".body." in name:
+                state[name].zero_()
+                state[name][:, :width] = tensor
+            elif ".conv1." in name and ".body." in name:
+                state[name][:width] = tensor
+            else:
+                state[name] = tensor
+        wider.load_state_dict(state)
+        return wider
 
     def run(self, ex, image: Tensor) -> Tensor:
         """image (B, 3, H, W) in [0, 1] → (B, 3, s·H, s·W) in [0, 1]."""

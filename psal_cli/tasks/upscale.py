@@ -196,6 +196,7 @@ def train(
     seed: int = 0,
     attention: bool = True,
     deepen: int = 0,
+    widen: int = 0,
     config: dict | None = None,
     val: Path | None = None,
     val_images: int = 5,
@@ -208,7 +209,8 @@ def train(
     file: same scale → its config and step count carry on; another scale (×2 → ×4) →
     every tensor that fits (head, attention, body) initialises a fresh ×`scale` network.
     `deepen` adds that many identity-initialised residual blocks after attention to the
-    resumed network (`PSALUpscale.deepen`): more capacity from where training stands.
+    resumed network (`PSALUpscale.deepen`), `widen` sets the channels inside every residual
+    block (`PSALUpscale.widen`): more capacity from where training stands.
     `attention=False` trains the ablation without PSAL; `config` overrides other fields of
     a new network's `PSALUpscale.Config` (tests use tiny ones). Validation PSNR is measured every
     `validate_every` steps on `val_images` centre crops of `val` (default: `data`/../val
@@ -218,8 +220,9 @@ def train(
     from psal_cli.networks import create_model
     from psal_cli.networks.upscale import PSALUpscale
 
-    if deepen and init is None:
-        raise ValueError("deepen needs a network to resume (init)")
+    grow = [f"+{deepen} residual blocks after attention"] * bool(deepen) + [f"{widen} channels inside residual blocks"] * bool(widen)
+    if grow and init is None:
+        raise ValueError("deepen/widen need a network to resume (init)")
     done, meta = 0, {}
     if init is None:
         model = PSALUpscale(PSALUpscale.Config(**{**(config or {}), "scale": scale, "attention": attention}))
@@ -230,10 +233,13 @@ def train(
             meta = {**info.training, **meta}
             if deepen:
                 model = model.deepen(deepen)
-                meta["deepened"] = meta.get("deepened", []) + [f"+{deepen} residual blocks after attention at step {done}"]
-                log(f"deepened: {model.config.blocks_after} blocks after attention ({deepen} new, starting as the identity)")
-        elif deepen:
-            raise ValueError(f"deepen resumes a ×{scale} network, {init} is ×{info.config['scale']}")
+            if widen:
+                model = model.widen(widen)
+            if grow:
+                meta["deepened"] = meta.get("deepened", []) + [f"{change} at step {done}" for change in grow]
+                log(f"grown ({', '.join(grow)}), the same function to start from")
+        elif grow:
+            raise ValueError(f"deepen/widen resume a ×{scale} network, {init} is ×{info.config['scale']}")
         else:
             model = create_model(info.architecture, **{**info.config, "scale": scale})
             own = model.state_dict()
