@@ -24,20 +24,27 @@ from psal_cli.color import rgb_to_luma
 from psal_cli.imageio import from_tensor, is_gray, to_rgb, to_tensor
 
 log = logging.getLogger("psal")
-MIN_SIDE = 3  # PSAL matches 3×3 patches: a smaller image has none
+_LARGEST_MINIMUM = 1 << 12  # a bound on the search for a network's smallest square input
 
 
-def _check_size(image: Image.Image, what: str = "image") -> None:
-    """A clear error for an image too small for any network, before the network fails inside."""
-    if min(image.size) < MIN_SIDE:
-        w, h = image.size
-        raise ValueError(f"{what} too small (at least {MIN_SIDE}×{MIN_SIDE} pixels, got {w}×{h})")
+def check_size(model: nn.Module, image: Image.Image, input_name: str = "image", what: str = "image") -> None:
+    """A clear error for an input smaller than the network handles, before it fails inside.
+
+    The network says which sizes it handles (`accepts_size`, see networks.stages); the
+    message names the smallest square one. `input_name` is its name in the network's `run`.
+    """
+    accepts = getattr(model, "accepts_size", None)
+    w, h = image.size
+    if accepts is None or accepts(input_name, h, w):
+        return
+    side = next((n for n in range(1, _LARGEST_MINIMUM) if accepts(input_name, n, n)), _LARGEST_MINIMUM)
+    raise ValueError(f"{what} too small ({w}×{h} px): {model.architecture} needs at least {side}×{side}")
 
 
 def upscale(model: nn.Module, image: Image.Image, options: Options | None = None,
             on_tile: OnTile | None = None) -> Image.Image:
     """Enlarge by the model's scale; alpha is resized bicubically to the same size."""
-    _check_size(image)
+    check_size(model, image)
     color, alpha = to_tensor(image)
     out = run_network(model, {"image": to_rgb(color)}, options or Options(), on_tile)
     if is_gray(image):
@@ -50,8 +57,8 @@ def upscale(model: nn.Module, image: Image.Image, options: Options | None = None
 def colorize(model: nn.Module, image: Image.Image, reference: Image.Image,
              options: Options | None = None, on_tile: OnTile | None = None) -> Image.Image:
     """Colour a gray image after a colour reference; a colour input is reduced to luminance first."""
-    _check_size(image)
-    _check_size(reference, "reference")
+    check_size(model, image, "gray")
+    check_size(model, reference, "reference", "reference")
     color, alpha = to_tensor(image)
     gray = color if color.shape[1] == 1 else rgb_to_luma(color)
     ref = to_rgb(to_tensor(reference)[0])
@@ -96,7 +103,7 @@ def inpaint(model: nn.Module, image: Image.Image, hole: Tensor, options: Options
     An empty hole returns the image unchanged (with a warning); a hole covering every
     pixel is an error, since there is nothing to fill it from.
     """
-    _check_size(image)
+    check_size(model, image)
     color, alpha = to_tensor(image)
     if hole.shape[-2:] != color.shape[-2:]:
         raise ValueError(f"hole is {hole.shape[-1]}x{hole.shape[-2]}, the image {image.width}x{image.height}")

@@ -33,21 +33,24 @@ def isolated(weights: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     monkeypatch.chdir(tmp_path)
 
 
-def make_image(path: Path | str, mode: str = "RGB", size: tuple[int, int] = (20, 12), seed: int = 0,
-               **save: object) -> Path:
-    """Write a random image of `mode` (L, LA, RGB, RGBA, P, I;16) and return its path."""
+def random_image(mode: str = "RGB", size: tuple[int, int] = (20, 12), seed: int = 0) -> Image.Image:
+    """A random image of `mode` (L, LA, RGB, RGBA, P, I;16), `size` = (width, height)."""
     rng = np.random.default_rng(seed)
     w, h = size
     if mode == "I;16":
-        img = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
-    elif mode == "P":
-        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).quantize(16)
-    else:
-        a = rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8)
-        img = Image.fromarray(a[:, :, 0] if len(mode) == 1 else a)
+        return Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    if mode == "P":
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).quantize(16)
+    a = rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8)
+    return Image.fromarray(a[:, :, 0] if len(mode) == 1 else a)
+
+
+def make_image(path: Path | str, mode: str = "RGB", size: tuple[int, int] = (20, 12), seed: int = 0,
+               **save: object) -> Path:
+    """Write a random image (`random_image`) and return its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, **save)
+    random_image(mode, size, seed).save(path, **save)
     return path
 
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_image
 from PIL import Image
 
+from psal_cli import edit
 from psal_cli.attention import exact_knn
 from psal_cli.color import rgb_to_lab, rgb_to_luma
 from psal_cli.engine import Options, run_network
@@ -45,6 +47,29 @@ def test_output_shape_range_and_exact_luminance(exact_pairs: int) -> None:
     inside = ((out > 0) & (out < 1)).all(1, keepdim=True)  # not clipped to the RGB gamut
     assert inside.float().mean() > 0.9
     assert (rgb_to_luma(out) - gray)[inside].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("exact_pairs", [0, 1 << 30])  # PatchMatch, exhaustive search
+@pytest.mark.parametrize("config, side", [({}, 5), ({"mirror": False}, 7), ({"neighbors": 9}, 7)])
+def test_smallest_reference_runs_and_a_pixel_less_is_a_clear_error(config: dict, side: int, exact_pairs: int) -> None:
+    """The reference's minimum follows patch size, neighbours, the half resolution and the
+    mirror, whatever the image's size; it is exact: a pixel less fails inside the network too."""
+    model = tiny(exact_pairs=exact_pairs, **config)
+    gray = random_image("L", (300, 200))
+    assert edit.colorize(model, gray, random_image(size=(side, side))).size == (300, 200)
+    for w, h in [(side - 1, side), (side, side - 1)]:
+        with pytest.raises(ValueError, match=fr"^reference too small \({w}×{h} px\): psal-colorize needs at least {side}×{side}$"):
+            edit.colorize(model, gray, random_image(size=(w, h)))
+        with pytest.raises((ValueError, RuntimeError)):
+            model(torch.rand(1, 1, 7, 9), torch.rand(1, 3, h, w))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (3, 200), (200, 3)])
+def test_image_of_any_size_with_the_smallest_reference(size: tuple[int, int]) -> None:
+    """Even where PatchMatch would search (exact_pairs=0): a target thinner than a patch at
+    half resolution goes to the exhaustive search, which pads query patches."""
+    model = tiny(exact_pairs=0)
+    assert edit.colorize(model, random_image("L", size), random_image(size=(5, 5))).size == size
 
 
 @pytest.mark.parametrize("exact_pairs", [0, 1 << 30])

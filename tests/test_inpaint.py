@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_image
 from PIL import Image
 
+from psal_cli import edit
 from psal_cli.attention import patch_distances, valid_key_centres
 from psal_cli.engine import Options, run_network
 from psal_cli.modelfile import load_model, read_info
@@ -53,6 +55,32 @@ def test_shape_range_and_known_pixels_exact(size, work):
     known = ~hole.bool().expand_as(image)
     assert torch.equal(out[known], image[known])
     assert (out - image * (1 - hole))[~known].abs().sum() > 0  # the hole was filled
+
+
+def fill_centre(model: torch.nn.Module, w: int, h: int) -> Image.Image:
+    """`edit.inpaint` of a random w×h photo with its centre pixel as the hole."""
+    return edit.inpaint(model, random_image(size=(w, h)), box_hole(h, w, h // 2, h // 2 + 1, w // 2, w // 2 + 1))
+
+
+@pytest.mark.parametrize("config, side", [({}, 5), ({"attn_neighbors": 9}, 9), ({"attn_patch": 3}, 13)])
+def test_smallest_photo_runs_and_a_pixel_less_is_a_clear_error(config, side):
+    """The minimum follows PSAL's patch and neighbours at 1/4 of the working size; it is
+    exact: a pixel less fails inside the network too."""
+    model = tiny(**config)
+    assert fill_centre(model, side, side).size == (side, side)
+    for w, h in [(side - 1, side), (side, side - 1)]:
+        with pytest.raises(ValueError, match=fr"^image too small \({w}×{h} px\): psal-inpaint needs at least {side}×{side}$"):
+            fill_centre(model, w, h)
+        with pytest.raises(ValueError):
+            model(image=torch.rand(1, 3, h, w), mask=box_hole(h, w, 0, 1, 0, 1))
+
+
+def test_thin_photos_run_while_their_features_hold_enough_patches():
+    model = tiny()  # features at 1/4: a 1-pixel strip needs 13 pixels of length for 4 neighbours
+    for w, h in [(13, 1), (1, 13), (3, 1000), (1000, 3)]:
+        assert fill_centre(model, w, h).size == (w, h)
+    with pytest.raises(ValueError, match=r"^image too small \(12×1 px\): psal-inpaint needs at least 5×5$"):
+        fill_centre(model, 12, 1)
 
 
 def test_attention_never_matches_hole_cells():

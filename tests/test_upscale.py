@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_image
 from PIL import Image
 
+from psal_cli import edit
 from psal_cli.attention import exact_knn, patch_distances
 from psal_cli.modelfile import read_info, save_model
 from psal_cli.networks.upscale import PSALUpscale
@@ -34,6 +36,29 @@ def test_output_shape_and_range(scale: int, exact_keys: int) -> None:
         out = tiny(scale, exact_keys=exact_keys)(image=torch.rand(2, 3, 9, 13))
     assert out.shape == (2, 3, 9 * scale, 13 * scale)
     assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("config, side", [({}, 4), ({"neighbors": 9}, 5), ({"neighbors": 1}, 3),
+                                          ({"patch_size": 5}, 6), ({"attention": False}, 1)])
+def test_smallest_image_runs_and_a_pixel_less_is_a_clear_error(config: dict, side: int) -> None:
+    """The declared minimum follows patch size and neighbours; it is exact: a pixel less
+    fails inside the network too (so the check refuses nothing that would work)."""
+    model = tiny(**config)
+    assert edit.upscale(model, random_image(size=(side, side))).size == (2 * side, 2 * side)
+    for w, h in [(side - 1, side), (side, side - 1)] if side > 1 else []:
+        with pytest.raises(ValueError, match=fr"^image too small \({w}×{h} px\): psal-upscale needs at least {side}×{side}$"):
+            edit.upscale(model, random_image(size=(w, h)))
+        with pytest.raises(ValueError):
+            model(image=torch.rand(1, 3, h, w))
+
+
+def test_thin_images_run_while_they_hold_enough_patches() -> None:
+    model = tiny()  # 3×3 patches, 4 neighbours: a 3-pixel strip needs 6 pixels of length
+    for w, h in [(3, 6), (6, 3), (3, 200), (200, 3)]:
+        assert edit.upscale(model, random_image(size=(w, h))).size == (2 * w, 2 * h)
+    for w, h in [(3, 5), (200, 2)]:
+        with pytest.raises(ValueError, match=fr"^image too small \({w}×{h} px\): psal-upscale needs at least 4×4$"):
+            edit.upscale(model, random_image(size=(w, h)))
 
 
 def test_stage_radii_bound_the_receptive_field() -> None:

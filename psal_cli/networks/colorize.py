@@ -36,6 +36,7 @@ from psal_cli.networks.stages import (
     Executor,
     LocalStage,
     conv_radius,
+    holds_patches,
     pad_to_multiple,
 )
 
@@ -181,6 +182,16 @@ class PSALColorize(nn.Module):
         self.psal = PSAL(c.patch_size, c.neighbors, c.iterations, c.temperature, c.aggregation)
         self.decoder = Decoder(1 + 2 + c.feat_channels + 1, c.decoder_width, c.dilations)
 
+    def accepts_size(self, input_name: str, height: int, width: int) -> bool:
+        """Whether an input this size can be run: the gray image any size, the reference
+        large enough that its half-resolution features (beside their mirror image) hold
+        `neighbors` key patches: 5×5 px with 3×3 patches and 4 neighbours, 7×7 without mirror."""
+        if input_name != "reference":
+            return True
+        c, down = self.config, int(1 / self.encoder.scale)
+        h, w = -(-height // down), -(-width // down) * (2 if c.mirror else 1)
+        return holds_patches(h, w, c.patch_size, c.neighbors)
+
     def attend(self, target: Tensor, reference: Tensor) -> Tensor:
         """Whole-map stage: PSAL from target to reference features, back to full resolution.
 
@@ -190,14 +201,20 @@ class PSALColorize(nn.Module):
         c = self.config
         q = target[:, : c.qk_channels]
         k, v = reference[:, : c.qk_channels], reference[:, c.qk_channels :]
+        h, w = q.shape[-2:]
+        if min(h, w) < c.patch_size:
+            # PatchMatch needs whole query patches: a target thinner than one is searched
+            # replicate-padded (its own patches are already replicate-padded: none changes).
+            q = F.pad(q, (0, max(0, c.patch_size - w), 0, max(0, c.patch_size - h)), mode="replicate")
         if q.shape[-2] * q.shape[-1] * k.shape[-2] * k.shape[-1] <= c.exact_pairs:
             nnf = exhaustive_knn(q.detach(), k.detach(), c.patch_size, c.neighbors)
             out = self.psal.attend(q, k, v, nnf.indices)
         else:
             out = self.psal(q, k, v)
             nnf = self.psal.last_nnf
+        out = out[..., :h, :w]
         feat, chroma = out[:, : c.feat_channels], out[:, c.feat_channels :]  # (B, feat, h, w), (B, 8, h, w)
-        distance = torch.log1p(nnf.distances[..., :1].permute(0, 3, 1, 2))  # (B, 1, h, w)
+        distance = torch.log1p(nnf.distances[:, :h, :w, :1].permute(0, 3, 1, 2))  # (B, 1, h, w)
         up = lambda x: F.interpolate(x, scale_factor=2, mode="nearest")
         return torch.cat([F.pixel_shuffle(chroma, 2), up(feat), up(distance.to(out.dtype))], 1)
 

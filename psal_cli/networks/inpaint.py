@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from psal_cli.attention import PSAL, patch_distances, patchmatch, valid_key_centres
 from psal_cli.networks import register_model
-from psal_cli.networks.stages import VIEWS, Direct, LocalStage, conv_radius, pad_to_multiple, view
+from psal_cli.networks.stages import VIEWS, Direct, LocalStage, conv_radius, holds_patches, pad_to_multiple, view
 
 
 class GatedBlock(nn.Module):
@@ -179,9 +179,8 @@ class PSALInpaint(nn.Module):
         H, W = image.shape[-2:]
         known = 1 - mask
         image = image * known
-        factor = self.config.work_size / max(H, W)
-        if factor < 1:
-            size = (max(4, round(H * factor)), max(4, round(W * factor)))
+        size = self.working_size(H, W)
+        if size != (H, W):
             small = ex.whole(lambda x, m: _reduce(x, m, size), image, mask)  # (B, 4, h, w)
             fill = self.fill_ensemble(ex, small[:, :3], small[:, 3:])
             fill = ex.whole(lambda f: F.interpolate(f, size=(H, W), mode="bicubic", align_corners=False).clamp(0, 1), fill)
@@ -191,6 +190,20 @@ class PSALInpaint(nn.Module):
         if self.config.detail:
             out = ex.whole(self.add_detail, out, mask)
         return out
+
+    def working_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size the network fills at: the photo's, or reduced to a long side of work_size."""
+        factor = self.config.work_size / max(height, width)
+        if factor >= 1:
+            return height, width
+        return max(4, round(height * factor)), max(4, round(width * factor))
+
+    def accepts_size(self, input_name: str, height: int, width: int) -> bool:
+        """Whether a photo this size can be filled: PSAL over the encoder's features (1/4 of
+        the working size) needs `attn_neighbors` key patches (5×5 px with the defaults)."""
+        c, down = self.config, int(1 / self.encoder.scale)
+        h, w = self.working_size(height, width)
+        return holds_patches(-(-h // down), -(-w // down), c.attn_patch, c.attn_neighbors)
 
     def fill_ensemble(self, ex, image: Tensor, mask: Tensor) -> Tensor:
         """`fill`, averaged over the first `fill_flips` views of the input (stages.VIEWS: mirror images, then transposes).

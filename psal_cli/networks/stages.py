@@ -5,6 +5,11 @@ inputs within `radius` pixels) around *whole-map stages* (PSAL: global). Its `ru
 calls every stage through an `Executor`: `Direct` just calls them (training, small
 images); the engine's tiled executor runs local stages tile by tile with an overlap of
 `radius` and whole-map stages once on the full map, so tiling changes nothing but memory.
+
+A network whose PSAL needs a minimum number of key patches also defines
+`accepts_size(input_name, height, width) -> bool` (the input named as in its `run`), from its
+own config; the edit layer turns a smaller input into a clear error (`edit.check_size`)
+instead of a failure deep inside the search.
 """
 
 from __future__ import annotations
@@ -55,6 +60,12 @@ def conv_radius(*modules: nn.Module) -> int:
                 k = m.kernel_size[0]
                 radius += (k // 2) * m.dilation[0]
     return radius
+
+
+def holds_patches(height: int, width: int, patch: int, count: int) -> bool:
+    """Whether a height×width map has `count` patch×patch patches wholly inside it: what PSAL
+    needs of its key map (as valid centres), the map being at least one patch in each side."""
+    return height >= patch and width >= patch and (height - patch + 1) * (width - patch + 1) >= count
 
 
 # The dihedral views of an image as (transpose, flip height, flip width), in the order used:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from psal_cli.attention import PSAL
 from psal_cli.networks import register_model
-from psal_cli.networks.stages import Direct, LocalStage, conv_radius
+from psal_cli.networks.stages import Direct, LocalStage, conv_radius, holds_patches
 
 BICUBIC_RADIUS = 2  # bicubic interpolation reads 2 input pixels on each side
 
@@ -189,6 +189,12 @@ class PSALUpscale(nn.Module):
                 state[name] = tensor
         wider.load_state_dict(state)
         return wider
+
+    def accepts_size(self, input_name: str, height: int, width: int) -> bool:
+        """Whether an image this size can be enlarged: PSAL matches `neighbors` patches of
+        the features, which have the image's size (4×4 px with 3×3 patches and 4 neighbours)."""
+        c = self.config
+        return self.attention is None or holds_patches(height, width, c.patch_size, c.neighbors)
 
     def run(self, ex, image: Tensor) -> Tensor:
         """image (B, 3, H, W) in [0, 1] → (B, 3, s·H, s·W) in [0, 1]."""
