@@ -40,15 +40,21 @@ _SEARCH_ENERGY = 0.9
 # Patches sampled per map to estimate the principal axes.
 _PCA_SAMPLES = 1024
 # Queries updated per search step. A chunk already sees the matches its predecessors found
-# in this iteration, and its (queries, ~100 candidates, D+1) gather stays ~12 MB: on CPU
-# 2048 was up to 1.5× slower (cache misses, and page faults when malloc hands the blocks
-# back to the OS after every step).
-_CHUNK = 1024
+# in this iteration, and its (queries, ~100 candidates, D+1) float32 gather stays ~5 MB: on
+# CPU 1024 was 1.2× slower and 2048 up to 1.5× (cache misses, and page faults when malloc
+# hands the blocks back to the OS after every step). Smaller chunks also propagate good
+# matches further within an iteration (recall@1 0.26 vs 0.23 at 512² with 1024).
+_CHUNK = 512
 # Query–key scores held at once by the exhaustive search (64 MB in float32).
 _EXACT_ELEMENTS = 1 << 24
 # The eight neighbours of the best match, tried every iteration: overlapping patches are alike.
 _NEAR = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))
 _DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))
+# A held entry is the int64 (search distance as an order-preserving int32) << 32 | key
+# position: sorting entries ranks them and brings a key's repeats side by side. _INF_ORDER
+# is +inf's; an empty slot has an infinite distance and key −1.
+_INF_ORDER = 0x7F800000
+_EMPTY = _INF_ORDER << 32 | 0xFFFFFFFF
 
 
 @dataclass
@@ -170,8 +176,9 @@ def patchmatch(
     windows halving from the key map size down to one pixel (the two smallest around the
     others) and the eight neighbours of the best match. Queries are updated in chunks,
     forward then backward on alternate iterations, so good matches travel within one
-    iteration. Distances are compared in the projected patch space (`_search_tables`);
-    the best 2k are re-ranked with exact distances and the best k returned.
+    iteration. Distances are compared in the projected patch space (`_search_tables`),
+    and a query keeps the best 3k distinct of its held and fresh candidates
+    (`_Search.merge`); the best 2k are re-ranked with exact distances and the best k returned.
     `init` (an NNF or (B, Hq, Wq, k') indices into this key map) seeds the search.
     """
     _check_inputs(query, key, patch_size, neighbors, key_mask)
@@ -179,22 +186,20 @@ def patchmatch(
         return _patchmatch(query, key, patch_size, neighbors, iterations, key_mask, init, generator)
 
 
-def _search_tables(maps: _Maps, valid: Tensor, patch_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _search_tables(maps: _Maps, valid: Tensor, patch_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """The principal axes of the patch space, and every key patch projected on them.
 
     Returns the query projection (p²·C, D) and bias (D,) for patches flattened as
-    (pixel, channel) rows (times s, below), the key table z_k / s (B·Hk·Wk + 1, D) and the key norms |z_k|²
-    (B·Hk·Wk + 1,), so that |z_q − z_k|² = |z_q|² − 2·z_q·z_k + |z_k|². Invalid key centres
-    and the extra last row (the "no candidate" sentinel) have an infinite norm: any
-    candidate there loses. The axes come from ~1k patches of each map, one set for the
-    whole batch (batch elements thus nudge each other's search, never its exact distances).
-    Query projections are made per chunk (`_Search.query_rows`); the key table is filled in
-    bands of rows and stored in float16 (norms in float32): the search holds 2·D + 4 bytes
-    per key and no full-map temporaries. It holds z_k / s for a power of two s near the
-    patches' spread, so any feature scale stays in float16's range (the query side is
-    multiplied by s instead). The table only ranks candidates, and the final
-    re-ranking is exact, so its rounding (~1e-3 of a patch's norm) cost no measurable
-    recall (benchmarks/attention.py: 0.869 vs 0.877 at 128², same distance ratio 1.017).
+    (pixel, channel) rows, and the float32 key table [z_k, |z_k|²] (B·Hk·Wk + 1, D + 1),
+    so that |z_q − z_k|² = |z_q|² + [−2·z_q, 1] · row_k: one gathered row and one dot
+    product per candidate. Invalid key centres and the extra last row (the "no candidate"
+    sentinel) have an infinite norm: any candidate there loses. The axes come from ~1k
+    patches of each map, one set for the whole batch (batch elements thus nudge each
+    other's search, never its exact distances). Query projections are made per chunk
+    (`_Search.query_rows`); the key table is filled in bands of rows, so the search holds
+    4·(D + 1) bytes per key (100 MB at 1 MP) and no full-map temporaries. A float16 table
+    (half the memory) was 1.3× slower on CPU overall: converting the gathered rows to
+    float32 cost more than gathering twice the bytes.
     """
     C, p, r = maps.C, patch_size, maps.r
     samples = []
@@ -212,38 +217,36 @@ def _search_tables(maps: _Maps, valid: Tensor, patch_size: int) -> tuple[Tensor,
     device = maps.q.device
     basis = axes[:, -dims:].T.float().to(device)  # (D, C·p²), (channel, pixel) order
     weight, bias = basis.view(dims, C, p, p), -(basis @ mean.to(device))
-    spread = math.sqrt(float(variance[-1]) / x.shape[0])
-    scale = 2.0 ** math.ceil(math.log2(spread)) if spread > 0 else 1.0
 
     B, Hk, Wk = maps.B, maps.Hk, maps.Wk
-    table = torch.zeros(B * Hk * Wk + 1, dims, device=device, dtype=torch.float16)
-    norm = torch.zeros(B * Hk * Wk + 1, device=device)
-    grid, grid_norm = table[:-1].view(B, Hk, Wk, dims), norm[:-1].view(B, Hk, Wk)
+    table = torch.zeros(B * Hk * Wk + 1, dims + 1, device=device)
+    grid = table[:-1].view(B, Hk, Wk, dims + 1)
     keys, band = maps.key_map(), max(1, (1 << 22) // (Wk * (C + dims)))  # ~16 MB of conv per band
     for b in range(B):
         for y0 in range(r, Hk - r, band):
             y1 = min(Hk - r, y0 + band)
             z = F.conv2d(keys[b : b + 1, :, y0 - r : y1 + r].float(), weight, bias)[0].permute(1, 2, 0)  # (rows, Wk − 2r, D)
-            grid[b, y0:y1, r : Wk - r] = z / scale
-            grid_norm[b, y0:y1, r : Wk - r] = z.square().sum(-1)
-    norm[:-1].masked_fill_(~valid.flatten(), math.inf)
-    norm[-1] = math.inf
+            grid[b, y0:y1, r : Wk - r, :dims] = z
+            grid[b, y0:y1, r : Wk - r, dims] = z.square().sum(-1)
+    table[:-1, dims].masked_fill_(~valid.flatten(), math.inf)
+    table[-1, dims] = math.inf
     projection = basis.view(dims, C, p * p).transpose(1, 2).reshape(dims, -1).T.contiguous()  # (p²·C, D)
-    return projection * scale, bias * scale, table, norm
+    return projection, bias, table
 
 
 class _Search:
     """One PatchMatch run's search tables, geometry and candidate generators.
 
     Query positions are flat (B·Hq·Wq) rows; `rows` is a slice of them (one chunk) and
-    `held` the (rows, 3k) int32 key positions held for them, best first, −1 for an empty
-    slot (fewer valid keys than 3k). Everything per query is made per chunk: beyond its
+    `held` the (rows, 3k) entries held for them (search distance and key position packed
+    in an int64, `_EMPTY`'s comment), best first; an empty slot (fewer valid keys than 3k)
+    has key −1. Everything per query is made per chunk: beyond its
     inputs the search holds the key table and `held`.
     """
 
     def __init__(self, maps: _Maps, valid: Tensor, patch_size: int, held: int, generator: torch.Generator | None) -> None:
         self.maps, self.held_n, self.generator = maps, held, generator
-        self.projection, self.bias, self.table, self.norm = _search_tables(maps, valid, patch_size)
+        self.projection, self.bias, self.table = _search_tables(maps, valid, patch_size)
         self.sentinel = self.table.shape[0] - 1
         self.n = maps.B * maps.Hq * maps.Wq
         Hk, Wk, r = maps.Hk, maps.Wk, maps.r
@@ -267,23 +270,45 @@ class _Search:
         return (y >= self.lo) & (y <= self.hi_y) & (x >= self.lo) & (x <= self.hi_x)
 
     def query_rows(self, index: Tensor) -> Tensor:
-        """−2·z_q (c, D) for the query patches at `index`."""
+        """[−2·z_q, 1] (c, D + 1) for the query patches at `index`: their dot product with a table row."""
         maps = self.maps
         pixels = maps.q.index_select(0, maps.query_pixels(index).flatten()).view(index.numel(), -1)  # (c, p²·C)
-        return torch.addmm(self.bias, pixels.float(), self.projection, alpha=-2, beta=-2)  # (c, D)
+        rows = torch.ones(index.numel(), self.projection.shape[1] + 1, device=index.device)
+        torch.addmm(self.bias, pixels.float(), self.projection, alpha=-2, beta=-2, out=rows[:, :-1])
+        return rows
 
-    def select(self, rows: slice, cand: Tensor) -> Tensor:
-        """The held_n best distinct candidates (c, m) of each query (−1 = none), by search distance."""
+    def entries(self, rows: slice, cand: Tensor) -> Tensor:
+        """Candidates (c, m) of the queries `rows` (−1 = none) as entries (`_EMPTY`'s comment)."""
         index = self.index(rows)
-        cand = cand.sort(1).values  # (c, m)
-        repeat = torch.zeros_like(cand, dtype=torch.bool)
-        repeat[:, 1:] = cand[:, 1:] == cand[:, :-1]
         at = torch.where(cand >= 0, self.maps.key_base(index)[:, None] + cand, self.sentinel)
-        z = self.table.index_select(0, at.flatten()).view(*cand.shape, -1).float()  # (c, m, D)
-        # |z_q − z_k|² less |z_q|², the same for all of a query's candidates.
-        dist = torch.baddbmm(self.norm[at][..., None], z, self.query_rows(index)[:, :, None])[..., 0]  # (c, m)
-        best, pick = dist.masked_fill(repeat, math.inf).topk(self.held_n, 1, largest=False)
-        return torch.where(best.isfinite(), cand.gather(1, pick), -1)
+        z = self.table.index_select(0, at.flatten()).view(*cand.shape, -1)  # (c, m, D + 1)
+        # |z_q − z_k|² less |z_q|², the same for all of a query's candidates. (1, D+1)·(D+1, m)
+        # per query: on CPU ~3× faster than (m, D+1)·(D+1, 1) or a multiply and sum.
+        dist = torch.bmm(self.query_rows(index)[:, None], z.mT)[:, 0]  # (c, m)
+        bits = dist.view(torch.int32)
+        order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats count down
+        return order.long() << 32 | cand.long() & 0xFFFFFFFF
+
+    def merge(self, held: Tensor, fresh: Tensor) -> Tensor:
+        """The held_n best distinct entries (c, held_n) among `held` (c, held_n, sorted) and `fresh` (c, m).
+
+        Only fresh entries better than the worst held one can enter: they are packed to the
+        front of a narrow block first, so that the sort, the costly step, sees ~held_n + 20
+        columns instead of ~held_n + 100 once the search has converged.
+        """
+        better = fresh < held[:, -1:]
+        width = int(better.sum(1).max())
+        slot = torch.where(better, better.cumsum(1) - 1, width)
+        block = torch.full((fresh.shape[0], width + 1), _EMPTY, device=fresh.device, dtype=torch.int64)
+        block = block.scatter_(1, slot, fresh)[:, :width]
+        merged = torch.cat([held, block], 1).sort(1).values  # repeats of a key end up side by side
+        keys = merged.int()
+        keep = merged < _INF_ORDER << 32  # finite distances only
+        keep[:, 1:] &= keys[:, 1:] != keys[:, :-1]
+        slot = keep.cumsum(1) - 1
+        slot = torch.where(keep & (slot < self.held_n), slot, self.held_n)
+        out = torch.full((fresh.shape[0], self.held_n + 1), _EMPTY, device=fresh.device, dtype=torch.int64)
+        return out.scatter_(1, slot, merged)[:, : self.held_n]
 
     def propagate(self, rows: slice, held: Tensor, jumps: tuple[int, ...], slots: int) -> Tensor:
         """Candidates NNF(x + s·e) − s·e from the neighbours' best `slots` matches: (c, 4·J·slots)."""
@@ -293,7 +318,7 @@ class _Search:
         step = torch.tensor([(s * ey, s * ex) for s in jumps for ey, ex in _DIRECTIONS], device=held.device, dtype=torch.int32)
         sy, sx = qy[:, None] + step[:, 0], qx[:, None] + step[:, 1]  # (c, 4J)
         source = (qb[:, None] * Hq + sy.clamp(0, Hq - 1)) * Wq + sx.clamp(0, Wq - 1)
-        src = held[:, :slots][source]  # (c, 4J, slots)
+        src = held[:, :slots][source].int()  # (c, 4J, slots)
         py, px = src // Wk - step[:, :1], src % Wk - step[:, 1:]
         ok = ((sy >= 0) & (sy < Hq) & (sx >= 0) & (sx < Wq))[..., None] & (src >= 0) & self.inside(py, px)
         return torch.where(ok, py * Wk + px, -1).flatten(1)
@@ -342,7 +367,7 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
     seed = None
     if init is not None:
         seed = (init.indices if isinstance(init, NNF) else init).to(device).reshape(n, -1)
-    held = torch.empty(n, 3 * k, device=device, dtype=torch.int32)
+    held = torch.full((n, 3 * k), _EMPTY, device=device, dtype=torch.int64)
     for a in chunks:
         rows = slice(a, a + _CHUNK)
         batch = (search.index(rows) // (Hq * Wq)).long()
@@ -353,7 +378,7 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
         if seed is not None:
             mine = seed[rows]
             cand = torch.cat([cand, torch.where((mine >= 0) & (mine < Hk * Wk), mine, -1).int()], 1)
-        held[rows] = search.select(rows, cand)
+        held[rows] = search.merge(held[rows], search.entries(rows, cand))
     del listed
 
     for t in range(iterations):
@@ -361,8 +386,9 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
         for a in chunks if t % 2 == 0 else reversed(chunks):
             rows = slice(a, a + _CHUNK)
             mine = held[rows]
-            fresh = [search.propagate(rows, held, jumps, 2 * k), search.random_search(mine), search.around_best(mine)]
-            held[rows] = search.select(rows, torch.cat([mine, *fresh], 1))
+            keys = mine.int()
+            fresh = [search.propagate(rows, held, jumps, 2 * k), search.random_search(keys), search.around_best(keys)]
+            held[rows] = search.merge(mine, search.entries(rows, torch.cat(fresh, 1)))
     del search  # the key table
 
     # Exact re-ranking of the best 2k; empty slots point at the best match and are ruled out.
@@ -371,7 +397,7 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
     for a in chunks:
         rows = slice(a, a + _CHUNK)
         index = torch.arange(a, min(a + _CHUNK, n), device=device)
-        found = held[rows, : 2 * k]
+        found = held[rows, : 2 * k].int()
         filled = found >= 0
         cand = torch.where(filled, found, found[:, :1]).long()  # (c, 2k)
         exact = _patch_ssd(maps, index, maps.key_base(index)[:, None] + cand).masked_fill(~filled, math.inf)
