@@ -224,7 +224,7 @@ def test_deepen_keeps_the_function_and_adds_trainable_blocks(tmp_path: Path) -> 
     task.train(data, out, 2, steps=1, batch=1, patch=24, config={"channels": 8, "blocks_after": 1}, log=lambda s: None)
     task.train(data, out, 2, init=out, deepen=2, steps=1, batch=1, patch=24, log=lambda s: None)
     info = read_info(out)
-    assert info.config["blocks_after"] == 3 and info.training["steps"] == 2 and "+2" in info.training["deepened"][0]
+    assert info.config["blocks_after"] == 3 and info.training["steps"] == 2 and "+2" in info.training["grown"][0]
     with pytest.raises(ValueError, match="deepen"):
         task.train(data, tmp_path / "x4.safetensors", 4, init=out, deepen=1, steps=1, log=lambda s: None)
 
@@ -254,7 +254,7 @@ def test_widen_keeps_the_function_and_trains_the_added_channels(tmp_path: Path) 
     task.train(data, out, 2, steps=1, batch=1, patch=24, config={"channels": 8, "blocks_after": 1}, log=lambda s: None)
     task.train(data, out, 2, init=out, widen=12, steps=1, batch=1, patch=24, log=lambda s: None)
     info = read_info(out)
-    assert info.config["inner_channels"] == 12 and "12 channels" in info.training["deepened"][0]
+    assert info.config["inner_channels"] == 12 and "12 channels" in info.training["grown"][-1]
 
 
 def test_model_file_round_trip(tmp_path: Path) -> None:

@@ -236,7 +236,8 @@ def train(
             if widen:
                 model = model.widen(widen)
             if grow:
-                meta["deepened"] = meta.get("deepened", []) + [f"{change} at step {done}" for change in grow]
+                history = meta.pop("deepened", []) + meta.get("grown", [])  # "deepened": its name before --widen
+                meta["grown"] = history + [f"{change} at step {done}" for change in grow]
                 log(f"grown ({', '.join(grow)}), the same function to start from")
         elif grow:
             raise ValueError(f"deepen/widen resume a ×{scale} network, {init} is ×{info.config['scale']}")
