@@ -202,26 +202,42 @@ def test_train_resumes_and_changes_scale(tmp_path: Path) -> None:
     assert any("initialised" in line for line in logs)
 
 
-def test_deepen_keeps_the_function_and_adds_trainable_blocks(tmp_path: Path) -> None:
-    model = tiny(2, blocks_after=2)
-    with torch.no_grad():  # a trained-looking network: no zero convolution anywhere
+def trained_looking(model: PSALUpscale) -> PSALUpscale:
+    """The network with every weight nudged: no zero convolution left to hide a mistake."""
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    deeper = model.deepen(3)
-    assert deeper.config.blocks_after == 5 and model.config.blocks_after == 2
+    return model
+
+
+def assert_same_function(model: PSALUpscale, grown: PSALUpscale) -> None:
+    """`grown` gives `model`'s output (same PatchMatch seed); then backpropagates once."""
     image = torch.rand(1, 3, 14, 18)
     torch.manual_seed(1)
     before = model(image=image)
     torch.manual_seed(1)
-    torch.testing.assert_close(deeper(image=image), before, atol=1e-6, rtol=1e-6)
-    deeper(image=image).sum().backward()
-    assert deeper.tail.body[0].conv2.weight.grad.abs().sum() > 0  # the new blocks learn
+    torch.testing.assert_close(grown(image=image), before, atol=1e-6, rtol=1e-6)
+    grown(image=image).sum().backward()
 
+
+def one_step_x2(tmp_path: Path) -> tuple[Path, Path]:
+    """A one-photo training folder and a tiny ×2 model file trained one step on it."""
     data = tmp_path / "train"
     data.mkdir()
     Image.open(EXAMPLES / "chelsea.png").convert("RGB").resize((64, 48)).save(data / "a.png")
     out = tmp_path / "x2.safetensors"
     task.train(data, out, 2, steps=1, batch=1, patch=24, config={"channels": 8, "blocks_after": 1}, log=lambda s: None)
+    return data, out
+
+
+def test_deepen_keeps_the_function_and_adds_trainable_blocks(tmp_path: Path) -> None:
+    model = trained_looking(tiny(2, blocks_after=2))
+    deeper = model.deepen(3)
+    assert deeper.config.blocks_after == 5 and model.config.blocks_after == 2
+    assert_same_function(model, deeper)
+    assert deeper.tail.body[0].conv2.weight.grad.abs().sum() > 0  # the new blocks learn
+
+    data, out = one_step_x2(tmp_path)
     task.train(data, out, 2, init=out, deepen=2, steps=1, batch=1, patch=24, log=lambda s: None)
     info = read_info(out)
     assert info.config["blocks_after"] == 3 and info.training["steps"] == 2 and "+2" in info.training["grown"][0]
@@ -230,28 +246,16 @@ def test_deepen_keeps_the_function_and_adds_trainable_blocks(tmp_path: Path) -> 
 
 
 def test_widen_keeps_the_function_and_trains_the_added_channels(tmp_path: Path) -> None:
-    model = tiny(2, blocks_after=2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = trained_looking(tiny(2, blocks_after=2))
     wider = model.widen(13)
     assert wider.head.body[0].conv1.weight.shape[0] == 13 and wider.tail.body[1].conv2.weight.shape[1] == 13
-    image = torch.rand(1, 3, 14, 18)
-    torch.manual_seed(1)
-    before = model(image=image)
-    torch.manual_seed(1)
-    torch.testing.assert_close(wider(image=image), before, atol=1e-6, rtol=1e-6)
-    wider(image=image).sum().backward()
+    assert_same_function(model, wider)
     width = model.config.channels
     assert wider.tail.body[0].conv2.weight.grad[:, width:].abs().sum() > 0  # the added channels learn
     with pytest.raises(ValueError, match="inner channels"):
         wider.widen(13)
 
-    data = tmp_path / "train"
-    data.mkdir()
-    Image.open(EXAMPLES / "chelsea.png").convert("RGB").resize((64, 48)).save(data / "a.png")
-    out = tmp_path / "x2.safetensors"
-    task.train(data, out, 2, steps=1, batch=1, patch=24, config={"channels": 8, "blocks_after": 1}, log=lambda s: None)
+    data, out = one_step_x2(tmp_path)
     task.train(data, out, 2, init=out, widen=12, steps=1, batch=1, patch=24, log=lambda s: None)
     info = read_info(out)
     assert info.config["inner_channels"] == 12 and "12 channels" in info.training["grown"][-1]
