@@ -176,7 +176,7 @@ class PSALUpscale(nn.Module):
         """
         width = self.config.inner_channels or self.config.channels
         if inner <= width:
-            raise ValueError(f"the residual blocks already have {width} inner channels, not fewer than {inner}")
+            raise ValueError(f"cannot widen to {inner}: the residual blocks already have {width} inner channels")
         wider = PSALUpscale(PSALUpscale.Config(**{**vars(self.config), "inner_channels": inner}))
         state = wider.state_dict()
         for name, tensor in self.state_dict().items():

@@ -220,7 +220,11 @@ def train(
     from psal_cli.networks import create_model
     from psal_cli.networks.upscale import PSALUpscale
 
-    grow = [f"+{deepen} residual blocks after attention"] * bool(deepen) + [f"{widen} channels inside residual blocks"] * bool(widen)
+    grow = []  # how the resumed network is grown, for the log and the training history
+    if deepen:
+        grow.append(f"+{deepen} residual blocks after attention")
+    if widen:
+        grow.append(f"{widen} channels inside residual blocks")
     if grow and init is None:
         raise ValueError("deepen/widen need a network to resume (init)")
     done, meta = 0, {}
@@ -230,14 +234,13 @@ def train(
         start, info = load_model(init, task="upscale")
         if info.config["scale"] == scale:
             model, done = start, int(info.training.get("steps", 0))
-            meta = {**info.training, **meta}
+            meta = dict(info.training)
             if deepen:
                 model = model.deepen(deepen)
             if widen:
                 model = model.widen(widen)
             if grow:
-                history = meta.pop("deepened", []) + meta.get("grown", [])  # "deepened": its name before --widen
-                meta["grown"] = history + [f"{change} at step {done}" for change in grow]
+                meta["grown"] = meta.get("grown", []) + [f"{change} at step {done}" for change in grow]
                 log(f"grown ({', '.join(grow)}), the same function to start from")
         elif grow:
             raise ValueError(f"deepen/widen resume a ×{scale} network, {init} is ×{info.config['scale']}")
