@@ -42,6 +42,11 @@ class Task(str, Enum):
     upscale = "upscale"
 
 
+class Loss(str, Enum):
+    l1 = "l1"
+    l2 = "l2"
+
+
 # -- shared options -----------------------------------------------------------------------
 
 IO, BATCH, RUN = "Input and output", "Batches", "Device and tiling"
@@ -579,6 +584,8 @@ def train(
     batch: Annotated[int | None, typer.Option("--batch", min=1, help="Crops per step.")] = None,
     patch: Annotated[int | None, typer.Option("--patch", min=8, help="Crop side in pixels.")] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0, help="Peak learning rate.")] = None,
+    loss: Annotated[Loss | None, typer.Option(
+        "--loss", help="upscale: l1 (default) or l2, the squared error PSNR measures (a last fine-tune).")] = None,
     device: Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     attention: Annotated[bool | None, typer.Option(
@@ -610,7 +617,8 @@ def train(
         raise typer.BadParameter(f"{output} exists (use --overwrite, or --init {output} to resume)",
                                  param_hint="--output")
     given = dict(data=data, out=output, scale=scale, init=init, steps=steps, batch=batch, patch=patch,
-                 lr=lr, device=_device(device), seed=seed, attention=attention, deepen=deepen, widen=widen)
+                 lr=lr, loss=loss and loss.value, device=_device(device), seed=seed, attention=attention,
+                 deepen=deepen, widen=widen)
     with _reported(debug):  # the output's folder is made when training starts (training.fit)
         _task_call(task, "train", given)
     log.info("wrote %s", output)

@@ -37,6 +37,7 @@ class TrainOptions:
     log_every: int = 50
     checkpoint_every: int = 250
     validate_every: int = 1000
+    loss: str | None = None  # the loss's name where a task offers a choice (recorded with the run)
 
 
 def image_files(folder: Path, limit: int | None = None) -> list[Path]:
@@ -107,7 +108,8 @@ def fit(
     start, seen_loss, seen = time.time(), 0.0, 0
 
     earlier = list(training_meta.get("runs", []))
-    recipe = {k: v for k, v in asdict(options).items() if k in ("batch", "patch", "lr", "lr_final", "seed", "device")}
+    recipe = {k: v for k, v in asdict(options).items()
+              if k in ("batch", "patch", "lr", "lr_final", "seed", "device", "loss") and v is not None}
 
     def checkpoint(step: int) -> None:
         run = {"steps": f"{done_steps}-{done_steps + step}", **recipe}

@@ -474,13 +474,14 @@ def test_train_then_eval_records_metrics() -> None:
     for i in range(3):
         make_image(f"photos/{i}.png", size=(40, 32), seed=i)
     common = ["--data", "photos", "--device", "cpu"]
-    psal("train", "upscale", "--scale", "2", "--steps", "1", "--batch", "1", "--patch", "16",
+    psal("train", "upscale", "--scale", "2", "--steps", "1", "--batch", "1", "--patch", "16", "--loss", "l2",
          "-o", "new/m.safetensors", *common)  # the folder is made when training starts
     psal("eval", "upscale", "--model", "new/m.safetensors", "--scale", "2", "--limit", "1",
          "--save-metrics", *common)
     rows = json.loads(psal("models", "new/m.safetensors", "--json").stdout)["models"]
     (row,) = [r for r in rows if r["file"] == "new/m.safetensors"]
     assert row["training"]["steps"] == 1 and set(row["metrics"]["photos"]) >= {"psnr", "ssim"}
+    assert row["training"]["runs"][-1]["loss"] == "l2"
 
 
 def test_train_and_eval_usage_errors() -> None:
@@ -488,6 +489,9 @@ def test_train_and_eval_usage_errors() -> None:
     Path("m.safetensors").write_bytes(b"x")
     result = psal("train", "colorize", "--scale", "2", "-o", "new.safetensors", "--data", "photos", code=2)
     assert "--scale" in result.stderr and "does not apply to colorize" in result.stderr
+    result = psal("train", "colorize", "--loss", "l2", "-o", "new.safetensors", "--data", "photos", code=2)
+    assert "--loss" in result.stderr and "does not apply to colorize" in result.stderr
+    assert "'l3' is not one of" in psal("train", "upscale", "--loss", "l3", "-o", "n.safetensors", code=2).stderr
     result = psal("train", "upscale", "-o", "m.safetensors", "--data", "photos", code=2)
     assert "m.safetensors exists" in result.stderr and Path("m.safetensors").read_bytes() == b"x"
     assert "no such file" in psal("train", "upscale", "-o", "n.safetensors", "--data", "nope", code=2).stderr

@@ -106,19 +106,29 @@ def test_ablation_has_no_attention() -> None:
     assert sum(p.numel() for p in with_attention.parameters()) - sum(p.numel() for p in without.parameters()) == extra
 
 
-def test_training_steps_reduce_the_loss() -> None:
+@pytest.mark.parametrize("name", ["l1", "l2"])
+def test_training_steps_reduce_the_loss(name: str) -> None:
     model = tiny(2).train()
     photos = [torch.from_numpy(np.array(Image.open(EXAMPLES / "chelsea.png").convert("RGB"))).permute(2, 0, 1)]
     batch = task.make_sampler(photos, 2, batch=4, patch=24)(random.Random(0))
     assert batch["image"].shape == (4, 3, 12, 12) and batch["target"].shape == (4, 3, 24, 24)
+    loss_fn = task.loss_function(name)
+    error = model(image=batch["image"]) - batch["target"]
+    by_hand = error.abs().mean() if name == "l1" else error.square().mean()
+    torch.testing.assert_close(loss_fn(model, batch), by_hand)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    first = task.l1_loss(model, batch).item()
+    first = loss_fn(model, batch).item()
     for _ in range(30):
-        loss = task.l1_loss(model, batch)
+        loss = loss_fn(model, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert task.l1_loss(model, batch).item() < 0.7 * first
+    assert loss_fn(model, batch).item() < 0.7 * first
+
+
+def test_unknown_loss_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown loss 'l3' \\(use l1 or l2\\)"):
+        task.loss_function("l3")
 
 
 def test_degrade_crops_to_a_multiple_of_the_scale() -> None:
@@ -192,9 +202,10 @@ def test_train_resumes_and_changes_scale(tmp_path: Path) -> None:
     out, logs = tmp_path / "x2.safetensors", []
     task.train(data, out, 2, steps=2, batch=2, patch=24, config={"channels": 8, "blocks_after": 1}, log=logs.append)
     assert read_info(out).training["steps"] == 2
-    task.train(data, out, 2, init=out, steps=3, batch=2, patch=24, log=logs.append)
+    task.train(data, out, 2, init=out, steps=3, batch=2, patch=24, loss="l2", log=logs.append)
     assert read_info(out).training["steps"] == 5
-    assert [run["steps"] for run in read_info(out).training["runs"]] == ["0-2", "2-5"]
+    runs = read_info(out).training["runs"]
+    assert [(run["steps"], run["loss"]) for run in runs] == [("0-2", "l1"), ("2-5", "l2")]
     x4 = tmp_path / "x4.safetensors"
     task.train(data, x4, 4, init=out, steps=1, batch=2, patch=24, log=logs.append)
     info = read_info(x4)

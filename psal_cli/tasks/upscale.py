@@ -56,8 +56,21 @@ def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int) -> Ca
     return sample
 
 
-def l1_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    return F.l1_loss(model(image=batch["image"]), batch["target"])
+# L1 is the usual super-resolution loss (it trains faster and sharper than L2); a last
+# fine-tune with L2, the mean squared error that PSNR measures, still gains some PSNR.
+LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}
+
+
+def loss_function(name: str = "l1") -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
+    """The training loss `name` (`LOSSES`) of the network's output against the HR crop."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r} (use {' or '.join(LOSSES)})")
+    pixel_loss = LOSSES[name]
+
+    def loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return pixel_loss(model(image=batch["image"]), batch["target"])
+
+    return loss
 
 
 def upscale_tensor(model: nn.Module, lr: Tensor, seed: int = 0, views: int = 1) -> Tensor:
@@ -192,6 +205,7 @@ def train(
     batch: int = 16,
     patch: int = 96,
     lr: float = 1e-3,
+    loss: str = "l1",
     device: str = "cpu",
     seed: int = 0,
     attention: bool = True,
@@ -203,7 +217,7 @@ def train(
     validate_every: int = 500,
     log: Callable[[str], None] = print,
 ) -> None:
-    """Train a `psal-upscale` network (L1, Adam with cosine decay) and write it to `out`.
+    """Train a `psal-upscale` network (L1 or `loss`, Adam with cosine decay) and write it to `out`.
 
     `patch` is the HR crop side (the LR crop is patch/scale). `init` resumes from a model
     file: same scale → its config and step count carry on; another scale (×2 → ×4) →
@@ -251,14 +265,15 @@ def train(
             model.load_state_dict(fits, strict=False)
             meta["init_from"] = f"{Path(init).name} (×{info.config['scale']}, {info.training.get('steps', 0)} steps)"
             log(f"initialised {len(fits)}/{len(own)} tensors from {init}")
+    loss_fn = loss_function(loss)  # an unknown name fails before any photo is read
     photos = load_photos(data)
     meta["data"] = data_description(data, len(photos))
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device,
-                           validate_every=validate_every)
+                           validate_every=validate_every, loss=loss)
     val = val if val is not None else Path(data).parent / "val"
     validate = _validation(val, scale, val_images, crop=192) if val.is_dir() else None
     params = sum(p.numel() for p in model.parameters())
     log(f"psal-upscale ×{scale}: {params} parameters, attention {model.config.attention}, "
         f"{len(photos)} photos, {steps} steps from step {done}")
-    fit(model, make_sampler(photos, scale, batch, patch), l1_loss, options, Path(out),
+    fit(model, make_sampler(photos, scale, batch, patch), loss_fn, options, Path(out),
         training_meta=meta, done_steps=done, validate=validate, log=log)
