@@ -130,7 +130,9 @@ class PSALUpscale(nn.Module):
         qk_channels: int = 16
         patch_size: int = 3
         neighbors: int = 4
-        iterations: int = 6  # PatchMatch iterations at inference (training may use fewer)
+        # PatchMatch iterations (inference on maps above exact_keys). 3 is as good as 6 end to
+        # end, at 1 MP too (its extra matches are closer, not more useful), for 2/3 of the time.
+        iterations: int = 3
         temperature: float = 1.0
         # Maps of up to this many positions use the exhaustive search (training crops, small
         # images: exact, and faster there), larger ones PatchMatch (3× faster at 250 k).
