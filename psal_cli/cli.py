@@ -43,6 +43,8 @@ class Task(str, Enum):
 
 
 class Loss(str, Enum):
+    """The names of psal_cli.tasks.upscale.LOSSES (here: `--help` must not import torch)."""
+
     l1 = "l1"
     l2 = "l2"
 
