@@ -22,7 +22,7 @@ from PIL import Image
 
 from psal_cli.engine import Options, run_network
 from psal_cli.modelfile import default_model_path, load_model
-from psal_cli.tasks.upscale import y_metrics
+from psal_cli.tasks.upscale import degrade, y_metrics
 from psal_cli.training import image_files, to_float
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +51,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.model, task="upscale")
     scale = model.config.scale
-    hr_image = mosaic(args.data)
-    lr_image = hr_image.resize((hr_image.width // scale, hr_image.height // scale), Image.Resampling.BICUBIC)
+    hr_image, lr_image = degrade(mosaic(args.data), scale)
     hr, lr = to_float(hr_image), to_float(lr_image)
     bicubic = y_metrics(to_float(lr_image.resize(hr_image.size, Image.Resampling.BICUBIC)), hr, scale)[0]
     print(f"{args.model.name}, ×{scale} of a {lr_image.width}×{lr_image.height} mosaic of {args.data}: "
