@@ -10,7 +10,8 @@ everywhere) with a 10 % box hole in the middle. Methods, all on the same hole:
 
 Reported: seconds, peak resident memory (psal only: it runs first), hole MAE (0–255) and
 the sharpness ratio (hole / known ring Laplacian energy, psal_cli.tasks.inpaint) beside
-the true image's. `--crops DIR` writes a 512×512 crop from inside the hole for each method.
+the true image's. `--crops DIR` writes a 512×512 crop from inside the hole for each method
+and comparison.png, the README's picture (examples/inpaint_12mp_crop.png).
 
     python benchmarks/inpaint.py --threads 2
     python benchmarks/inpaint.py --textures ../shared/data/samples --crops /tmp/crops
@@ -98,6 +99,10 @@ def main() -> None:
         for name, out in {"truth": truth, **outputs}.items():
             crop = out[0, :, y : y + 512, x - 128 : x + 384].permute(1, 2, 0).numpy()
             Image.fromarray((crop * 255).round().astype(np.uint8)).save(args.crops / f"{name.replace(', ', '_').replace(' ', '_')}.png")
+        # the README's picture: 320×320 from the hole's left edge inwards, true | psal | Telea
+        panels = [truth] + [outputs[name] for name in ("psal", "telea") if name in outputs]
+        strip = torch.cat([out[0, :, y + 96 : y + 416, left : left + 320] for out in panels], dim=-1)
+        Image.fromarray((strip.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(args.crops / "comparison.png")
 
 
 if __name__ == "__main__":
