@@ -194,6 +194,26 @@ def test_evaluate_refuses_another_scale(tmp_path: Path) -> None:
         task.evaluate(tmp_path, 4, tiny(2))
 
 
+def test_evaluate_names_an_image_too_small_for_the_network(tmp_path: Path) -> None:
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    Image.new("RGB", (10, 10)).save(tmp_path / "b.png")  # 2×2 px reduced ×4: fewer than 4 patches
+    with pytest.raises(ValueError, match=r"b.png reduced ×4 too small \(2×2 px\).*at least 4×4"):
+        task.evaluate(tmp_path, 4, tiny(4))
+
+
+def test_train_refuses_crops_too_small_for_psal_and_photos_smaller_than_the_crop(tmp_path: Path) -> None:
+    data = tmp_path / "train"
+    data.mkdir()
+    Image.new("RGB", (64, 48)).save(data / "big.png")
+    out = tmp_path / "x4.safetensors"
+    with pytest.raises(ValueError, match="--patch 8 makes 2×2-px inputs at ×4"):
+        task.train(data, out, 4, steps=1, batch=1, patch=8, log=lambda s: None)
+    Image.new("RGB", (30, 30)).save(data / "small.png")
+    with pytest.raises(ValueError, match="small.png is smaller than the 32-px training crop"):
+        task.train(data, out, 4, steps=1, batch=1, patch=32, log=lambda s: None)
+    assert not out.exists()
+
+
 def test_train_resumes_and_changes_scale(tmp_path: Path) -> None:
     data = tmp_path / "train"
     data.mkdir()

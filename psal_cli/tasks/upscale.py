@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from psal_cli.edit import check_size
 from psal_cli.engine import Options, run_network
 from psal_cli.metrics import psnr, rgb_to_y, shave, ssim, to_uint8_levels
 from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos, random_crop,
@@ -114,6 +115,7 @@ def evaluate(
     rows, start = [], time.time()
     for path in image_files(data, limit):
         hr_image, lr_image = degrade(Image.open(path).convert("RGB"), scale)
+        check_size(model, lr_image, what=f"{path} reduced ×{scale}")
         hr = to_float(hr_image)
         row = {"name": path.stem}
         row["psnr"], row["ssim"] = y_metrics(upscale_tensor(model, to_float(lr_image), seed, 8 if ensemble else 1), hr, scale)
@@ -266,7 +268,13 @@ def train(
             meta["init_from"] = f"{Path(init).name} (×{info.config['scale']}, {info.training.get('steps', 0)} steps)"
             log(f"initialised {len(fits)}/{len(own)} tensors from {init}")
     loss_fn = loss_function(loss)  # an unknown name fails before any photo is read
+    side = (patch - patch % scale) // scale
+    if model.config.attention and not model.accepts_size("image", side, side):
+        raise ValueError(f"--patch {patch} makes {side}×{side}-px inputs at ×{scale}, too few for PSAL's patches: use a larger --patch")
     photos = load_photos(data)
+    small = next((f for f, photo in zip(image_files(data), photos) if min(photo.shape[-2:]) < patch), None)
+    if small is not None:
+        raise ValueError(f"{small} is smaller than the {patch}-px training crop: leave it out or lower --patch")
     meta["data"] = data_description(data, len(photos))
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device,
                            validate_every=validate_every, loss=loss)
