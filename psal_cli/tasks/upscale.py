@@ -269,7 +269,7 @@ def train(
             log(f"initialised {len(fits)}/{len(own)} tensors from {init}")
     loss_fn = loss_function(loss)  # an unknown name fails before any photo is read
     side = (patch - patch % scale) // scale
-    if model.config.attention and not model.accepts_size("image", side, side):
+    if not model.accepts_size("image", side, side):
         raise ValueError(f"--patch {patch} makes {side}×{side}-px inputs at ×{scale}, too few for PSAL's patches: use a larger --patch")
     photos = load_photos(data)
     small = next((f for f, photo in zip(image_files(data), photos) if min(photo.shape[-2:]) < patch), None)
