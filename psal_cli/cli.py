@@ -598,9 +598,6 @@ def train(
     widen: Annotated[int | None, typer.Option(
         "--widen", min=1, metavar="CHANNELS",
         help="upscale: CHANNELS inside every residual block of the --init network, added ones starting at zero.")] = None,
-    teacher: Annotated[Path | None, typer.Option(
-        "--teacher", metavar="FILE",
-        help="upscale: aim halfway between each photo and this model's --ensemble output (self-distillation).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug messages.")] = False,
 ) -> None:
@@ -618,13 +615,12 @@ def train(
     _setup_logging(quiet=False, debug=debug)
     _existing(data, "--data")
     _existing(init, "--init")
-    _existing(teacher, "--teacher")
     if output.exists() and not overwrite and (init is None or init.resolve() != output.resolve()):
         raise typer.BadParameter(f"{output} exists (use --overwrite, or --init {output} to resume)",
                                  param_hint="--output")
     given = dict(data=data, out=output, scale=scale, init=init, steps=steps, batch=batch, patch=patch,
                  lr=lr, loss=loss and loss.value, device=_device(device), seed=seed, attention=attention,
-                 deepen=deepen, widen=widen, teacher=teacher)
+                 deepen=deepen, widen=widen)
     with _reported(debug):  # the output's folder is made when training starts (training.fit)
         _task_call(task, "train", given)
     log.info("wrote %s", output)

@@ -38,7 +38,6 @@ class TrainOptions:
     checkpoint_every: int = 250
     validate_every: int = 1000
     loss: str | None = None  # the loss's name where a task offers a choice (recorded with the run)
-    teacher: str | None = None  # the model whose outputs were a second target (upscale), recorded likewise
 
 
 def image_files(folder: Path, limit: int | None = None) -> list[Path]:
@@ -110,7 +109,7 @@ def fit(
 
     earlier = list(training_meta.get("runs", []))
     recipe = {k: v for k, v in asdict(options).items()
-              if k in ("batch", "patch", "lr", "lr_final", "seed", "device", "loss", "teacher") and v is not None}
+              if k in ("batch", "patch", "lr", "lr_final", "seed", "device", "loss") and v is not None}
 
     def checkpoint(step: int) -> None:
         run = {"steps": f"{done_steps}-{done_steps + step}", **recipe}

@@ -15,7 +15,7 @@ from PIL import Image
 
 from psal_cli import edit
 from psal_cli.attention import exact_knn, patch_distances
-from psal_cli.modelfile import load_model, read_info, save_model
+from psal_cli.modelfile import read_info, save_model
 from psal_cli.networks.upscale import PSALUpscale
 from psal_cli.tasks import upscale as task
 from psal_cli.training import to_float
@@ -321,33 +321,3 @@ def test_banded_inference_attention_equals_the_training_formula(exact_keys: int)
     with torch.no_grad():
         whole = feat + attention.gamma * attention.out(attention.psal.attend(q, k, v, indices))
     assert torch.allclose(banded, whole, atol=1e-5)
-
-
-def test_teacher_target_is_the_mix_of_the_photo_and_the_teachers_ensemble(tmp_path: Path) -> None:
-    data, teacher = one_step_x2(tmp_path)
-    photo = torch.from_numpy(np.array(Image.open(data / "a.png"))).permute(2, 0, 1)[:, :47, :63]  # odd: cut to ×2
-    stacked = task.taught_photos(load_model(teacher)[0], [photo.contiguous()], 2, log=lambda s: None)[0]
-    assert stacked.shape == (6, 46, 62) and stacked.dtype == torch.uint8
-    assert torch.equal(stacked[:3], photo[:, :46, :62])
-    lr = to_float(Image.fromarray(photo[:, :46, :62].permute(1, 2, 0).numpy()).resize((31, 23), Image.Resampling.BICUBIC))
-    ensemble = task.upscale_tensor(load_model(teacher)[0], lr, views=8)[0]  # the 8-view mean, independently
-    torch.testing.assert_close(stacked[3:].float() / 255, ensemble.clamp(0, 1), atol=0.5 / 255 + 1e-6, rtol=0)
-    batch = task.make_sampler([stacked], 2, batch=1, patch=46)(random.Random(0))
-    # A 46-px crop of a 46×62 stack: the target is the mean of the photo's and the teacher's pixels there.
-    rgb, taught = stacked[:3].float() / 255, stacked[3:].float() / 255
-    expected = [(1 - task.TEACHER_WEIGHT) * rgb[:, :, x : x + 46] + task.TEACHER_WEIGHT * taught[:, :, x : x + 46]
-                for x in range(17)]
-    got = batch["target"][0]
-    assert any(torch.allclose(got, torch.rot90(e.flip(-1) if f else e, r, (-2, -1)), atol=1e-6)
-               for e in expected for f in (False, True) for r in range(4))
-
-
-def test_train_with_a_teacher_records_it(tmp_path: Path) -> None:
-    data, teacher = one_step_x2(tmp_path)
-    out, logs = tmp_path / "taught.safetensors", []
-    task.train(data, out, 2, init=teacher, teacher=teacher, steps=1, batch=1, patch=24, log=logs.append)
-    assert read_info(out).training["runs"][-1]["teacher"] == "x2.safetensors"
-    assert any("teacher: 1/1 photos" in line for line in logs)
-    with pytest.raises(ValueError, match="upscales ×2, not ×4"):
-        task.train(data, tmp_path / "x4.safetensors", 4, teacher=teacher, steps=1, batch=1, patch=24,
-                   log=lambda s: None)

@@ -41,53 +41,20 @@ def y_metrics(sr: Tensor, hr: Tensor, scale: int) -> tuple[float, float]:
     return psnr(a, b, data_range=255.0), ssim(a, b, data_range=255.0)
 
 
-# With a teacher, the target is this mix of the photo and the teacher's output (see `taught_photos`).
-TEACHER_WEIGHT = 0.5
-
-
 def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int) -> Callable[[random.Random], dict[str, Tensor]]:
-    """Batches of random flipped/rotated HR crops (patch×patch) and their bicubic LR.
-
-    Photos of 6 channels (`taught_photos`) carry a teacher's output after the RGB: the
-    target is then the TEACHER_WEIGHT mix of the crop and the teacher's pixels there.
-    """
+    """Batches of random flipped/rotated HR crops (patch×patch) and their bicubic LR."""
     patch -= patch % scale
 
     def sample(rng: random.Random) -> dict[str, Tensor]:
-        lrs, targets = [], []
+        lrs, hrs = [], []
         for _ in range(batch):
-            crop = random_crop(photos[rng.randrange(len(photos))], patch, rng)  # (3 or 6, P, P) uint8
-            hr, lr = degrade(Image.fromarray(crop[:3].permute(1, 2, 0).numpy()), scale)
-            target = to_float(hr)
-            if len(crop) == 6:
-                taught = crop[None, 3:, : hr.height, : hr.width].float() / 255
-                target = (1 - TEACHER_WEIGHT) * target + TEACHER_WEIGHT * taught
+            crop = random_crop(photos[rng.randrange(len(photos))], patch, rng)  # (3, P, P) uint8
+            hr, lr = degrade(Image.fromarray(crop.permute(1, 2, 0).numpy()), scale)
             lrs.append(to_float(lr))
-            targets.append(target)
-        return {"image": torch.cat(lrs), "target": torch.cat(targets)}  # (B, 3, P/s, P/s), (B, 3, P, P)
+            hrs.append(to_float(hr))
+        return {"image": torch.cat(lrs), "target": torch.cat(hrs)}  # (B, 3, P/s, P/s), (B, 3, P, P)
 
     return sample
-
-
-def taught_photos(teacher: nn.Module, photos: list[Tensor], scale: int,
-                  log: Callable[[str], None] = print) -> list[Tensor]:
-    """Each photo (cut to a multiple of `scale`) with the teacher's self-ensemble of its LR: (6, H, W) uint8.
-
-    Self-distillation: the mean of the 8 flipped/rotated views is better than one view
-    (`psal upscale --ensemble`) but 8× slower; a network trained towards it learns some of
-    that gain for the price of one view. Computed once, on whole photos, so a training crop
-    of the stack holds the photo and the teacher's output at the same pixels.
-    """
-    stacked, start = [], time.time()
-    teacher.eval()
-    for i, photo in enumerate(photos, 1):
-        hr, lr = degrade(Image.fromarray(photo.permute(1, 2, 0).numpy()), scale)
-        with torch.no_grad():
-            taught = to_uint8_levels(upscale_tensor(teacher, to_float(lr), views=8)[0]) * 255
-        stacked.append(torch.cat([photo[:, : hr.height, : hr.width], taught.round().to(torch.uint8).cpu()]))
-        if i % 50 == 0 or i == len(photos):
-            log(f"teacher: {i}/{len(photos)} photos ({time.time() - start:.0f} s)")
-    return stacked
 
 
 # L1 is the usual super-resolution loss (it trains faster and sharper than L2); a last
@@ -246,7 +213,6 @@ def train(
     attention: bool = True,
     deepen: int = 0,
     widen: int = 0,
-    teacher: Path | None = None,
     config: dict | None = None,
     val: Path | None = None,
     val_images: int = 5,
@@ -260,9 +226,7 @@ def train(
     every tensor that fits (head, attention, body) initialises a fresh ×`scale` network.
     `deepen` adds that many identity-initialised residual blocks after attention to the
     resumed network (`PSALUpscale.deepen`), `widen` sets the channels inside every residual
-    block (`PSALUpscale.widen`): more capacity from where training stands. `teacher` (a
-    model file of this scale) makes the target the mix of each crop and that model's
-    self-ensemble output (`taught_photos`), computed once before the first step.
+    block (`PSALUpscale.widen`): more capacity from where training stands.
     `attention=False` trains the ablation without PSAL; `config` overrides other fields of
     a new network's `PSALUpscale.Config` (tests use tiny ones). Validation PSNR is measured every
     `validate_every` steps on `val_images` centre crops of `val` (default: `data`/../val
@@ -312,14 +276,8 @@ def train(
     if small is not None:
         raise ValueError(f"{small} is smaller than the {patch}-px training crop: leave it out or lower --patch")
     meta["data"] = data_description(data, len(photos))
-    if teacher is not None:
-        teacher_model, teacher_info = load_model(teacher, task="upscale")
-        if teacher_info.config["scale"] != scale:
-            raise ValueError(f"the teacher {teacher} upscales ×{teacher_info.config['scale']}, not ×{scale}")
-        photos = taught_photos(teacher_model.to(device), photos, scale, log)
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device,
-                           validate_every=validate_every, loss=loss,
-                           teacher=None if teacher is None else Path(teacher).name)
+                           validate_every=validate_every, loss=loss)
     val = val if val is not None else Path(data).parent / "val"
     validate = _validation(val, scale, val_images, crop=192) if val.is_dir() else None
     params = sum(p.numel() for p in model.parameters())
