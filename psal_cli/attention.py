@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,12 @@ class NNF:
 def _work_dtype(x: Tensor) -> torch.dtype:
     """float32 for half, bfloat16 and float32 inputs; float64 stays float64."""
     return torch.promote_types(x.dtype, torch.float32)
+
+
+def _full_precision(x: Tensor) -> ContextManager:
+    """Autocast off: under `--half` (float16 autocast) a search's matrix products would mix
+    float16 with its float32 tables, and float16 distances would rank matches wrongly."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 class _Maps:
@@ -182,7 +189,7 @@ def patchmatch(
     `init` (an NNF or (B, Hq, Wq, k') indices into this key map) seeds the search.
     """
     _check_inputs(query, key, patch_size, neighbors, key_mask)
-    with torch.no_grad():
+    with torch.no_grad(), _full_precision(query):
         return _patchmatch(query, key, patch_size, neighbors, iterations, key_mask, init, generator)
 
 
@@ -562,6 +569,11 @@ def exact_knn(query: Tensor, key: Tensor, *, patch_size: int = 3, neighbors: int
     returned distances recomputed as exact sums of squared differences.
     """
     _check_inputs(query, key, patch_size, neighbors, key_mask)
+    with _full_precision(query):
+        return _exact_knn(query, key, patch_size, neighbors, key_mask)
+
+
+def _exact_knn(query: Tensor, key: Tensor, patch_size: int, neighbors: int, key_mask: Tensor | None) -> NNF:
     r = patch_size // 2
     B, _, Hq, Wq = query.shape
     dtype = _work_dtype(query)

@@ -267,3 +267,30 @@ def test_every_network_tiled_equals_untiled(name: str, size: tuple[int, int]) ->
     if min(size) > 32:  # several tiles each way
         seamy = run_network(model, inputs, Options(device="cpu", tile=16, tile_overlap=0, seed=1))
         assert agreement(seamy) < 0.97
+
+
+HALF_CASES = {  # each search path under float16: PatchMatch, the exhaustive searches
+    "upscale, PatchMatch": ("psal-upscale", {**TINY_NETWORKS["upscale-x3"][1], "exact_keys": 16}),
+    "upscale, exact": TINY_NETWORKS["upscale-x3"],
+    "colorize, exhaustive": TINY_NETWORKS["colorize"],
+    "colorize, PatchMatch": ("psal-colorize", {**TINY_NETWORKS["colorize"][1], "exact_pairs": 1}),
+    "inpaint": TINY_NETWORKS["inpaint"],
+}
+
+
+@pytest.mark.parametrize("name", list(HALF_CASES))
+def test_every_network_runs_in_half_precision(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--half` on a GPU runs the stages under float16 autocast; the CPU's float16 autocast
+    stands in for it. The searches must keep to float32 (a float16 query map once met the
+    float32 search tables in one matrix product on CUDA), and the output stay close."""
+    from psal_cli.networks import create_model
+
+    architecture, config = HALF_CASES[name]
+    torch.manual_seed(0)
+    model = create_model(architecture, **config).eval()
+    inputs = tiny_inputs(architecture, 40, 40)
+    full = run_network(model, inputs, Options(device="cpu", seed=1))
+    monkeypatch.setattr(Tiled, "_precision", lambda self: torch.autocast("cpu", dtype=torch.float16))
+    half = run_network(model, inputs, Options(device="cpu", seed=1))
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    assert ((half - full).abs().amax(1) <= 2 / 255).float().mean().item() >= 0.95

@@ -207,7 +207,8 @@ class PSALColorize(nn.Module):
             # replicate-padded (its own patches are already replicate-padded: none changes).
             q = F.pad(q, (0, max(0, c.patch_size - w), 0, max(0, c.patch_size - h)), mode="replicate")
         if q.shape[-2] * q.shape[-1] * k.shape[-2] * k.shape[-1] <= c.exact_pairs:
-            nnf = exhaustive_knn(q.detach(), k.detach(), c.patch_size, c.neighbors)
+            with torch.autocast(q.device.type, enabled=False):  # float32 distances under --half too
+                nnf = exhaustive_knn(q.detach(), k.detach(), c.patch_size, c.neighbors)
             out = self.psal.attend(q, k, v, nnf.indices)
         else:
             out = self.psal(q, k, v)
