@@ -136,6 +136,16 @@ def _patch_ssd(maps: _Maps, qindex: Tensor, krows: Tensor) -> Tensor:
     return total
 
 
+def _distance_rows(maps: _Maps, candidates: int) -> int:
+    """Queries per chunk of an exact-distance pass (rows are independent: any chunking gives
+    the same result). On the CPU `_CHUNK`, cache-sized; on a GPU each chunk's ~50 small
+    kernel launches set the time (a ×4 training step spent most of it there: 5 200 gathers),
+    so a chunk there gathers up to `_EXACT_ELEMENTS` values at once."""
+    if maps.q.device.type == "cpu":
+        return _CHUNK
+    return max(_CHUNK, _EXACT_ELEMENTS // (candidates * maps.C))
+
+
 def valid_key_centres(key_shape: tuple[int, int, int, int], patch_size: int, key_mask: Tensor | None) -> Tensor:
     """(B, Hk, Wk) bool: where a key patch may be centred (inside the map, off the mask)."""
     B, _, Hk, Wk = key_shape
@@ -401,9 +411,10 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
     # Exact re-ranking of the best 2k; empty slots point at the best match and are ruled out.
     indices = torch.empty(n, k, device=device, dtype=torch.int64)
     distances = torch.empty(n, k, device=device, dtype=_work_dtype(query))
-    for a in chunks:
-        rows = slice(a, a + _CHUNK)
-        index = torch.arange(a, min(a + _CHUNK, n), device=device)
+    step = _distance_rows(maps, 2 * k)
+    for a in range(0, n, step):
+        rows = slice(a, a + step)
+        index = torch.arange(a, min(a + step, n), device=device)
         found = held[rows, : 2 * k].int()
         filled = found >= 0
         cand = torch.where(filled, found, found[:, :1]).long()  # (c, 2k)
@@ -421,7 +432,8 @@ def patch_distances(query: Tensor, key: Tensor, indices: Tensor, patch_size: int
     krows = maps.key_base(index)[:, None] + indices.reshape(-1, k)  # (n, k)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         return _patch_ssd(maps, index, krows).view(indices.shape)
-    out = torch.cat([_patch_ssd(maps, index[a : a + _CHUNK], krows[a : a + _CHUNK]) for a in range(0, index.numel(), _CHUNK)])
+    step = _distance_rows(maps, k)
+    out = torch.cat([_patch_ssd(maps, index[a : a + step], krows[a : a + step]) for a in range(0, index.numel(), step)])
     return out.view(indices.shape)
 
 

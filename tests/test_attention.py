@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from psal_cli import attention
 from psal_cli.attention import (
     NNF,
     PSAL,
@@ -144,6 +145,21 @@ def test_cross_attention_between_maps_of_different_sizes(key_size: tuple[int, in
     assert (nnf.distances.diff(dim=-1) >= 0).all()
     assert (nnf.indices.sort(-1).values.diff(dim=-1) != 0).all()  # no repeated match
     assert torch.allclose(nnf.distances, patch_distances(q, k, nnf.indices, 3), rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [7, 512, 10**6])
+def test_distance_passes_do_not_depend_on_their_chunks(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU runs the exact-distance passes in larger chunks than the CPU: same numbers."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 6, 30, 34, generator=g), torch.randn(2, 6, 25, 28, generator=g)
+    y, x = torch.randint(1, 24, (2, 30, 34, 3), generator=g), torch.randint(1, 27, (2, 30, 34, 3), generator=g)
+    indices = y * 28 + x  # valid key centres
+    nnf = patchmatch(q, k, neighbors=3, generator=seeded())
+    before = patch_distances(q, k, indices, 3), nnf
+    monkeypatch.setattr(attention, "_distance_rows", lambda maps, candidates: rows)
+    assert torch.equal(patch_distances(q, k, indices, 3), before[0])
+    again = patchmatch(q, k, neighbors=3, generator=seeded())
+    assert torch.equal(again.indices, nnf.indices) and torch.equal(again.distances, nnf.distances)
 
 
 @pytest.mark.parametrize("aggregation", ["center", "patch"])
