@@ -101,7 +101,7 @@ COMMON: list[tuple[str, Any, Any]] = [
     ("device", Annotated[str, _opt(
         "--device", "-d", panel=RUN, help="auto, cpu, cuda, cuda:N or mps.")], "auto"),
     ("half", Annotated[bool, _opt(
-        "--half", panel=RUN, help="Compute in float16 on the GPU: faster, less memory.")], False),
+        "--half", panel=RUN, help="Run the convolutions in float16 on a GPU (patch searches stay float32).")], False),
     ("threads", Annotated[int | None, _opt(
         "--threads", min=1, panel=RUN, help="CPU threads. Default: torch's choice.")], None),
     ("seed", Annotated[int, _opt(
