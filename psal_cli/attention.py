@@ -99,7 +99,7 @@ class _Maps:
         dy, dx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
         device = query.device
         self.dy, self.dx = dy.flatten().to(device), dx.flatten().to(device)  # (p²,)
-        self.koff = (dy * self.Wk + dx).flatten().to(device)  # (p²,)
+        self.koff = (dy * self.Wk + dx).flatten().tolist()  # p² Python ints: no device sync to read them
 
     def query_map(self) -> Tensor:
         return self.q.view(self.B, self.Hq, self.Wq, self.C).permute(0, 3, 1, 2)
@@ -128,7 +128,7 @@ def _patch_ssd(maps: _Maps, qindex: Tensor, krows: Tensor) -> Tensor:
     n, m = krows.shape
     qpixels = maps.query_pixels(qindex)  # (n, p²)
     total = None
-    for d, ok in enumerate(maps.koff.tolist()):
+    for d, ok in enumerate(maps.koff):
         kpix = maps.k.index_select(0, (krows + ok).flatten()).view(n, m, -1)  # (n, m, C)
         qpix = maps.q.index_select(0, qpixels[:, d])  # (n, C)
         term = (kpix - qpix[:, None]).square().sum(-1)  # (n, m)
