@@ -8,6 +8,7 @@ engine, as `psal upscale` would, for each iteration count and seed: Y PSNR (4-px
 and time. The search sees all 100 photos at once, so it has plenty of wrong places to look.
 
     python benchmarks/search_iterations.py --iterations 6 3 2 --seeds 0 1
+    python benchmarks/search_iterations.py --iterations 3 --chunks 512 4096   # the CPU's and a GPU's step
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from psal_cli import attention
 from psal_cli.engine import Options, run_network
 from psal_cli.modelfile import default_model_path, load_model
 from psal_cli.tasks.upscale import degrade, y_metrics
@@ -46,6 +48,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=default_model_path("upscale", 4))
     parser.add_argument("--iterations", type=int, nargs="+", default=[6, 3, 2])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--chunks", type=int, nargs="+", default=[attention._CHUNK],
+                        help="queries per PatchMatch step (the CPU's is the default; a GPU's is larger)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -56,13 +60,16 @@ def main() -> None:
     bicubic = y_metrics(to_float(lr_image.resize(hr_image.size, Image.Resampling.BICUBIC)), hr, scale)[0]
     print(f"{args.model.name}, ×{scale} of a {lr_image.width}×{lr_image.height} mosaic of {args.data}: "
           f"bicubic {bicubic:.4f} dB, {args.threads} thread(s)")
-    print(f"{'iterations':>10} {'seed':>4} {'Y PSNR dB':>10} {'seconds':>8}")
-    for iterations in args.iterations:
-        model.attention.psal.iterations = iterations
-        for seed in args.seeds:
-            start = time.time()
-            sr = run_network(model, {"image": lr}, Options(device="cpu", tile=512, seed=seed))
-            print(f"{iterations:>10} {seed:>4} {y_metrics(sr, hr, scale)[0]:10.4f} {time.time() - start:8.1f}", flush=True)
+    print(f"{'chunk':>6} {'iterations':>10} {'seed':>4} {'Y PSNR dB':>10} {'seconds':>8}")
+    for chunk in args.chunks:
+        attention._CHUNK = chunk  # the matches a device with this step size finds, found on the CPU
+        for iterations in args.iterations:
+            model.attention.psal.iterations = iterations
+            for seed in args.seeds:
+                start = time.time()
+                sr = run_network(model, {"image": lr}, Options(device="cpu", tile=512, seed=seed))
+                print(f"{chunk:>6} {iterations:>10} {seed:>4} {y_metrics(sr, hr, scale)[0]:10.4f} "
+                      f"{time.time() - start:8.1f}", flush=True)
 
 
 if __name__ == "__main__":

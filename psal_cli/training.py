@@ -128,10 +128,12 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        seen_loss, seen = seen_loss + loss.item(), seen + 1
+        # Summed on the device and read only when logged: reading every step's loss would make
+        # the CPU wait for a GPU's step before it makes the next batch, instead of meanwhile.
+        seen_loss, seen = seen_loss + loss.detach(), seen + 1
         if step % options.log_every == 0 or step == options.steps:
             rate = step / (time.time() - start)
-            log(f"step {done_steps + step} loss {seen_loss / seen:.5f} lr {lr:.2e} {rate:.2f} steps/s")
+            log(f"step {done_steps + step} loss {float(seen_loss) / seen:.5f} lr {lr:.2e} {rate:.2f} steps/s")
             seen_loss, seen = 0.0, 0
         if validate is not None and (step % options.validate_every == 0 or step == options.steps):
             model.eval()

@@ -67,6 +67,16 @@ def test_patchmatch_is_close_to_exact_knn_on_photos(case: str) -> None:
     assert recall >= 0.6 and ratio <= 1.05, (recall, ratio)
 
 
+@pytest.mark.parametrize("case", NATURAL)
+def test_a_gpus_larger_search_steps_keep_the_quality(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU PatchMatch updates `_GPU_CHUNK` queries per step: here each whole map in one."""
+    monkeypatch.setattr(attention, "_search_chunk", lambda device: attention._GPU_CHUNK)
+    query, key = NATURAL[case]()
+    assert query.shape[-2] * query.shape[-1] <= attention._GPU_CHUNK
+    recall, ratio = quality(patchmatch(query, key, generator=seeded()), exact_knn(query, key))
+    assert recall >= 0.6 and ratio <= 1.05, (recall, ratio)
+
+
 def test_patchmatch_distance_ratio_on_random_maps() -> None:
     g = seeded(1)
     query, key = torch.randn(2, 8, 32, 32, generator=g), torch.randn(2, 8, 40, 36, generator=g)
