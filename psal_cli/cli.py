@@ -571,6 +571,9 @@ def _existing(path: Path | None, what: str) -> Path | None:
     return path
 
 
+_UNTIL_THE_CLOCK = 10**9  # --minutes without --steps: steps enough for any budget
+
+
 @app.command()
 def train(
     task: TaskArg,
@@ -583,6 +586,9 @@ def train(
     init: Annotated[Path | None, typer.Option(
         "--init", metavar="FILE", help="Resume (or fine-tune) from this model file.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimiser steps.")] = None,
+    minutes: Annotated[float | None, typer.Option(
+        "--minutes", min=0.1,
+        help="Train for this long instead: the learning rate decays with the clock (--steps, if given, still caps it).")] = None,
     batch: Annotated[int | None, typer.Option("--batch", min=1, help="Crops per step.")] = None,
     patch: Annotated[int | None, typer.Option("--patch", min=8, help="Crop side in pixels.")] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0, help="Peak learning rate.")] = None,
@@ -618,7 +624,9 @@ def train(
     if output.exists() and not overwrite and (init is None or init.resolve() != output.resolve()):
         raise typer.BadParameter(f"{output} exists (use --overwrite, or --init {output} to resume)",
                                  param_hint="--output")
-    given = dict(data=data, out=output, scale=scale, init=init, steps=steps, batch=batch, patch=patch,
+    if minutes is not None and steps is None:
+        steps = _UNTIL_THE_CLOCK
+    given = dict(data=data, out=output, scale=scale, init=init, steps=steps, minutes=minutes, batch=batch, patch=patch,
                  lr=lr, loss=loss and loss.value, device=_device(device), seed=seed, attention=attention,
                  deepen=deepen, widen=widen)
     with _reported(debug):  # the output's folder is made when training starts (training.fit)

@@ -38,6 +38,9 @@ class TrainOptions:
     checkpoint_every: int = 250
     validate_every: int = 1000
     loss: str | None = None  # the loss's name where a task offers a choice (recorded with the run)
+    # A wall-clock budget: the cosine schedule runs over this time (or `steps`, whichever ends
+    # first) and training stops when it is spent: "train for an hour" on any machine.
+    minutes: float | None = None
 
 
 def image_files(folder: Path, limit: int | None = None) -> list[Path]:
@@ -89,7 +92,8 @@ def fit(
     validate: Callable[[nn.Module], dict[str, float]] | None = None,
     log: Callable[[str], None] = print,
 ) -> None:
-    """Train `model` for `options.steps` more steps, writing `out` every checkpoint_every steps.
+    """Train `model` for `options.steps` more steps or `options.minutes`, whichever ends first,
+    writing `out` every checkpoint_every steps and at the end.
 
     `sample(rng)` returns one batch (inputs and "target", on the CPU); `loss_fn(model, batch)`
     the scalar loss. `done_steps` counts earlier runs, so the metadata keeps the total, and
@@ -109,17 +113,18 @@ def fit(
 
     earlier = list(training_meta.get("runs", []))
     recipe = {k: v for k, v in asdict(options).items()
-              if k in ("batch", "patch", "lr", "lr_final", "seed", "device", "loss") and v is not None}
+              if k in ("batch", "patch", "lr", "lr_final", "seed", "device", "loss", "minutes") and v is not None}
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, last: bool = False) -> None:
         run = {"steps": f"{done_steps}-{done_steps + step}", **recipe}
-        if step < options.steps:
+        if not last:
             run["stopped_of"] = options.steps  # a checkpoint inside a cosine schedule
         meta = {**training_meta, "steps": done_steps + step, "options": asdict(options), "runs": earlier + [run]}
         save_model(model, out, training=meta, metrics=metrics)
 
+    budget = options.minutes * 60 if options.minutes else math.inf
     for step in range(1, options.steps + 1):
-        progress = (step - 1) / max(1, options.steps - 1)
+        progress = max((step - 1) / max(1, options.steps - 1), min(1.0, (time.time() - start) / budget))
         lr = options.lr_final + 0.5 * (options.lr - options.lr_final) * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -131,16 +136,19 @@ def fit(
         # Summed on the device and read only when logged: reading every step's loss would make
         # the CPU wait for a GPU's step before it makes the next batch, instead of meanwhile.
         seen_loss, seen = seen_loss + loss.detach(), seen + 1
-        if step % options.log_every == 0 or step == options.steps:
+        last = step == options.steps or time.time() - start >= budget
+        if step % options.log_every == 0 or last:
             rate = step / (time.time() - start)
             log(f"step {done_steps + step} loss {float(seen_loss) / seen:.5f} lr {lr:.2e} {rate:.2f} steps/s")
             seen_loss, seen = 0.0, 0
-        if validate is not None and (step % options.validate_every == 0 or step == options.steps):
+        if validate is not None and (step % options.validate_every == 0 or last):
             model.eval()
             with torch.no_grad():
                 metrics = validate(model)
             model.train()
             log(f"step {done_steps + step} validation " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if step % options.checkpoint_every == 0 or step == options.steps:
-            checkpoint(step)
+        if step % options.checkpoint_every == 0 or last:
+            checkpoint(step, last)
+        if last:
+            break
     model.eval()

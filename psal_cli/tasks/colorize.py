@@ -104,6 +104,7 @@ def train(
     device: str = "cpu",
     seed: int = 0,
     limit: int | None = None,
+    minutes: float | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Train (or, with `init`, resume) a colorization network on the photos in `data`.
@@ -122,7 +123,7 @@ def train(
         torch.manual_seed(seed)
         model, done = PSALColorize(PSALColorize.Config()), 0
     photos = load_photos(Path(data), limit)
-    options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device)
+    options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device, minutes=minutes)
     log(f"colorize: {sum(p.numel() for p in model.parameters())} parameters, {len(photos)} photos, "
         f"from step {done}")
     meta = {**earlier, "data": data_description(data, len(photos), limit), "init": str(init or "")}

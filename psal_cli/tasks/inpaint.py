@@ -132,6 +132,7 @@ def train(
     device: str = "cpu",
     seed: int = 0,
     checkpoint_every: int = 100,
+    minutes: float | None = None,
     log: Callable[[str], None] = print,
 ) -> None:
     """Train a `psal-inpaint` network (hole L1, Adam with cosine decay) and write it to `out`.
@@ -152,9 +153,9 @@ def train(
         model = create_model("psal-inpaint")
     photos = load_photos(Path(data))
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, lr_final=lr / 50, seed=seed,
-                           device=device, log_every=25, checkpoint_every=checkpoint_every)
+                           device=device, log_every=25, checkpoint_every=checkpoint_every, minutes=minutes)
     params = sum(p.numel() for p in model.parameters())
-    log(f"psal-inpaint: {params} parameters, {len(photos)} photos, {steps} steps from step {done}")
+    log(f"psal-inpaint: {params} parameters, {len(photos)} photos, {f'{minutes:g} minutes' if minutes else f'{steps} steps'} from step {done}")
     fit(model, make_sampler(photos, batch, patch), hole_l1, options, Path(out),
         training_meta={**meta, "data": data_description(data, len(photos)), "loss": "L1 over hole pixels",
                        "masks": "thin/thick/box as in evaluation"},

@@ -217,6 +217,7 @@ def train(
     val: Path | None = None,
     val_images: int = 5,
     validate_every: int = 500,
+    minutes: float | None = None,
     log: Callable[[str], None] = print,
 ) -> None:
     """Train a `psal-upscale` network (L1 or `loss`, Adam with cosine decay) and write it to `out`.
@@ -277,11 +278,11 @@ def train(
         raise ValueError(f"{small} is smaller than the {patch}-px training crop: leave it out or lower --patch")
     meta["data"] = data_description(data, len(photos))
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device,
-                           validate_every=validate_every, loss=loss)
+                           validate_every=validate_every, loss=loss, minutes=minutes)
     val = val if val is not None else Path(data).parent / "val"
     validate = _validation(val, scale, val_images, crop=192) if val.is_dir() else None
     params = sum(p.numel() for p in model.parameters())
     log(f"psal-upscale ×{scale}: {params} parameters, attention {model.config.attention}, "
-        f"{len(photos)} photos, {steps} steps from step {done}")
+        f"{len(photos)} photos, {f'{minutes:g} minutes' if minutes else f'{steps} steps'} from step {done}")
     fit(model, make_sampler(photos, scale, batch, patch), loss_fn, options, Path(out),
         training_meta=meta, done_steps=done, validate=validate, log=log)
