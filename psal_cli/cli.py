@@ -471,6 +471,11 @@ def models(
     raise typer.Exit(1 if bad else 0)
 
 
+# The classical methods `psal eval` measures beside each model (psal_cli/tasks): their
+# figures stay in the file and in `psal models --json`, out of the table.
+_BASELINES = ("bicubic", "lanczos", "mean", "telea", "reinhard", "nearest")
+
+
 def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -480,11 +485,13 @@ def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path) ->
     table.add_column("model", overflow="fold")
     for column in ("architecture", "task", "scale", "params", "size"):
         table.add_column(column, no_wrap=True)
-    table.add_column("metrics", overflow="fold", min_width=24)
+    table.add_column("PSNR dB (psal eval; --json: all figures)", overflow="fold", min_width=24)
     for r in rows:
         path = Path(r["file"])
         if not r["error"]:
-            metrics = " ".join(f"{k}={v:.4g}" for k, v in _numbers(r["metrics"])) or "[dim]not evaluated[/]"
+            figures = [(k, v) for k, v in _numbers(r["metrics"])
+                       if k.endswith("psnr") and not any(b in k for b in _BASELINES)]
+            metrics = " ".join(f"{k}={v:.4g}" for k, v in figures) or "[dim]not evaluated[/]"
             table.add_row(path.stem if path.parent == wdir else str(path), r["architecture"],
                           r["task"], str(r["scale"] or ""), _human(r["parameters"], ""),
                           _human(r["size"], "B"), metrics)
