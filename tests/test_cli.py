@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from conftest import make_image, psal_command, psal_env, run_psal, stray_files
 from psal_cli import files
 from psal_cli.cli import app
-from psal_cli.modelfile import save_model
+from psal_cli.modelfile import save_model, write_metrics
 from psal_cli.networks import create_model
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -540,3 +540,6 @@ def test_models_lists_installed_and_given_files(weights: Path) -> None:
     assert [Path(p).name for p in json.loads(result.stdout)["not_installed"]] == ["upscale-x3.safetensors"]
     table = psal("models").stdout
     assert "test-tiny-colorize" in table and "psnr=12.5" in table and "bad.safetensors" not in table
+    write_metrics(Path("mine.safetensors"), {"Set5": {"psnr": 30.1, "ssim": 0.91, "bicubic_psnr": 28.4}})
+    table = psal("models", "mine.safetensors").stdout  # the model's own PSNR; baselines only in --json
+    assert "Set5.psnr=30.1" in table and "bicubic" not in table and "0.91" not in table
