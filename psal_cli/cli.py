@@ -42,6 +42,14 @@ class Task(str, Enum):
     upscale = "upscale"
 
 
+class Masks(str, Enum):
+    """The mask families of psal_cli.tasks.inpaint.FAMILIES (here: `--help` must not import torch)."""
+
+    thin = "thin"
+    thick = "thick"
+    box = "box"
+
+
 class Loss(str, Enum):
     """The names of psal_cli.tasks.upscale.LOSSES (here: `--help` must not import torch)."""
 
@@ -75,7 +83,7 @@ COMMON: list[tuple[str, Any, Any]] = [
         "--recursive", "-r", panel=BATCH, help="Descend into sub-folders of folder inputs.")], False),
     ("suffix", Annotated[str | None, _opt(
         "--suffix", panel=BATCH,
-        help="Added to each output file name's stem. Default: none with -o DIR, else _<command>ed.")],
+        help="Added to each output file name's stem. Default: none with -o DIR, else _upscaled, _colorized or _inpainted.")],
      None),
     ("ext", Annotated[str | None, _opt(
         "--ext", panel=BATCH, help="Output format for -o DIR or standard output (png, jpg, webp, tif, "
@@ -480,24 +488,31 @@ def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path) ->
     from rich.console import Console
     from rich.table import Table
 
+    def name(r: dict[str, Any]) -> str:
+        path = Path(r["file"])
+        return path.stem if path.parent == wdir else str(path)
+
+    good = [r for r in rows if not r["error"]]
     table = Table(box=None, header_style="bold", title_justify="left",
                   title=f"[bold]models[/] (installed ones in {wdir})")
     table.add_column("model", overflow="fold")
     for column in ("architecture", "task", "scale", "params", "size"):
         table.add_column(column, no_wrap=True)
-    table.add_column("PSNR dB (psal eval; --json: all figures)", overflow="fold", min_width=24)
-    for r in rows:
-        path = Path(r["file"])
-        if not r["error"]:
-            figures = [(k, v) for k, v in _numbers(r["metrics"])
-                       if k.endswith("psnr") and not any(b in k for b in _BASELINES)]
-            metrics = " ".join(f"{k}={v:.4g}" for k, v in figures) or "[dim]not evaluated[/]"
-            table.add_row(path.stem if path.parent == wdir else str(path), r["architecture"],
-                          r["task"], str(r["scale"] or ""), _human(r["parameters"], ""),
-                          _human(r["size"], "B"), metrics)
+    for r in good:
+        table.add_row(name(r), r["architecture"], r["task"], str(r["scale"] or ""), _human(r["parameters"], ""),
+                      _human(r["size"], "B"))
+    # The figures in a table of their own: beside six columns they would be folded mid-word.
+    figures = Table(box=None, header_style="bold", title_justify="left",
+                    title="[bold]PSNR dB[/] measured by psal eval (--json: every figure)")
+    figures.add_column("model", no_wrap=True)
+    figures.add_column("figures")
+    for r in good:
+        own = [(k, v) for k, v in _numbers(r["metrics"]) if k.endswith("psnr") and not any(b in k for b in _BASELINES)]
+        figures.add_row(name(r), " ".join(f"{k}={v:.2f}" for k, v in own) or "[dim]not evaluated[/]")
     console = Console()
-    if table.rows:
+    if good:
         console.print(table)
+        console.print(figures)
     for r in rows:
         if r["error"]:
             console.print(f"[red]{r['file']}: {r['error']}[/]", highlight=False)
@@ -578,6 +593,19 @@ def _existing(path: Path | None, what: str) -> Path | None:
     return path
 
 
+def _folder(path: Path, what: str) -> Path:
+    if not _existing(path, what).is_dir():
+        raise typer.BadParameter(f"{path}: not a folder", param_hint=what)
+    return path
+
+
+def _threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 _UNTIL_THE_CLOCK = 10**9  # --minutes without --steps: steps enough for any budget
 
 
@@ -589,7 +617,7 @@ def train(
         help="Model file to write (.safetensors); checkpoints replace it as training goes.")],
     data: Annotated[Path, typer.Option(
         "--data", metavar="DIR", help="Folder of training photos.")] = SHARED_DATA / "train",
-    scale: Annotated[int | None, typer.Option("--scale", help="upscale: 2, 3 or 4.")] = None,
+    scale: Annotated[int | None, typer.Option("--scale", min=2, max=4, help="upscale: 2, 3 or 4.")] = None,
     init: Annotated[Path | None, typer.Option(
         "--init", metavar="FILE", help="Resume (or fine-tune) from this model file.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimiser steps.")] = None,
@@ -602,6 +630,7 @@ def train(
     loss: Annotated[Loss | None, typer.Option(
         "--loss", help="upscale: l1 (default) or l2, the squared error PSNR measures (a last fine-tune).")] = None,
     device: Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads. Default: torch's choice.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     attention: Annotated[bool | None, typer.Option(
         "--attention/--no-attention", help="upscale: --no-attention trains the ablation without the PSAL block.")] = None,
@@ -626,11 +655,12 @@ def train(
       psal train inpaint --steps 200 -o /tmp/try.safetensors --device cuda
     """
     _setup_logging(quiet=False, debug=debug)
-    _existing(data, "--data")
+    _folder(data, "--data")
     _existing(init, "--init")
     if output.exists() and not overwrite and (init is None or init.resolve() != output.resolve()):
         raise typer.BadParameter(f"{output} exists (use --overwrite, or --init {output} to resume)",
                                  param_hint="--output")
+    _threads(threads)
     if minutes is not None and steps is None:
         steps = _UNTIL_THE_CLOCK
     given = dict(data=data, out=output, scale=scale, init=init, steps=steps, minutes=minutes, batch=batch, patch=patch,
@@ -648,8 +678,8 @@ def evaluate(
         "--model", "-m", metavar="FILE", help="Model file. Default: the installed one.")] = None,
     data: Annotated[Path, typer.Option(
         "--data", metavar="DIR", help="Evaluation photos (never trained on).")] = SHARED_DATA / "val",
-    scale: Annotated[int | None, typer.Option("--scale", help="upscale: 2, 3 or 4.")] = None,
-    masks: Annotated[str | None, typer.Option("--masks", help="inpaint: thin, thick or box.")] = None,
+    scale: Annotated[int | None, typer.Option("--scale", min=2, max=4, help="upscale: 2, 3 or 4.")] = None,
+    masks: Annotated[Masks | None, typer.Option("--masks", help="inpaint: thin, thick or box.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N photos.")] = None,
     size: Annotated[int | None, typer.Option(
         "--size", min=0, help="colorize: resize photos to this longest side first (0 = full size). [default: 320]")] = None,
@@ -658,6 +688,7 @@ def evaluate(
     ensemble: Annotated[bool | None, typer.Option(
         "--ensemble", help="upscale: mean over 8 flipped/rotated views, as `psal upscale --ensemble`.")] = None,
     device: Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads. Default: torch's choice.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     json_report: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
     save_metrics: Annotated[bool, typer.Option(
@@ -681,11 +712,15 @@ def evaluate(
     from psal_cli.modelfile import default_model_path, read_info, write_metrics
 
     _setup_logging(quiet=json_report, debug=debug)
-    _existing(data, "--data")
+    _folder(data, "--data")
     _existing(model, "--model")
+    if save_metrics and limit:
+        raise typer.BadParameter("records a data set's figures: measure all of it (no --limit)",
+                                 param_hint="--save-metrics")
+    _threads(threads)
     if save_metrics and model is None:
         model = default_model_path(task.value, scale or 4 if task == Task.upscale else None)
-    given = dict(data=data, model=model, scale=scale, masks=masks, limit=limit, size=size, nearest=nearest,
+    given = dict(data=data, model=model, scale=scale, masks=masks and masks.value, limit=limit, size=size, nearest=nearest,
                  ensemble=ensemble, device=_device(device), seed=seed)
     with _reported(debug):
         report = _task_call(task, "evaluate", given)

@@ -49,8 +49,9 @@ def pixels(path: Path | str) -> np.ndarray:
 
 def test_help_lists_commands_and_version() -> None:
     out = psal("--help").stdout
-    for command in ("inpaint", "colorize", "upscale", "models"):
+    for command in ("inpaint", "colorize", "upscale", "models", "train", "eval"):
         assert command in out
+        assert "Usage: psal" in psal(command, "--help").stdout
     assert psal("--version").stdout.strip().startswith("psal ")
     for command in ("inpaint", "colorize", "upscale"):
         text = psal(command, "--help").stdout
@@ -381,6 +382,11 @@ def test_killed_batch_leaves_only_complete_files() -> None:
     (["upscale", "a.png", "--bogus"], "No such option"),
     (["colorize", "a.png"], "Missing option '--reference'"),
     (["colorize", "a.png", "--reference", "none.png"], "reference none.png: no such file"),
+    (["eval", "upscale", "--scale", "5", "--data", "."], "less than or equal to 4"),
+    (["train", "upscale", "--scale", "5", "-o", "m.safetensors"], "less than or equal to 4"),
+    (["eval", "inpaint", "--masks", "bogus", "--data", "."], "'bogus' is not one of"),
+    (["eval", "upscale", "--data", "a.png"], "a.png: not a folder"),
+    (["eval", "upscale", "--data", ".", "--limit", "1", "--save-metrics"], "no --limit"),
 ])
 def test_usage_errors_exit_2(args: list[str], message: str) -> None:
     make_image("a.png")
@@ -476,7 +482,7 @@ def test_train_then_eval_records_metrics() -> None:
     common = ["--data", "photos", "--device", "cpu"]
     psal("train", "upscale", "--scale", "2", "--steps", "1", "--batch", "1", "--patch", "16", "--loss", "l2",
          "-o", "new/m.safetensors", *common)  # the folder is made when training starts
-    psal("eval", "upscale", "--model", "new/m.safetensors", "--scale", "2", "--limit", "1",
+    psal("eval", "upscale", "--model", "new/m.safetensors", "--scale", "2", "--threads", "1",
          "--save-metrics", *common)
     rows = json.loads(psal("models", "new/m.safetensors", "--json").stdout)["models"]
     (row,) = [r for r in rows if r["file"] == "new/m.safetensors"]
@@ -539,7 +545,7 @@ def test_models_lists_installed_and_given_files(weights: Path) -> None:
     assert "not a safetensors model file" in rows["bad.safetensors"]["error"]
     assert [Path(p).name for p in json.loads(result.stdout)["not_installed"]] == ["upscale-x3.safetensors"]
     table = psal("models").stdout
-    assert "test-tiny-colorize" in table and "psnr=12.5" in table and "bad.safetensors" not in table
+    assert "test-tiny-colorize" in table and "psnr=12.50" in table and "bad.safetensors" not in table
     write_metrics(Path("mine.safetensors"), {"Set5": {"psnr": 30.1, "ssim": 0.91, "bicubic_psnr": 28.4}})
     table = psal("models", "mine.safetensors").stdout  # the model's own PSNR; baselines only in --json
-    assert "Set5.psnr=30.1" in table and "bicubic" not in table and "0.91" not in table
+    assert "Set5.psnr=30.10" in table and "bicubic" not in table and "0.91" not in table
