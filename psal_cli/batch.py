@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -148,7 +149,24 @@ def plan_outputs(items: list[Item], output: str | None, *, batch: bool, suffix: 
         if key in seen:
             raise UsageError(f"{seen[key].name} and {item.name} would both be written to {item.output}")
         seen[key] = item
+    for folder in {item.output.parent for item in items if item.output is not None}:
+        _check_writable(folder)
     return items
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be made or written in: its
+    nearest existing ancestor must be a folder where a file can be created (a temporary
+    one, removed at once; missing levels are made at the write)."""
+    place = folder
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise UsageError(f"cannot write in {folder}: {place} is not a folder")
+    try:
+        tempfile.TemporaryFile(dir=place).close()
+    except OSError as e:
+        raise UsageError(f"cannot write in {folder}: {e.strerror or e}") from None
 
 
 def _output_ext(rel: Path) -> str:

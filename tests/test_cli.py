@@ -382,6 +382,7 @@ def test_killed_batch_leaves_only_complete_files() -> None:
     (["upscale", "a.png", "--bogus"], "No such option"),
     (["colorize", "a.png"], "Missing option '--reference'"),
     (["colorize", "a.png", "--reference", "none.png"], "reference none.png: no such file"),
+    (["upscale", "a.png", "-o", "b.png/x.png"], "cannot write in b.png: b.png is not a folder"),
     (["eval", "upscale", "--scale", "5", "--data", "."], "less than or equal to 4"),
     (["train", "upscale", "--scale", "5", "-o", "m.safetensors"], "less than or equal to 4"),
     (["eval", "inpaint", "--masks", "bogus", "--data", "."], "'bogus' is not one of"),
