@@ -68,6 +68,8 @@ def read_image(source: str | Path | BinaryIO | bytes, name: str | None = None) -
     """
     name = name or (str(source) if isinstance(source, (str, Path)) else "<stdin>")
     if isinstance(source, bytes):
+        if not source:
+            raise ImageError(f"{name}: empty, no image in it")
         source = io.BytesIO(source)
     try:
         with Image.open(source) as opened:

@@ -96,7 +96,7 @@ def test_gray_profile_dropped_when_output_is_colour(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("content, problem", [
     (b"hello, not an image", "not an image file"),
-    (b"", "not an image file"),
+    (b"", "empty, no image in it"),
 ])
 def test_unreadable_files_give_one_line(tmp_path: Path, content: bytes, problem: str) -> None:
     (tmp_path / "x.png").write_bytes(content)
