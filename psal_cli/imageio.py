@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from pathlib import Path
 from typing import BinaryIO
 
@@ -67,9 +68,10 @@ def read_image(source: str | Path | BinaryIO | bytes, name: str | None = None) -
     profile and EXIF (orientation removed, since it has been applied).
     """
     name = name or (str(source) if isinstance(source, (str, Path)) else "<stdin>")
+    empty = source == b"" or isinstance(source, (str, Path)) and os.path.isfile(source) and not os.path.getsize(source)
+    if empty:
+        raise ImageError(f"{name}: empty, no image in it")
     if isinstance(source, bytes):
-        if not source:
-            raise ImageError(f"{name}: empty, no image in it")
         source = io.BytesIO(source)
     try:
         with Image.open(source) as opened:
