@@ -192,7 +192,7 @@ def _validation(folder: Path, scale: int, images: int, crop: int) -> Callable[[n
 
     def validate(model: nn.Module) -> dict[str, float]:
         got = sum(y_metrics(upscale_tensor(model, lr), hr, scale)[0] for hr, lr, _ in pairs) / len(pairs)
-        return {"val_psnr": got, "val_bicubic_psnr": bicubic}
+        return {"val_crops_psnr": got, "val_crops_bicubic_psnr": bicubic}
 
     return validate
 
