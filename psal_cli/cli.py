@@ -645,8 +645,7 @@ def train(
 ) -> None:
     """Train a network on a folder of photos and write its model file.
 
-    Defaults (steps, batch, crop, learning rate) are each task's; the model file records
-    the data and steps, and [bold]--init[/] resumes from any checkpoint.
+    Defaults (steps, batch, crop, learning rate) are each task's; the model file records the data and steps, and [bold]--init[/] resumes from any checkpoint.
 
     [bold]Examples[/]
 
@@ -697,9 +696,7 @@ def evaluate(
 ) -> None:
     """Measure a model with the task's published protocol, beside classical baselines.
 
-    Super-resolution: Y-channel PSNR/SSIM against bicubic and Lanczos; inpainting: PSNR,
-    SSIM and hole error on seeded masks; colorization: PSNR and a,b error with the
-    reference as is and flipped (see shared/data/README.md).
+    Super-resolution: Y-channel PSNR/SSIM against bicubic and Lanczos; inpainting: PSNR, SSIM and hole error on seeded masks; colorization: PSNR and a,b error with the reference as is and flipped (see shared/data/README.md).
 
     [bold]Examples[/]
 
