@@ -447,7 +447,7 @@ def upscale(
 @app.command()
 def models(
     files: Annotated[list[Path] | None, typer.Argument(
-        metavar="[FILE...]", show_default=False, help="Model files to describe too.")] = None,
+        metavar="FILE", show_default=False, help="Model files to describe too.")] = None,
     json_summary: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List the installed models (weights/) and the given files: architecture, task, scale,
