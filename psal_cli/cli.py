@@ -294,10 +294,7 @@ def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
     if half and device.type == "cpu":  # said once here, not by the engine for every image
         log.warning("--half has no effect on the CPU: running in float32")
         half = False
-    if c.threads:
-        import torch
-
-        torch.set_num_threads(c.threads)
+    _threads(c.threads)
     options = Options(device=c.device, tile=c.tile, tile_overlap=c.tile_overlap, half=half,
                       seed=c.seed)
     # --ext names every output that goes to standard output (-o -, or - in without -o).
