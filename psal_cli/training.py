@@ -42,6 +42,11 @@ class TrainOptions:
     # first) and training stops when it is spent: "train for an hour" on any machine.
     minutes: float | None = None
 
+    @property
+    def length(self) -> str:
+        """How long the run is, for its first log line."""
+        return f"{self.minutes:g} minutes" if self.minutes else f"{self.steps} steps"
+
 
 def image_files(folder: Path, limit: int | None = None) -> list[Path]:
     """The images of a folder that psal reads (imageio.FORMATS), sorted by name; the first `limit`."""

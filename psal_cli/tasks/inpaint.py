@@ -155,7 +155,7 @@ def train(
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, lr_final=lr / 50, seed=seed,
                            device=device, log_every=25, checkpoint_every=checkpoint_every, minutes=minutes)
     params = sum(p.numel() for p in model.parameters())
-    log(f"psal-inpaint: {params} parameters, {len(photos)} photos, {f'{minutes:g} minutes' if minutes else f'{steps} steps'} from step {done}")
+    log(f"psal-inpaint: {params} parameters, {len(photos)} photos, {options.length} from step {done}")
     fit(model, make_sampler(photos, batch, patch), hole_l1, options, Path(out),
         training_meta={**meta, "data": data_description(data, len(photos)), "loss": "L1 over hole pixels",
                        "masks": "thin/thick/box as in evaluation"},

@@ -283,6 +283,6 @@ def train(
     validate = _validation(val, scale, val_images, crop=192) if val.is_dir() else None
     params = sum(p.numel() for p in model.parameters())
     log(f"psal-upscale ×{scale}: {params} parameters, attention {model.config.attention}, "
-        f"{len(photos)} photos, {f'{minutes:g} minutes' if minutes else f'{steps} steps'} from step {done}")
+        f"{len(photos)} photos, {options.length} from step {done}")
     fit(model, make_sampler(photos, scale, batch, patch), loss_fn, options, Path(out),
         training_meta=meta, done_steps=done, validate=validate, log=log)
