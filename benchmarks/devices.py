@@ -45,7 +45,8 @@ def agreement(device: str) -> None:
 
     jobs = {
         "upscale x4": ("upscale", 4, lambda m, o: edit.upscale(m, image("chelsea.png"), o)),
-        "inpaint": ("inpaint", None, lambda m, o: edit.inpaint(m, image("coffee.png"), edit.hole_mask(image("coffee.png"), image("coffee_mask.png")), o)),
+        "inpaint": ("inpaint", None, lambda m, o: edit.inpaint(m, image("coffee.png"),
+                                                                edit.hole_mask(image("coffee.png"), image("coffee_mask.png")), o)),
         "colorize": ("colorize", None, lambda m, o: edit.colorize(m, image("motorcycle_gray.png"),
                                                                   image("motorcycle_reference.png"), o)),
     }
@@ -56,7 +57,8 @@ def agreement(device: str) -> None:
             start = time.time()
             out = to_tensor(run(model, Options(device=device, half=half)))[0]
             print(json.dumps({"part": "agreement", "network": name, "device": device, "half": half,
-                              "psnr_vs_cpu": round(psnr(out, reference, data_range=1.0), 2) if (out != reference).any() else "identical",
+                              "psnr_vs_cpu": (round(psnr(out, reference, data_range=1.0), 2)
+                                              if (out != reference).any() else "identical"),
                               "max_diff_255": round(float((out - reference).abs().max()) * 255),
                               "seconds": round(time.time() - start, 2)}), flush=True)
 

@@ -75,7 +75,7 @@ def _work_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _full_precision(x: Tensor) -> ContextManager:
+def full_precision(x: Tensor) -> ContextManager:
     """Autocast off: under `--half` (float16 autocast) a search's matrix products would mix
     float16 with its float32 tables, and float16 distances would rank matches wrongly."""
     return torch.autocast(x.device.type, enabled=False)
@@ -208,7 +208,7 @@ def patchmatch(
     `init` (an NNF or (B, Hq, Wq, k') indices into this key map) seeds the search.
     """
     _check_inputs(query, key, patch_size, neighbors, key_mask)
-    with torch.no_grad(), _full_precision(query):
+    with torch.no_grad(), full_precision(query):
         return _patchmatch(query, key, patch_size, neighbors, iterations, key_mask, init, generator)
 
 
@@ -591,7 +591,7 @@ def exact_knn(query: Tensor, key: Tensor, *, patch_size: int = 3, neighbors: int
     returned distances recomputed as exact sums of squared differences.
     """
     _check_inputs(query, key, patch_size, neighbors, key_mask)
-    with _full_precision(query):
+    with full_precision(query):
         return _exact_knn(query, key, patch_size, neighbors, key_mask)
 
 

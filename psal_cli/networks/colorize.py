@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from psal_cli.attention import NNF, PSAL
+from psal_cli.attention import NNF, PSAL, full_precision
 from psal_cli.color import rgb_to_ycbcr, ycbcr_to_rgb
 from psal_cli.networks import register_model
 from psal_cli.networks.stages import (
@@ -207,7 +207,7 @@ class PSALColorize(nn.Module):
             # replicate-padded (its own patches are already replicate-padded: none changes).
             q = F.pad(q, (0, max(0, c.patch_size - w), 0, max(0, c.patch_size - h)), mode="replicate")
         if q.shape[-2] * q.shape[-1] * k.shape[-2] * k.shape[-1] <= c.exact_pairs:
-            with torch.autocast(q.device.type, enabled=False):  # float32 distances under --half too
+            with full_precision(q):  # float32 distances under --half too
                 nnf = exhaustive_knn(q.detach(), k.detach(), c.patch_size, c.neighbors)
             out = self.psal.attend(q, k, v, nnf.indices)
         else:
