@@ -9,11 +9,14 @@ any of them with `--init` and a shipped weights file is a checkpoint.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -85,6 +88,42 @@ def random_crop(photo: Tensor, size: int, rng: random.Random) -> Tensor:
     return torch.rot90(crop, rng.randrange(4), (-2, -1))
 
 
+def batches(sample: Callable[[random.Random], dict[str, Tensor]], seed: int, first: int, workers: int = 0
+            ) -> Iterator[dict[str, Tensor]]:
+    """The batches of steps first, first + 1, ...: step s's is `sample(Random(f"{seed}:{s}"))`.
+
+    A batch depends on the seed and the step alone, so `workers` threads can make the next
+    ones while the network trains on this one (a GPU step is shorter than making 64 crops
+    with Pillow, which releases the GIL), and a run gets the same batches with any number
+    of workers, resumed or not.
+    """
+    def make(step: int) -> dict[str, Tensor]:
+        return sample(random.Random(f"{seed}:{step}"))
+
+    step = first
+    if workers == 0:
+        while True:
+            yield make(step)
+            step += 1
+    with ThreadPoolExecutor(workers, thread_name_prefix="batches") as pool:
+        ahead = deque(pool.submit(make, s) for s in range(first, first + 2 * workers))
+        try:
+            while True:
+                batch = ahead.popleft().result()
+                ahead.append(pool.submit(make, step + 2 * workers))
+                step += 1
+                yield batch
+        finally:
+            for future in ahead:
+                future.cancel()
+
+
+def batch_workers(device: torch.device) -> int:
+    """Threads making batches ahead: none on the CPU (the step itself uses the cores), up to
+    4 beside an accelerator."""
+    return 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
+
+
 def fit(
     model: nn.Module,
     sample: Callable[[random.Random], dict[str, Tensor]],
@@ -110,7 +149,6 @@ def fit(
     out.parent.mkdir(parents=True, exist_ok=True)  # only now: a run refused earlier leaves no folder
     device = torch.device(options.device)
     model.to(device).train()
-    rng = random.Random(options.seed + done_steps)
     torch.manual_seed(options.seed + done_steps)
     optimizer = torch.optim.Adam(model.parameters(), lr=options.lr)
     metrics: dict[str, float] = {}
@@ -128,12 +166,13 @@ def fit(
         save_model(model, out, training=meta, metrics=metrics)
 
     budget = options.minutes * 60 if options.minutes else math.inf
-    for step in range(1, options.steps + 1):
+    stream = batches(sample, options.seed, done_steps + 1, batch_workers(device))
+    for step, batch in zip(range(1, options.steps + 1), stream):
         progress = max((step - 1) / max(1, options.steps - 1), min(1.0, (time.time() - start) / budget))
         lr = options.lr_final + 0.5 * (options.lr - options.lr_final) * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = {name: t.to(device) for name, t in sample(rng).items()}
+        batch = {name: t.to(device) for name, t in batch.items()}
         loss = loss_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -156,4 +195,5 @@ def fit(
             checkpoint(step, last)
         if last:
             break
+    stream.close()
     model.eval()

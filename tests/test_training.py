@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from conftest import make_image
 from psal_cli.modelfile import read_info
 from psal_cli.tasks import inpaint
@@ -48,3 +50,26 @@ def test_a_time_budget_ends_the_schedule_and_the_run(tmp_path: Path, monkeypatch
     assert 5 <= info["steps"] < 20  # 30 s of a clock read a few times per step
     assert info["runs"][-1]["minutes"] == 0.5 and "stopped_of" not in info["runs"][-1]
     assert logs[-1].startswith(f"step {info['steps']} ") and " lr 1.00e-05 " in logs[-1]
+
+
+def test_batches_depend_on_seed_and_step_only() -> None:
+    """Worker threads make the same batches, in the same order, as the training loop itself
+    would, and a run resumed at step s gets the batches from s on."""
+    import itertools
+    import random
+
+    from psal_cli.training import batches
+
+    def sample(rng: random.Random) -> dict:
+        return {"x": torch.tensor([rng.random() for _ in range(3)])}
+
+    def first(stream, n: int) -> list:
+        taken = [b["x"] for b in itertools.islice(stream, n)]
+        stream.close()
+        return taken
+
+    inline = first(batches(sample, 7, 1), 9)
+    assert all(torch.equal(a, b) for a, b in zip(inline, first(batches(sample, 7, 1, workers=3), 9)))
+    assert all(torch.equal(a, b) for a, b in zip(inline[4:], first(batches(sample, 7, 5, workers=2), 5)))
+    assert not torch.equal(inline[0], first(batches(sample, 8, 1), 1)[0])
+    assert len({tuple(b.tolist()) for b in inline}) == 9
