@@ -46,10 +46,14 @@ _PCA_SAMPLES = 1024
 # hands the blocks back to the OS after every step). Smaller chunks also propagate good
 # matches further within an iteration (recall@1 0.26 vs 0.23 at 512² with 1024).
 _CHUNK = 512
-# On a GPU, where a chunk's ~50 small kernels cost their launches, not their arithmetic:
-# 8× fewer steps for nearly the same matches (×4 of the 1 MP BSD100 mosaic of
-# benchmarks/search_iterations.py, 3 iterations: 25.977 dB vs 25.978 with 512; 16384: 25.973).
+# On a GPU, where a chunk's ~50 small kernels cost their launches, not their arithmetic,
+# a step takes up to _GPU_CHUNK queries (×4 of the 1 MP BSD100 mosaic of
+# benchmarks/search_iterations.py, 3 iterations: 25.977 dB vs 25.978 with 512), but an
+# iteration never has fewer than _MIN_STEPS steps: good matches travel from step to step,
+# and fewer, larger steps find worse ones (colorize of BSD100 at 320 px, 68 k queries:
+# 35.12 dB with 512 queries per step, 35.08 with 1024, 35.00 with 2048, 34.97 with 4096).
 _GPU_CHUNK = 4096
+_MIN_STEPS = 128
 # Query–key scores held at once by the exhaustive search (64 MB in float32).
 _EXACT_ELEMENTS = 1 << 24
 # The eight neighbours of the best match, tried every iteration: overlapping patches are alike.
@@ -140,9 +144,12 @@ def _patch_ssd(maps: _Maps, qindex: Tensor, krows: Tensor) -> Tensor:
     return total
 
 
-def _search_chunk(device: torch.device) -> int:
-    """Queries per PatchMatch step: `_CHUNK` on the CPU, `_GPU_CHUNK` elsewhere."""
-    return _CHUNK if device.type == "cpu" else _GPU_CHUNK
+def _search_chunk(device: torch.device, queries: int) -> int:
+    """Queries per PatchMatch step: `_CHUNK` on the CPU; elsewhere as many as keep
+    `_MIN_STEPS` steps per iteration, within [`_CHUNK`, `_GPU_CHUNK`]."""
+    if device.type == "cpu":
+        return _CHUNK
+    return min(_GPU_CHUNK, max(_CHUNK, queries // _MIN_STEPS))
 
 
 def _distance_rows(maps: _Maps, candidates: int) -> int:
@@ -383,7 +390,8 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
     if fewest < k:
         raise ValueError(f"neighbors={k} exceeds the {fewest} valid {patch_size}×{patch_size} key patches")
     search = _Search(maps, valid, patch_size, 3 * k, generator)
-    n, chunk = B * Hq * Wq, _search_chunk(device)
+    n = B * Hq * Wq
+    chunk = _search_chunk(device, n)
     chunks = range(0, n, chunk)
 
     # Init: 3k distinct valid positions (as many as exist), evenly spaced in the valid list

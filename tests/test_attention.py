@@ -69,12 +69,24 @@ def test_patchmatch_is_close_to_exact_knn_on_photos(case: str) -> None:
 
 @pytest.mark.parametrize("case", NATURAL)
 def test_a_gpus_larger_search_steps_keep_the_quality(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a GPU PatchMatch updates `_GPU_CHUNK` queries per step: here each whole map in one."""
-    monkeypatch.setattr(attention, "_search_chunk", lambda device: attention._GPU_CHUNK)
+    """On a GPU PatchMatch updates up to `_GPU_CHUNK` queries per step: here each whole map in one."""
+    monkeypatch.setattr(attention, "_search_chunk", lambda device, queries: attention._GPU_CHUNK)
     query, key = NATURAL[case]()
     assert query.shape[-2] * query.shape[-1] <= attention._GPU_CHUNK
     recall, ratio = quality(patchmatch(query, key, generator=seeded()), exact_knn(query, key))
     assert recall >= 0.6 and ratio <= 1.05, (recall, ratio)
+
+
+def test_a_gpu_keeps_enough_search_steps_per_iteration() -> None:
+    """Larger steps on a GPU (fewer launches), but never so few per iteration that good
+    matches stop travelling: as many as the CPU's on maps up to 128 of its steps."""
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")  # only the device's type is read
+    for queries in (100, 20_000, 68_000, 300_000, 10**6, 10**7):
+        chunk, steps = attention._search_chunk(gpu, queries), -(-queries // attention._CHUNK)
+        assert attention._CHUNK <= chunk <= attention._GPU_CHUNK
+        assert -(-queries // chunk) >= min(steps, attention._MIN_STEPS)
+        assert attention._search_chunk(cpu, queries) == attention._CHUNK
+    assert attention._search_chunk(gpu, 10**7) == attention._GPU_CHUNK
 
 
 def test_patchmatch_distance_ratio_on_random_maps() -> None:
