@@ -113,7 +113,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--side", type=int, default=1000, help="input side for the ×4 speed run")
     parser.add_argument("--batches", type=int, nargs="*", default=[16, 64], help="training batch sizes (none: skip)")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "train")
+    # ../shared beside the checkout; on a lent device machine it travels inside it, as shared/
+    beside, inside = ROOT.parent / "shared" / "data" / "train", ROOT / "shared" / "data" / "train"
+    parser.add_argument("--data", type=Path, default=beside if beside.is_dir() or not inside.is_dir() else inside,
+                        help="training photos for the training part (skipped when absent)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the CPU reference, the batches)")
     args = parser.parse_args()
 
