@@ -14,6 +14,7 @@ import random
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -166,34 +167,33 @@ def fit(
         save_model(model, out, training=meta, metrics=metrics)
 
     budget = options.minutes * 60 if options.minutes else math.inf
-    stream = batches(sample, options.seed, done_steps + 1, batch_workers(device))
-    for step, batch in zip(range(1, options.steps + 1), stream):
-        progress = max((step - 1) / max(1, options.steps - 1), min(1.0, (time.time() - start) / budget))
-        lr = options.lr_final + 0.5 * (options.lr - options.lr_final) * (1 + math.cos(math.pi * progress))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = {name: t.to(device) for name, t in batch.items()}
-        loss = loss_fn(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        # Summed on the device and read only when logged: reading every step's loss would make
-        # the CPU wait for a GPU's step before it makes the next batch, instead of meanwhile.
-        seen_loss, seen = seen_loss + loss.detach(), seen + 1
-        last = step == options.steps or time.time() - start >= budget
-        if step % options.log_every == 0 or last:
-            rate = step / (time.time() - start)
-            log(f"step {done_steps + step} loss {float(seen_loss) / seen:.5f} lr {lr:.2e} {rate:.2f} steps/s")
-            seen_loss, seen = 0.0, 0
-        if validate is not None and (step % options.validate_every == 0 or last):
-            model.eval()
-            with torch.no_grad():
-                metrics = validate(model)
-            model.train()
-            log(f"step {done_steps + step} validation " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if step % options.checkpoint_every == 0 or last:
-            checkpoint(step, last)
-        if last:
-            break
-    stream.close()
+    with closing(batches(sample, options.seed, done_steps + 1, batch_workers(device))) as stream:
+        for step, batch in zip(range(1, options.steps + 1), stream):
+            progress = max((step - 1) / max(1, options.steps - 1), min(1.0, (time.time() - start) / budget))
+            lr = options.lr_final + 0.5 * (options.lr - options.lr_final) * (1 + math.cos(math.pi * progress))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = {name: t.to(device) for name, t in batch.items()}
+            loss = loss_fn(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # Summed on the device and read only when logged: reading every step's loss would make
+            # the CPU wait for each GPU step before it queues the next one.
+            seen_loss, seen = seen_loss + loss.detach(), seen + 1
+            last = step == options.steps or time.time() - start >= budget
+            if step % options.log_every == 0 or last:
+                rate = step / (time.time() - start)
+                log(f"step {done_steps + step} loss {float(seen_loss) / seen:.5f} lr {lr:.2e} {rate:.2f} steps/s")
+                seen_loss, seen = 0.0, 0
+            if validate is not None and (step % options.validate_every == 0 or last):
+                model.eval()
+                with torch.no_grad():
+                    metrics = validate(model)
+                model.train()
+                log(f"step {done_steps + step} validation " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if step % options.checkpoint_every == 0 or last:
+                checkpoint(step, last)
+            if last:
+                break
     model.eval()
