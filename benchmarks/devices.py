@@ -20,6 +20,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -39,7 +40,8 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def agreement(device: str) -> None:
+def example_runs() -> dict[str, tuple[torch.nn.Module, Callable[[torch.nn.Module, Options], Image.Image]]]:
+    """Each shipped network, loaded, and how it edits its bundled example: name → (model, run(model, options))."""
     def image(name: str) -> Image.Image:
         return Image.open(EXAMPLES / name)
 
@@ -50,8 +52,12 @@ def agreement(device: str) -> None:
         "colorize": ("colorize", None, lambda m, o: edit.colorize(m, image("motorcycle_gray.png"),
                                                                   image("motorcycle_reference.png"), o)),
     }
-    for name, (task, scale, run) in jobs.items():
-        model = load_model(default_model_path(task, scale), task=task)[0].eval()
+    return {name: (load_model(default_model_path(task, scale), task=task)[0].eval(), run)
+            for name, (task, scale, run) in jobs.items()}
+
+
+def agreement(device: str) -> None:
+    for name, (model, run) in example_runs().items():
         reference = to_tensor(run(model, Options(device="cpu")))[0]
         for half in (False, True):
             start = time.time()

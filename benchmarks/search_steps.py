@@ -21,17 +21,15 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from psal_cli import attention, edit
+from devices import example_runs  # benchmarks/, the folder of this script
+from psal_cli import attention
 from psal_cli.engine import Options
 from psal_cli.imageio import to_tensor
 from psal_cli.metrics import psnr
-from psal_cli.modelfile import default_model_path, load_model
 from psal_cli.tasks import colorize, inpaint
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
 CPU_RULE = attention._search_chunk
 
 
@@ -44,18 +42,7 @@ def use_steps(steps: str) -> None:
 
 
 def examples(steps: list[str]) -> None:
-    def image(name: str) -> Image.Image:
-        return Image.open(EXAMPLES / name)
-
-    jobs = {
-        "upscale x4": ("upscale", 4, lambda m, o: edit.upscale(m, image("chelsea.png"), o)),
-        "inpaint": ("inpaint", None, lambda m, o: edit.inpaint(m, image("coffee.png"),
-                                                                edit.hole_mask(image("coffee.png"), image("coffee_mask.png")), o)),
-        "colorize": ("colorize", None, lambda m, o: edit.colorize(m, image("motorcycle_gray.png"),
-                                                                  image("motorcycle_reference.png"), o)),
-    }
-    for name, (task, scale, run) in jobs.items():
-        model = load_model(default_model_path(task, scale), task=task)[0].eval()
+    for name, (model, run) in example_runs().items():
         attention._search_chunk = CPU_RULE
         own = to_tensor(run(model, Options(device="cpu")))[0]
         other_seed = to_tensor(run(model, Options(device="cpu", seed=1)))[0]
