@@ -603,9 +603,6 @@ def _threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-_UNTIL_THE_CLOCK = 10**9  # --minutes without --steps: steps enough for any budget
-
-
 @app.command()
 def train(
     task: TaskArg,
@@ -658,7 +655,9 @@ def train(
                                  param_hint="--output")
     _threads(threads)
     if minutes is not None and steps is None:
-        steps = _UNTIL_THE_CLOCK
+        from psal_cli.training import UNTIL_THE_CLOCK
+
+        steps = UNTIL_THE_CLOCK
     given = dict(data=data, out=output, scale=scale, init=init, steps=steps, minutes=minutes, batch=batch, patch=patch,
                  lr=lr, loss=loss and loss.value, device=_device(device), seed=seed, attention=attention,
                  deepen=deepen, widen=widen)

@@ -29,6 +29,9 @@ from psal_cli.imageio import FORMATS
 SHARED_TRAIN = "BSDS500 train+test (shared/data/train, 400 photos)"
 
 
+UNTIL_THE_CLOCK = 10**9  # `steps` of a run that `minutes` alone ends: no step cap
+
+
 @dataclass
 class TrainOptions:
     steps: int = 20000
@@ -159,11 +162,16 @@ def fit(
     recipe = {k: v for k, v in asdict(options).items()
               if k in ("batch", "patch", "lr", "lr_final", "seed", "device", "loss", "minutes") and v is not None}
 
+    recorded = asdict(options)
+    if options.steps >= UNTIL_THE_CLOCK:
+        recorded["steps"] = None  # the clock, not a step count, ends this run
+    schedule = recorded["steps"] or f"{options.minutes:g} minutes"
+
     def checkpoint(step: int, last: bool = False) -> None:
         run = {"steps": f"{done_steps}-{done_steps + step}", **recipe}
         if not last:
-            run["stopped_of"] = options.steps  # a checkpoint inside a cosine schedule
-        meta = {**training_meta, "steps": done_steps + step, "options": asdict(options), "runs": earlier + [run]}
+            run["stopped_of"] = schedule  # a checkpoint inside a cosine schedule
+        meta = {**training_meta, "steps": done_steps + step, "options": recorded, "runs": earlier + [run]}
         save_model(model, out, training=meta, metrics=metrics)
 
     budget = options.minutes * 60 if options.minutes else math.inf

@@ -35,7 +35,8 @@ def test_inpaint_records_the_data_it_trained_on(tmp_path: Path) -> None:
 
 def test_a_time_budget_ends_the_schedule_and_the_run(tmp_path: Path, monkeypatch) -> None:
     """--minutes: the learning rate reaches its final value as the clock runs out, training
-    stops there (before --steps), and the file records a finished run of that budget."""
+    stops there, and the file records a finished run of that budget and no step count (the
+    CLI's --minutes without --steps)."""
     from psal_cli import training
     from psal_cli.tasks import upscale
 
@@ -44,11 +45,12 @@ def test_a_time_budget_ends_the_schedule_and_the_run(tmp_path: Path, monkeypatch
     make_image(tmp_path / "photos" / "a.png", size=(40, 40))
     logs: list[str] = []
     out = tmp_path / "m.safetensors"
-    upscale.train(tmp_path / "photos", out, 2, steps=1000, batch=1, patch=16, minutes=0.5, val=tmp_path / "none",
+    upscale.train(tmp_path / "photos", out, 2, steps=training.UNTIL_THE_CLOCK, batch=1, patch=16, minutes=0.5, val=tmp_path / "none",
                   config={"channels": 4, "blocks_before": 1, "blocks_after": 1, "qk_channels": 4}, log=logs.append)
     info = read_info(out).training
     assert 5 <= info["steps"] < 20  # 30 s of a clock read a few times per step
     assert info["runs"][-1]["minutes"] == 0.5 and "stopped_of" not in info["runs"][-1]
+    assert info["options"]["steps"] is None and info["options"]["minutes"] == 0.5
     assert logs[-1].startswith(f"step {info['steps']} ") and " lr 1.00e-05 " in logs[-1]
 
 
