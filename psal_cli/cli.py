@@ -634,6 +634,11 @@ def train(
     widen: Annotated[int | None, typer.Option(
         "--widen", min=1, metavar="CHANNELS",
         help="upscale: CHANNELS inside every residual block of the --init network, added ones starting at zero.")] = None,
+    rescale: Annotated[float | None, typer.Option(
+        "--rescale", min=0.1, max=1.0, metavar="FACTOR",
+        help="upscale: half the crops are the photo reduced by a random factor in [FACTOR, 1] (more variety).")] = None,
+    colors: Annotated[bool, typer.Option(
+        "--shuffle-colors", help="upscale: permute each crop's RGB channels at random (more variety).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug messages.")] = False,
 ) -> None:
@@ -660,7 +665,7 @@ def train(
         steps = UNTIL_THE_CLOCK
     given = dict(data=data, out=output, scale=scale, init=init, steps=steps, minutes=minutes, batch=batch, patch=patch,
                  lr=lr, loss=loss and loss.value, device=_device(device), seed=seed, attention=attention,
-                 deepen=deepen, widen=widen)
+                 deepen=deepen, widen=widen, rescale=rescale, colors=colors or None)
     with _reported(debug):  # the output's folder is made when training starts (training.fit)
         _task_call(task, "train", given)
     log.info("wrote %s", output)

@@ -482,13 +482,14 @@ def test_train_then_eval_records_metrics() -> None:
         make_image(f"photos/{i}.png", size=(40, 32), seed=i)
     common = ["--data", "photos", "--device", "cpu"]
     psal("train", "upscale", "--scale", "2", "--steps", "1", "--batch", "1", "--patch", "16", "--loss", "l2",
-         "-o", "new/m.safetensors", *common)  # the folder is made when training starts
+         "--rescale", "0.5", "--shuffle-colors", "-o", "new/m.safetensors", *common)  # the folder is made when training starts
     psal("eval", "upscale", "--model", "new/m.safetensors", "--scale", "2", "--threads", "1",
          "--save-metrics", *common)
     rows = json.loads(psal("models", "new/m.safetensors", "--json").stdout)["models"]
     (row,) = [r for r in rows if r["file"] == "new/m.safetensors"]
     assert row["training"]["steps"] == 1 and set(row["metrics"]["photos"]) >= {"psnr", "ssim"}
     assert row["training"]["runs"][-1]["loss"] == "l2"
+    assert row["training"]["augmented"] == ["rescale 0.5, colors True from step 0"]
 
 
 def test_train_and_eval_usage_errors() -> None:

@@ -106,6 +106,29 @@ def test_ablation_has_no_attention() -> None:
     assert sum(p.numel() for p in with_attention.parameters()) - sum(p.numel() for p in without.parameters()) == extra
 
 
+def test_augmented_crops_rescale_and_permute_colors() -> None:
+    """On a photo that is a ramp (1 level per pixel) in one channel, a plain crop climbs 1 level
+    per pixel, a crop reduced by f climbs 1/f; with colors the ramp moves to any channel."""
+    ramp = torch.arange(200).repeat(200, 1)
+    photo = torch.stack([ramp, torch.zeros_like(ramp), torch.zeros_like(ramp)]).byte()  # (3, 200, 200)
+
+    def slopes_and_channels(**augment) -> tuple[list[float], set[int]]:
+        sample = task.make_sampler([photo], 2, batch=64, patch=32, **augment)
+        hr = sample(random.Random(0))["target"][:, :, 8:-8, 8:-8] * 255  # away from Pillow's edge handling
+        channel = hr.abs().sum((2, 3)).argmax(1)  # where the ramp is
+        ramps = hr[torch.arange(len(hr)), channel]
+        steps = torch.maximum(ramps.diff(dim=1).abs().mean((1, 2)), ramps.diff(dim=2).abs().mean((1, 2)))
+        return steps.tolist(), set(channel.tolist())
+
+    plain, channels = slopes_and_channels()
+    assert all(abs(s - 1) < 0.05 for s in plain) and channels == {0}
+    rescaled, channels = slopes_and_channels(rescale=0.5)
+    assert all(0.95 < s < 2.05 for s in rescaled) and channels == {0}
+    assert 16 < sum(s > 1.1 for s in rescaled) < 48  # about half the crops, by up to 2×
+    _, channels = slopes_and_channels(colors=True)
+    assert channels == {0, 1, 2}
+
+
 @pytest.mark.parametrize("name", ["l1", "l2"])
 def test_training_steps_reduce_the_loss(name: str) -> None:
     model = tiny(2).train()

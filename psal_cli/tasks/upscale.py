@@ -41,15 +41,32 @@ def y_metrics(sr: Tensor, hr: Tensor, scale: int) -> tuple[float, float]:
     return psnr(a, b, data_range=255.0), ssim(a, b, data_range=255.0)
 
 
-def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int) -> Callable[[random.Random], dict[str, Tensor]]:
-    """Batches of random flipped/rotated HR crops (patch×patch) and their bicubic LR."""
+def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int, *, rescale: float = 1.0,
+                 colors: bool = False) -> Callable[[random.Random], dict[str, Tensor]]:
+    """Batches of random flipped/rotated HR crops (patch×patch) and their bicubic LR.
+
+    More variety from the same photos, because a grown network fits its 400 training photos
+    better than photos it never saw: with `rescale` < 1, half the crops are a larger area
+    (up to patch/rescale) reduced to patch×patch with Pillow bicubic, the photo at another
+    scale; `colors` permutes the RGB channels of every crop at random.
+    """
     patch -= patch % scale
 
     def sample(rng: random.Random) -> dict[str, Tensor]:
         lrs, hrs = [], []
         for _ in range(batch):
-            crop = random_crop(photos[rng.randrange(len(photos))], patch, rng)  # (3, P, P) uint8
-            hr, lr = degrade(Image.fromarray(crop.permute(1, 2, 0).numpy()), scale)
+            photo = photos[rng.randrange(len(photos))]
+            if rescale < 1 and rng.random() < 0.5:
+                crop = random_crop(photo, round(patch / rng.uniform(rescale, 1.0)), rng)  # (3, P', P') uint8
+                image = Image.fromarray(crop.permute(1, 2, 0).numpy()).resize((patch, patch), Image.Resampling.BICUBIC)
+            else:
+                image = Image.fromarray(random_crop(photo, patch, rng).permute(1, 2, 0).numpy())
+            if colors:
+                order = [0, 1, 2]
+                rng.shuffle(order)
+                bands = image.split()
+                image = Image.merge("RGB", [bands[i] for i in order])
+            hr, lr = degrade(image, scale)
             lrs.append(to_float(lr))
             hrs.append(to_float(hr))
         return {"image": torch.cat(lrs), "target": torch.cat(hrs)}  # (B, 3, P/s, P/s), (B, 3, P, P)
@@ -213,6 +230,8 @@ def train(
     attention: bool = True,
     deepen: int = 0,
     widen: int = 0,
+    rescale: float = 1.0,
+    colors: bool = False,
     config: dict | None = None,
     val: Path | None = None,
     val_images: int = 5,
@@ -227,7 +246,8 @@ def train(
     every tensor that fits (head, attention, body) initialises a fresh ×`scale` network.
     `deepen` adds that many identity-initialised residual blocks after attention to the
     resumed network (`PSALUpscale.deepen`), `widen` sets the channels inside every residual
-    block (`PSALUpscale.widen`): more capacity from where training stands.
+    block (`PSALUpscale.widen`): more capacity from where training stands. `rescale` and
+    `colors` augment the crops (`make_sampler`).
     `attention=False` trains the ablation without PSAL; `config` overrides other fields of
     a new network's `PSALUpscale.Config` (tests use tiny ones). Validation PSNR is measured every
     `validate_every` steps on `val_images` centre crops of `val` (default: `data`/../val
@@ -269,6 +289,8 @@ def train(
             meta["init_from"] = f"{Path(init).name} (×{info.config['scale']}, {info.training.get('steps', 0)} steps)"
             log(f"initialised {len(fits)}/{len(own)} tensors from {init}")
     loss_fn = loss_function(loss)  # an unknown name fails before any photo is read
+    if not 0 < rescale <= 1:
+        raise ValueError(f"rescale must be in (0, 1], got {rescale:g}")
     side = (patch - patch % scale) // scale
     if not model.accepts_size("image", side, side):
         raise ValueError(f"--patch {patch} makes {side}×{side}-px inputs at ×{scale}, too few for PSAL's patches: use a larger --patch")
@@ -284,5 +306,7 @@ def train(
     params = sum(p.numel() for p in model.parameters())
     log(f"psal-upscale ×{scale}: {params} parameters, attention {model.config.attention}, "
         f"{len(photos)} photos, {options.length} from step {done}")
-    fit(model, make_sampler(photos, scale, batch, patch), loss_fn, options, Path(out),
+    if rescale < 1 or colors:
+        meta["augmented"] = meta.get("augmented", []) + [f"rescale {rescale:g}, colors {colors} from step {done}"]
+    fit(model, make_sampler(photos, scale, batch, patch, rescale=rescale, colors=colors), loss_fn, options, Path(out),
         training_meta=meta, done_steps=done, validate=validate, log=log)
