@@ -56,11 +56,10 @@ def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int, *, re
         lrs, hrs = [], []
         for _ in range(batch):
             photo = photos[rng.randrange(len(photos))]
-            if rescale < 1 and rng.random() < 0.5:
-                crop = random_crop(photo, round(patch / rng.uniform(rescale, 1.0)), rng)  # (3, P', P') uint8
-                image = Image.fromarray(crop.permute(1, 2, 0).numpy()).resize((patch, patch), Image.Resampling.BICUBIC)
-            else:
-                image = Image.fromarray(random_crop(photo, patch, rng).permute(1, 2, 0).numpy())
+            side = round(patch / rng.uniform(rescale, 1.0)) if rescale < 1 and rng.random() < 0.5 else patch
+            image = Image.fromarray(random_crop(photo, side, rng).permute(1, 2, 0).numpy())  # (S, S, 3) uint8
+            if image.size != (patch, patch):
+                image = image.resize((patch, patch), Image.Resampling.BICUBIC)
             if colors:
                 order = [0, 1, 2]
                 rng.shuffle(order)
