@@ -159,13 +159,12 @@ def fit(
     start, seen_loss, seen = time.time(), 0.0, 0
 
     earlier = list(training_meta.get("runs", []))
-    recipe = {k: v for k, v in asdict(options).items()
-              if k in ("batch", "patch", "lr", "lr_final", "seed", "device", "loss", "minutes") and v is not None}
-
     recorded = asdict(options)
     if options.steps >= UNTIL_THE_CLOCK:
         recorded["steps"] = None  # the clock, not a step count, ends this run
     schedule = recorded["steps"] or f"{options.minutes:g} minutes"
+    recipe = {k: v for k, v in recorded.items()
+              if k in ("batch", "patch", "lr", "lr_final", "seed", "device", "loss", "minutes") and v is not None}
 
     def checkpoint(step: int, last: bool = False) -> None:
         run = {"steps": f"{done_steps}-{done_steps + step}", **recipe}
