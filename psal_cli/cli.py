@@ -636,7 +636,8 @@ def train(
         help="upscale: CHANNELS inside every residual block of the --init network, added ones starting at zero.")] = None,
     rescale: Annotated[float | None, typer.Option(
         "--rescale", min=0.1, max=1.0, metavar="FACTOR",
-        help="upscale: half the crops are the photo reduced by a random factor in [FACTOR, 1] (more variety).")] = None,
+        help="upscale: half the crops are the photo reduced by a random factor in [FACTOR, 1] "
+             "(more variety; no further than the photo's short side allows).")] = None,
     colors: Annotated[bool, typer.Option(
         "--shuffle-colors", help="upscale: permute each crop's RGB channels at random (more variety).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output.")] = False,
