@@ -48,7 +48,8 @@ def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int, *, re
     More variety from the same photos, because a grown network fits its 400 training photos
     better than photos it never saw: with `rescale` < 1, half the crops are a larger area
     (up to patch/rescale, and no larger than the photo's short side) reduced to patch×patch
-    with Pillow bicubic, the photo at another scale; `colors` permutes the RGB channels of every crop at random.
+    with Pillow bicubic, the photo at another scale; `colors` permutes the RGB channels of
+    every crop at random.
     """
     patch -= patch % scale
 
