@@ -20,7 +20,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from psal_cli import __version__
@@ -282,9 +281,9 @@ def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
     items = batch.plan_outputs(items, c.output, batch=batch.is_batch(c.inputs), suffix=c.suffix,
                                ext=c.ext, default_suffix=f"_{task.removesuffix('e')}ed")
     items = batch.shard(items, c.shard)
-    if any(i.output is None for i in items) and click.get_binary_stream("stdout").isatty():
+    if any(i.output is None for i in items) and _binary(sys.stdout).isatty():
         raise batch.UsageError("refusing to write an image to the terminal; give -o FILE")
-    if any(i.source is None for i in items) and click.get_binary_stream("stdin").isatty():
+    if any(i.source is None for i in items) and _binary(sys.stdin).isatty():
         raise batch.UsageError("- reads an image from standard input, but it is a terminal; pipe one in")
     try:
         device = resolve_device(c.device)
@@ -302,12 +301,17 @@ def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
     with Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
         process = body(Session(task, c, options, reporter.tile))
         for result in batch.run_batch(
-                items, process, stdin=click.get_binary_stream("stdin"),
-                stdout=click.get_binary_stream("stdout"), quality=c.quality,
+                items, process, stdin=_binary(sys.stdin),
+                stdout=_binary(sys.stdout), quality=c.quality,
                 overwrite=c.overwrite, skip_existing=c.skip_existing,
                 stdout_format=stdout_format, debug=c.debug):
             reporter.done(result)
             results.append(result)
+
+
+def _binary(stream: Any) -> Any:
+    """The byte stream under a text stream (images are bytes); test runners may pass a byte stream."""
+    return getattr(stream, "buffer", stream)
 
 
 class Reporter:
@@ -452,36 +456,42 @@ def models(
 
     A damaged or foreign file is listed with its problem (exit status 1).
     """
-    from psal_cli.modelfile import ModelFileError, default_model_path, read_info, weights_dir
+    from psal_cli.modelfile import ModelFileError, default_model_path, read_info, weights_dir, weights_source
 
-    wdir = weights_dir()
-    paths = sorted(wdir.glob("*.safetensors")) if wdir.is_dir() else []
-    paths += [p for p in files or [] if p not in paths]
+    wdir, source = weights_dir(), weights_source()
+    installed = sorted(wdir.glob("*.safetensors")) if wdir.is_dir() else []
+    paths = installed + [p for p in files or [] if p not in installed]
     rows, bad = [], 0
     for path in paths:
+        found = source if path in installed else "given"  # where the file was found
         try:
             info = read_info(path)
-            rows.append({"file": str(path), "architecture": info.architecture, "task": info.task,
-                         "scale": info.scale, "parameters": info.parameters, "size": info.size,
-                         "metrics": info.metrics, "training": info.training, "error": None})
+            rows.append({"file": str(path), "found": found, "architecture": info.architecture,
+                         "task": info.task, "scale": info.scale, "parameters": info.parameters,
+                         "size": info.size, "metrics": info.metrics, "training": info.training,
+                         "error": None})
         except ModelFileError as e:
             bad += 1
-            rows.append({"file": str(path), "error": e.problem})
+            rows.append({"file": str(path), "found": found, "error": e.problem})
     defaults = [default_model_path(t.value, s) for t in Task for s in ((2, 3, 4) if t == Task.upscale else (None,))]
     missing = [str(p) for p in defaults if not p.exists()]
     if json_summary:
-        typer.echo(json.dumps({"models": rows, "not_installed": missing}, indent=2))
+        typer.echo(json.dumps({"weights": str(wdir), "found": source, "models": rows,
+                               "not_installed": missing}, indent=2))
     else:
-        _print_models(rows, missing, wdir)
+        _print_models(rows, missing, wdir, source)
     raise typer.Exit(1 if bad else 0)
 
+
+_SOURCES = {"$PSAL_WEIGHTS": "$PSAL_WEIGHTS", "package": "the installed package",
+            "checkout": "the source checkout"}
 
 # The classical methods `psal eval` measures beside each model (psal_cli/tasks): their
 # figures stay in the file and in `psal models --json`, out of the table.
 _BASELINES = ("bicubic", "lanczos", "mean", "telea", "reinhard", "nearest")
 
 
-def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path) -> None:
+def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path, source: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -491,7 +501,7 @@ def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path) ->
 
     good = [r for r in rows if not r["error"]]
     table = Table(box=None, header_style="bold", title_justify="left",
-                  title=f"[bold]models[/] (installed ones in {wdir})")
+                  title=f"[bold]models[/] (installed ones in {wdir}, found by {_SOURCES[source]})")
     table.add_column("model", overflow="fold")
     for column in ("architecture", "task", "scale", "params", "size"):
         table.add_column(column, no_wrap=True)
