@@ -351,6 +351,7 @@ def inpaint(
         model = session.load_model()
 
         def process(item: Any, image: Any) -> Any:
+            edit.ensure_memory(model, image)  # before the full-size mask is built
             try:
                 hole = edit.hole_mask(image, masks.for_item(item) if masks else None, invert=invert_mask,
                                       from_alpha=mask_from_alpha, dilate=dilate)
