@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -95,17 +95,85 @@ def is_batch(specs: list[str]) -> bool:
     return len(specs) > 1 or any(s != STDIO and (Path(s).is_dir() or not Path(s).exists()) for s in specs)
 
 
-def shard(items: list[Item], spec: str | None) -> list[Item]:
-    """Keep the I-th (1-based) of N interleaved slices, e.g. "2/4": items 2, 6, 10, ..."""
+def shard(items: list[Item], spec: str | None, environ: Mapping[str, str] = os.environ) -> list[Item]:
+    """Keep the I-th (1-based) of N interleaved slices, e.g. "2/4": items 2, 6, 10, ...
+
+    "auto" (or "auto/N") takes I and N from the scheduler that started the process: see
+    `scheduler_slice`.
+    """
     if not spec:
         return items
+    if spec == "auto" or spec.startswith("auto/"):
+        i, n = scheduler_slice(spec, environ)
+        log.info("shard %d/%d of %d inputs", i, n, len(items))
+        return items[i - 1 :: n]
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
-        raise UsageError(f"--shard {spec}: expected I/N, e.g. 1/4") from None
+        raise UsageError(f"--shard {spec}: expected I/N or auto, e.g. 1/4") from None
     if not 1 <= i <= n:
         raise UsageError(f"--shard {spec}: I must be between 1 and N")
     return items[i - 1 :: n]
+
+
+# The variable a Kubernetes Indexed Job sets for the number of slices (the Job's
+# `completions`, which Kubernetes does not pass on to the pod by itself).
+SHARD_COUNT = "PSAL_SHARD_COUNT"
+
+
+def scheduler_slice(spec: str, environ: Mapping[str, str]) -> tuple[int, int]:
+    """(I, N) of "auto" or "auto/N" from a SLURM job array or a Kubernetes Indexed Job.
+
+    SLURM: the task's place in its array, from SLURM_ARRAY_TASK_ID and
+    SLURM_ARRAY_TASK_MIN/_MAX/_STEP (`--array=0-99` or `1-400:4`), N from
+    SLURM_ARRAY_TASK_COUNT (or the range). Kubernetes: JOB_COMPLETION_INDEX (0-based),
+    N from "auto/N" or PSAL_SHARD_COUNT. "auto/N" must agree with the scheduler's N.
+    """
+    given = spec.removeprefix("auto").removeprefix("/")
+    try:
+        given_n = int(given) if given else None
+        if given_n is not None and given_n < 1:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--shard {spec}: expected auto or auto/N with N a positive count") from None
+
+    def number(name: str) -> int | None:
+        value = environ.get(name)
+        if value is None or value == "":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise UsageError(f"--shard {spec}: {name}={value!r} is not a number") from None
+
+    task = number("SLURM_ARRAY_TASK_ID")
+    index = number("JOB_COMPLETION_INDEX")
+    if task is not None:
+        low, high = number("SLURM_ARRAY_TASK_MIN"), number("SLURM_ARRAY_TASK_MAX")
+        step = number("SLURM_ARRAY_TASK_STEP") or 1
+        count = number("SLURM_ARRAY_TASK_COUNT")
+        if low is None or (high is None and count is None):
+            raise UsageError(f"--shard {spec}: SLURM_ARRAY_TASK_ID is set but not SLURM_ARRAY_TASK_MIN "
+                             "and _MAX or _COUNT; give --shard I/N")
+        span = (high - low) // step + 1 if high is not None else count
+        if count is not None and count != span or (task - low) % step:
+            raise UsageError(f"--shard {spec}: the job array's indices are not one evenly spaced range "
+                             f"(e.g. --array=0-99 or 1-400:4); give --shard I/N")
+        i, n, source = (task - low) // step + 1, span, "SLURM job array"
+    elif index is not None:
+        n = given_n or number(SHARD_COUNT)
+        if n is None:
+            raise UsageError(f"--shard auto: JOB_COMPLETION_INDEX is set but not the number of slices; "
+                             f"give --shard auto/N or set {SHARD_COUNT} (the Job's completions)")
+        i, source = index + 1, "Kubernetes Indexed Job"
+    else:
+        raise UsageError(f"--shard {spec}: no job array found (neither SLURM_ARRAY_TASK_ID nor "
+                         "JOB_COMPLETION_INDEX is set); give --shard I/N")
+    if given_n is not None and given_n != n:
+        raise UsageError(f"--shard {spec}, but the {source} has {n} tasks")
+    if not 1 <= i <= n:
+        raise UsageError(f"--shard {spec}: the {source}'s task {i - 1} is outside its {n} slices")
+    return i, n
 
 
 def plan_outputs(items: list[Item], output: str | None, *, batch: bool, suffix: str | None,

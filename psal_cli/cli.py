@@ -95,8 +95,10 @@ COMMON: list[tuple[str, Any, Any]] = [
         "--skip-existing", panel=BATCH, help="Skip inputs whose output exists: resumes a batch.")],
      False),
     ("shard", Annotated[str | None, _opt(
-        "--shard", metavar="I/N", panel=BATCH,
-        help="Process only the I-th (1..N) of N deterministic slices of the inputs.")], None),
+        "--shard", metavar="I/N|auto", panel=BATCH,
+        help="Process only the I-th (1..N) of N deterministic slices of the inputs. [bold]auto[/]: "
+        "the slice of this task of a SLURM job array or Kubernetes Indexed Job (auto/N: N slices).")],
+     None),
     ("json_summary", Annotated[bool, _opt(
         "--json", panel=BATCH,
         help="Print one JSON summary on standard output (per input: output, seconds, status, error).")],
