@@ -365,7 +365,7 @@ class Reporter:
   psal inpaint cutout.png --mask-from-alpha -o filled.png""")
 def inpaint(
     session: Session,
-    mask: Annotated[Path | None, typer.Option(
+    mask: Annotated[str | None, typer.Option(
         "--mask", "-M", metavar="FILE|DIR",
         help="Mask image, non-zero = hole: one for all inputs, or a folder matched by file stem.")] = None,
     invert_mask: Annotated[bool, typer.Option(
@@ -404,7 +404,7 @@ def inpaint(
   psal colorize scans/ --reference refs/ -o coloured/   [dim](refs matched by file name)[/]""")
 def colorize(
     session: Session,
-    reference: Annotated[Path, typer.Option(
+    reference: Annotated[str, typer.Option(
         "--reference", "-R", metavar="FILE|DIR", show_default=False,
         help="Colour reference: one image for all inputs, or a folder matched by file stem.")],
 ) -> Callable[..., Any]:
