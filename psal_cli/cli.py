@@ -78,8 +78,9 @@ Overwrite = Annotated[bool, typer.Option(
 SkipExisting = Annotated[bool, typer.Option(
     "--skip-existing", rich_help_panel=BATCH, help="Skip inputs whose output exists: resumes a batch.")]
 Shard = Annotated[str | None, typer.Option(
-    "--shard", metavar="I/N", rich_help_panel=BATCH,
-    help="Process only the I-th (1..N) of N deterministic slices of the inputs.")]
+    "--shard", metavar="I/N|auto", rich_help_panel=BATCH,
+    help="Process only the I-th (1..N) of N deterministic slices of the inputs. [bold]auto[/]: this task's "
+    "slice of a SLURM job array or Kubernetes Indexed Job (auto/N: of N slices).")]
 JsonSummary = Annotated[bool, typer.Option(
     "--json", rich_help_panel=BATCH,
     help="Print one JSON summary on standard output (per input: output, seconds, status, error).")]
@@ -315,7 +316,7 @@ class Reporter:
 @app.command("inpaint")
 def inpaint(
     inputs: Inputs,
-    mask: Annotated[Path | None, typer.Option(
+    mask: Annotated[str | None, typer.Option(
         "--mask", "-M", metavar="FILE|DIR",
         help="Mask image, non-zero = hole: one for all inputs, or a folder matched by file stem.")] = None,
     invert_mask: Annotated[bool, typer.Option(
@@ -369,7 +370,7 @@ def inpaint(
 @app.command("colorize")
 def colorize(
     inputs: Inputs,
-    reference: Annotated[Path, typer.Option(
+    reference: Annotated[str, typer.Option(
         "--reference", "-R", metavar="FILE|DIR", show_default=False,
         help="Colour reference: one image for all inputs, or a folder matched by file stem.")],
     output: Output = None, model: Model = None, quality: Quality = None, recursive: Recursive = False,
