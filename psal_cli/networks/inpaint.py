@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from psal_cli.attention import PSAL, patch_distances, patchmatch, valid_key_centres
+from psal_cli.blur import gaussian_blur
 from psal_cli.networks import register_model
 from psal_cli.networks.stages import VIEWS, Direct, LocalStage, conv_radius, holds_patches, pad_to_multiple, view
 
@@ -103,15 +104,6 @@ class Refine(LocalStage):
 
     def forward(self, comp: Tensor, mask: Tensor) -> Tensor:
         return (comp + self.body(torch.cat([comp, mask], 1))).clamp(0, 1)
-
-
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur (radius 3σ, replicate padding), per channel."""
-    r = max(1, math.ceil(3 * sigma))
-    g = torch.exp(-(torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) ** 2) / (2 * sigma**2))
-    g = (g / g.sum()).view(1, 1, 1, -1).repeat(x.shape[1], 1, 1, 1)  # (C, 1, 1, 2r+1)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), g, groups=x.shape[1])
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), g.transpose(2, 3), groups=x.shape[1])
 
 
 def masked_blur(x: Tensor, known: Tensor, sigma: float) -> Tensor:
