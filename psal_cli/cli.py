@@ -249,7 +249,9 @@ def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
                       seed=c.seed)
     # --ext names every output that goes to standard output (-o -, or - in without -o).
     stdout_format = batch.FORMATS[batch.normalise_ext(c.ext)] if c.ext else None
-    with Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
+    from psal_cli.imageio import large_images
+
+    with large_images(), Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
         process = body(Session(task, c, options, reporter.tile))
         for result in batch.run_batch(
                 items, process, stdin=_binary(sys.stdin),
@@ -559,7 +561,7 @@ def _task_call(task: Task, function: str, given: dict[str, Any]) -> Any:
         if name not in accepted:
             raise typer.BadParameter(f"does not apply to {task.value}",
                                      param_hint=f"--{name.replace('_', '-')}")
-    return fn(**given, **({"log": log.info} if "log" in accepted else {}))
+    return fn(**given)
 
 
 @contextmanager
