@@ -313,6 +313,8 @@ def _describe(e: BaseException) -> str:
         return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
     if isinstance(e, (ValueError, OSError)):
         return str(e)
+    if isinstance(e, MemoryError) or "can't allocate memory" in str(e):
+        return "out of memory"
     if "out of memory" in str(e).lower():
         return "out of memory; try a smaller --tile"
     return f"internal error: {type(e).__name__}: {e} (run with --debug for details)"
