@@ -13,8 +13,8 @@ import torch
 from conftest import random_image
 from PIL import Image
 
-from psal_cli import edit
-from psal_cli.attention import exact_knn, patch_distances
+from psal_cli import attention, edit
+from psal_cli.attention import exact_knn
 from psal_cli.modelfile import read_info, save_model
 from psal_cli.networks.upscale import PSALUpscale
 from psal_cli.tasks import upscale as task
@@ -30,10 +30,11 @@ def tiny(scale: int = 2, **overrides) -> PSALUpscale:
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
-@pytest.mark.parametrize("exact_keys", [0, 1 << 17])  # PatchMatch and exact search
-def test_output_shape_and_range(scale: int, exact_keys: int) -> None:
+@pytest.mark.parametrize("exact_pairs", [0, attention.EXACT_PAIRS])  # PatchMatch and exact search
+def test_output_shape_and_range(scale: int, exact_pairs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "EXACT_PAIRS", exact_pairs)
     with torch.no_grad():
-        out = tiny(scale, exact_keys=exact_keys)(image=torch.rand(2, 3, 9, 13))
+        out = tiny(scale)(image=torch.rand(2, 3, 9, 13))
     assert out.shape == (2, 3, 9 * scale, 13 * scale)
     assert out.min() >= 0 and out.max() <= 1
 
@@ -78,17 +79,18 @@ def test_stage_radii_bound_the_receptive_field() -> None:
         assert xs.min() >= (15 - r) * scale and xs.max() < (16 + r) * scale
 
 
-def test_attention_uses_exact_neighbours_on_small_maps_and_patchmatch_above() -> None:
-    model = tiny(2, exact_keys=12 * 12)
+def test_attention_uses_exact_neighbours_on_small_maps_and_patchmatch_above(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny(2)
+    monkeypatch.setattr(attention, "EXACT_PAIRS", 12**4)
+    block = model.attention
     for side, exact in [(12, True), (13, False)]:
-        torch.manual_seed(0)
-        feat = torch.randn(1, 8, side, side)
+        feat = torch.randn(1, 8, side, side, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            model.attention(feat)
-            q, k = model.attention.query(feat), model.attention.key(feat)
-        found, truth = model.attention.psal.last_nnf, exact_knn(q, k, patch_size=3, neighbors=4)
-        assert torch.equal(found.indices, truth.indices) == exact
-        assert torch.allclose(found.distances, patch_distances(q, k, found.indices, 3), atol=1e-5)
+            out = block(feat, generator=torch.Generator().manual_seed(0))
+            q, k = block.query(feat), block.key(feat)
+            truth = exact_knn(q, k, patch_size=3, neighbors=4)
+            with_truth = feat + block.gamma * block.out(block.value(block.psal.attend(q, k, feat, truth.indices)))
+        assert torch.allclose(out, with_truth, atol=1e-6) == exact
 
 
 def test_gradient_reaches_attention_inputs() -> None:
@@ -327,20 +329,18 @@ def test_model_file_round_trip(tmp_path: Path) -> None:
     assert info.scale == 4
 
 
-@pytest.mark.parametrize("exact_keys", [0, 1 << 17])  # PatchMatch and exact search
-def test_banded_inference_attention_equals_the_training_formula(exact_keys: int) -> None:
+@pytest.mark.parametrize("exact_pairs", [0, attention.EXACT_PAIRS])  # PatchMatch and exact search
+def test_banded_inference_attention_equals_the_training_formula(exact_pairs: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """At inference the attention aggregates features in bands and projects values after
     aggregating; it must equal feat + γ·out(attend(q, k, value(feat))) computed whole."""
-    model = tiny(2, exact_keys=exact_keys)
-    attention = model.attention
-    attention.psal.query_chunk = 40  # bands of 2–3 rows on a 17-wide map
-    torch.manual_seed(3)
-    feat = torch.randn(2, 8, 23, 17)
-    torch.manual_seed(0)
+    monkeypatch.setattr(attention, "EXACT_PAIRS", exact_pairs)
+    block = tiny(2).attention
+    block.psal.query_chunk = 40  # bands of 2–3 rows on a 17-wide map
+    feat = torch.randn(2, 8, 23, 17, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        banded = attention(feat)
-    indices = attention.psal.last_nnf.indices
-    q, k, v = attention.query(feat), attention.key(feat), attention.value(feat)
+        banded = block(feat, generator=torch.Generator().manual_seed(0))
+    q, k, v = block.query(feat), block.key(feat), block.value(feat)
+    indices = block.psal.search(q, k, generator=torch.Generator().manual_seed(0)).indices
     with torch.no_grad():
-        whole = feat + attention.gamma * attention.out(attention.psal.attend(q, k, v, indices))
+        whole = feat + block.gamma * block.out(block.psal.attend(q, k, v, indices))
     assert torch.allclose(banded, whole, atol=1e-5)

@@ -166,10 +166,14 @@ class PSALInpaint(nn.Module):
         self.to_q = nn.Conv2d(c.width, c.attn_channels, 1)
         self.to_k = nn.Conv2d(c.width, c.attn_channels, 1)
         self.to_v = nn.Conv2d(c.width, c.width, 1)
-        self.attn = PSAL(c.attn_patch, c.attn_neighbors, c.attn_iterations, aggregation="center")
+        self.attn = PSAL(patch_size=c.attn_patch, neighbors=c.attn_neighbors, iterations=c.attn_iterations,
+                         aggregation="center")
         self.decoder = Decoder(c.width, tuple(c.decoder_dilations))
         self.refine = Refine(c.refine_width)
-        self.transfer = PSAL(3, 1, 0, temperature=c.detail_temperature, aggregation="patch")
+        # Attends with the NNF transfer_detail builds (it never searches): only its
+        # aggregation settings matter.
+        self.transfer = PSAL(patch_size=3, neighbors=1, iterations=0, temperature=c.detail_temperature,
+                             aggregation="patch")
 
     def forward(self, image: Tensor, mask: Tensor) -> Tensor:
         return self.run(Direct(), image=image, mask=mask)

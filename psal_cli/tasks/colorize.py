@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from psal_cli.attention import exact_knn
 from psal_cli.color import lab_to_rgb, rgb_to_lab, rgb_to_ycbcr, ycbcr_to_rgb
 from psal_cli.metrics import psnr, to_uint8_levels
-from psal_cli.networks.colorize import PSALColorize, exhaustive_knn, quantize8
+from psal_cli.networks.colorize import PSALColorize, quantize8
 from psal_cli.networks.stages import Direct
 from psal_cli.training import TrainOptions, data_description, fit, image_files, load_photos
 
@@ -148,7 +149,7 @@ def reinhard(gray: Tensor, reference: Tensor) -> Tensor:
 def nearest_patch(gray: Tensor, reference: Tensor, patch_size: int = 5) -> Tensor:
     """Copy the CbCr of the centre of the exhaustive nearest luminance patch, keep the target Y."""
     ycc = rgb_to_ycbcr(reference)
-    nnf = exhaustive_knn(quantize8(gray), quantize8(ycc[:, :1]), patch_size, 1)
+    nnf = exact_knn(quantize8(gray), quantize8(ycc[:, :1]), patch_size=patch_size, neighbors=1, prune=True)
     B = reference.shape[0]
     chroma = ycc[:, 1:].flatten(2)  # (B, 2, Hr·Wr)
     index = nnf.indices.view(B, 1, -1).expand(-1, 2, -1)  # (B, 2, H·W)

@@ -24,11 +24,10 @@ from torch import Tensor, nn
 from psal_cli.color import rgb_to_luma
 from psal_cli.metrics import psnr, ssim, to_uint8_levels
 from psal_cli.networks.stages import Direct
+from psal_cli.tasks.choices import MASK_FAMILIES as FAMILIES
 from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos, random_crop,
                                to_float)
 
-# family: (fraction of pixels low, high), (stroke width low, high) in pixels.
-FAMILIES = {"thin": ((0.05, 0.15), (3, 9)), "thick": ((0.25, 0.40), (15, 35)), "box": ((0.20, 0.30), None)}
 RING = 8  # width in pixels of the known ring against which hole sharpness is compared
 
 

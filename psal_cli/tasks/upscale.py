@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from psal_cli.edit import check_size
 from psal_cli.engine import Options, run_network
 from psal_cli.metrics import psnr, rgb_to_y, shave, ssim, to_uint8_levels
+from psal_cli.tasks.choices import LOSSES
 from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos, random_crop,
                                to_float)
 
@@ -74,16 +75,15 @@ def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int, *, re
     return sample
 
 
-# L1 is the usual super-resolution loss (it trains faster and sharper than L2); a last
-# fine-tune with L2, the mean squared error that PSNR measures, still gains some PSNR.
-LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}
-
-
 def loss_function(name: str = "l1") -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
-    """The training loss `name` (`LOSSES`) of the network's output against the HR crop."""
+    """The training loss `name` (`LOSSES`) of the network's output against the HR crop.
+
+    L1 is the usual super-resolution loss (it trains faster and sharper than L2); a last
+    fine-tune with L2, the mean squared error that PSNR measures, still gains some PSNR.
+    """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r} (use {' or '.join(LOSSES)})")
-    pixel_loss = LOSSES[name]
+    pixel_loss = getattr(F, LOSSES[name])
 
     def loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         return pixel_loss(model(image=batch["image"]), batch["target"])
