@@ -599,7 +599,7 @@ def _reported(debug: bool) -> Iterator[None]:
     except KeyboardInterrupt:
         log.error("interrupted")
         raise typer.Exit(130) from None
-    except (typer.TyperException, typer.Exit, typer.Abort):
+    except (typer.BadParameter, typer.Exit, typer.Abort):
         raise  # usage errors (BadParameter) and exit statuses: Typer reports them
     except Exception as e:  # noqa: BLE001 - a user never sees a traceback without --debug
         if debug:
