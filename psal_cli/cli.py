@@ -718,11 +718,9 @@ def evaluate(
     with _reported(debug):
         report = _task_call(task, "evaluate", given)
         module = sys.modules[f"psal_cli.tasks.{task.value}"]
-        typer.echo(json.dumps(report, indent=2, default=str) if json_report else module.format_report(report))
+        typer.echo(json.dumps(asdict(report), indent=2, default=str) if json_report else module.format_report(report))
         if save_metrics:  # kept per data set, beside what the file already records
-            figures = (module.metrics_for_file(report) if hasattr(module, "metrics_for_file")
-                       else report["mean"])
-            write_metrics(model, {**read_info(model).metrics, data.name: figures})
+            write_metrics(model, {**read_info(model).metrics, data.name: module.metrics_for_file(report)})
             log.info("metrics on %s recorded in %s", data.name, model)
 
 
