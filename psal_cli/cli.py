@@ -1,9 +1,9 @@
 """The `psal` command line: parse, call the library, report.
 
-`inpaint`, `colorize` and `upscale` share one pipeline (`batch_command`): the same
-input/output/device options, batch loop, progress, JSON summary and exit statuses
-(0 all done, 1 some inputs failed, 2 usage error). Each command only says how to load
-its model and edit one image.
+`inpaint`, `colorize` and `upscale` share one pipeline (`_run`): the same
+input/output/device options (declared once, as Annotated types), batch loop, progress,
+JSON summary and exit statuses (0 all done, 1 some inputs failed, 2 usage error). Each
+command only says how to load its model and edit one image.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class Common:
 
 
 @dataclass
-class Session:
+class Invocation:
     """What a command's body gets: the options, and how to load its model and report tiles."""
 
     task: str
@@ -191,7 +191,7 @@ def _message(e: Exception) -> str:
     return f"internal error: {type(e).__name__}: {e} (run with --debug for details)"
 
 
-def _run(task: str, c: Common, body: Callable[[Session], Callable[..., Any]]) -> int:
+def _run(task: str, c: Common, body: Callable[[Invocation], Callable[..., Any]]) -> int:
     """Run the batch and report: per-file lines, JSON summary; returns the exit status."""
     _setup_logging(c.quiet, c.debug)
     from psal_cli.batch import UsageError
@@ -220,7 +220,7 @@ def _run(task: str, c: Common, body: Callable[[Session], Callable[..., Any]]) ->
     return code
 
 
-def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
+def _batch(task: str, c: Common, body: Callable[[Invocation], Callable[..., Any]],
            results: list[Any]) -> None:
     """Plan the outputs, load the model, process every input; appends to `results` as it goes."""
     from psal_cli import batch
@@ -252,7 +252,7 @@ def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
     from psal_cli.imageio import large_images
 
     with large_images(), Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
-        process = body(Session(task, c, options, reporter.tile))
+        process = body(Invocation(task, c, options, reporter.tile))
         for result in batch.run_batch(
                 items, process, stdin=click.get_binary_stream("stdin"),
                 stdout=click.get_binary_stream("stdout"), quality=c.quality,
@@ -340,13 +340,13 @@ def inpaint(
     """
     common = Common.of(locals())
 
-    def body(session: Session) -> Callable[..., Any]:
+    def body(call: Invocation) -> Callable[..., Any]:
         from psal_cli import batch, edit
 
         if (mask is None) == (not mask_from_alpha):
             raise _usage("give either --mask FILE|DIR or --mask-from-alpha")
         masks = batch.Companions(mask, "mask") if mask else None
-        model = session.load_model()
+        model = call.load_model()
 
         def process(item: Any, image: Any) -> Any:
             try:
@@ -356,7 +356,7 @@ def inpaint(
                 if mask_from_alpha:  # the library's message, with the option it comes from
                     raise ValueError(f"--mask-from-alpha: {e}") from None
                 raise
-            return edit.inpaint(model, image, hole, session.options, session.on_tile)
+            return edit.inpaint(model, image, hole, call.options, call.on_tile)
 
         return process
 
@@ -385,13 +385,13 @@ def colorize(
     """
     common = Common.of(locals())
 
-    def body(session: Session) -> Callable[..., Any]:
+    def body(call: Invocation) -> Callable[..., Any]:
         from psal_cli import batch, edit
 
         refs = batch.Companions(reference, "reference")
-        model = session.load_model()
-        return lambda item, image: edit.colorize(model, image, refs.for_item(item), session.options,
-                                                 session.on_tile)
+        model = call.load_model()
+        return lambda item, image: edit.colorize(model, image, refs.for_item(item), call.options,
+                                                 call.on_tile)
 
     raise typer.Exit(_run("colorize", common, body))
 
@@ -422,15 +422,15 @@ def upscale(
     """
     common = Common.of(locals())
 
-    def body(session: Session) -> Callable[..., Any]:
+    def body(call: Invocation) -> Callable[..., Any]:
         from psal_cli import edit
 
         if ensemble:
-            session.options.views = 8
-        model = session.load_model(scale=scale or 4)  # the scale picks the default file only
+            call.options.views = 8
+        model = call.load_model(scale=scale or 4)  # the scale picks the default file only
         if scale and model.config.scale != scale:
-            raise _usage(f"--scale {scale}, but {session.common.model} is a ×{model.config.scale} model")
-        return lambda item, image: edit.upscale(model, image, session.options, session.on_tile)
+            raise _usage(f"--scale {scale}, but {call.common.model} is a ×{model.config.scale} model")
+        return lambda item, image: edit.upscale(model, image, call.options, call.on_tile)
 
     raise typer.Exit(_run("upscale", common, body))
 
