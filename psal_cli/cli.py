@@ -20,7 +20,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from psal_cli import __version__
@@ -50,7 +49,7 @@ Loss = Enum("Loss", {name: name for name in LOSSES}, type=str)
 
 # -- shared options: each declared once, as an Annotated type the commands' signatures use ----
 
-IO, BATCH, RUN = "Input and output", "Batches", "Device and tiling"
+IO, BATCH, RUN, CLUSTER = "Input and output", "Batches", "Device and tiling", "Many machines"
 DEVICE_HELP, THREADS_HELP, DEBUG_HELP = ("auto, cpu, cuda, cuda:N or mps.", "CPU threads. Default: torch's choice.",
                                          "Show tracebacks and debug messages.")
 
@@ -79,8 +78,9 @@ Overwrite = Annotated[bool, typer.Option(
 SkipExisting = Annotated[bool, typer.Option(
     "--skip-existing", rich_help_panel=BATCH, help="Skip inputs whose output exists: resumes a batch.")]
 Shard = Annotated[str | None, typer.Option(
-    "--shard", metavar="I/N", rich_help_panel=BATCH,
-    help="Process only the I-th (1..N) of N deterministic slices of the inputs.")]
+    "--shard", metavar="I/N|auto", rich_help_panel=BATCH,
+    help="Process only the I-th (1..N) of N deterministic slices of the inputs. [bold]auto[/]: this task's "
+    "slice of a SLURM job array or Kubernetes Indexed Job (auto/N: of N slices).")]
 JsonSummary = Annotated[bool, typer.Option(
     "--json", rich_help_panel=BATCH,
     help="Print one JSON summary on standard output (per input: output, seconds, status, error).")]
@@ -100,6 +100,18 @@ Tile = Annotated[int | None, typer.Option(
 TileOverlap = Annotated[int | None, typer.Option(
     "--tile-overlap", min=0, metavar="PIXELS", rich_help_panel=RUN,
     help="Tile overlap.  [dim]\\[default: each stage's receptive field: seamless][/]")]
+Ray = Annotated[bool, typer.Option(
+    "--ray", rich_help_panel=CLUSTER,
+    help="Run the batch on a Ray cluster: the one RAY_ADDRESS names (as [bold]ray job submit[/] sets it), "
+    "else a local one started for the run. Needs [bold]pip install \"psal-cli\\[ray]\"[/].")]
+RayAddress = Annotated[str | None, typer.Option(
+    "--ray-address", metavar="ADDRESS", rich_help_panel=CLUSTER,
+    help="--ray on this cluster: [bold]auto[/] (the one running on this machine), HOST:PORT or "
+    "ray://HOST:PORT.")]
+Workers = Annotated[int | None, typer.Option(
+    "--workers", min=1, metavar="N", rich_help_panel=CLUSTER,
+    help="Ray workers, each loading the model once, with one CPU (one GPU with --device cuda). "
+    "[dim]\\[default: the cluster's CPUs (GPUs)][/]")]
 
 
 @dataclass
@@ -125,6 +137,9 @@ class Common:
     seed: int
     tile: int | None
     tile_overlap: int | None
+    ray: bool
+    ray_address: str | None
+    workers: int | None
 
     @classmethod
     def of(cls, arguments: dict[str, Any]) -> Common:
@@ -232,9 +247,13 @@ def _batch(task: str, c: Common, body: Callable[[Invocation], Callable[..., Any]
     items = batch.plan_outputs(items, c.output, batch=batch.is_batch(c.inputs), suffix=c.suffix,
                                ext=c.ext, default_suffix=f"_{task.removesuffix('e')}ed")
     items = batch.shard(items, c.shard)
-    if any(i.output is None for i in items) and click.get_binary_stream("stdout").isatty():
+    if c.ray or c.ray_address:
+        return _ray_batch(task, c, body, items, results)
+    if c.workers is not None:
+        raise batch.UsageError("--workers is the number of Ray workers: give --ray too")
+    if any(i.output is None for i in items) and _binary(sys.stdout).isatty():
         raise batch.UsageError("refusing to write an image to the terminal; give -o FILE")
-    if any(i.source is None for i in items) and click.get_binary_stream("stdin").isatty():
+    if any(i.source is None for i in items) and _binary(sys.stdin).isatty():
         raise batch.UsageError("- reads an image from standard input, but it is a terminal; pipe one in")
     try:
         device = resolve_device(c.device)
@@ -254,12 +273,37 @@ def _batch(task: str, c: Common, body: Callable[[Invocation], Callable[..., Any]
     with large_images(), Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
         process = body(Invocation(task, c, options, reporter.tile))
         for result in batch.run_batch(
-                items, process, stdin=click.get_binary_stream("stdin"),
-                stdout=click.get_binary_stream("stdout"), quality=c.quality,
+                items, process, stdin=_binary(sys.stdin),
+                stdout=_binary(sys.stdout), quality=c.quality,
                 overwrite=c.overwrite, skip_existing=c.skip_existing,
                 stdout_format=stdout_format, debug=c.debug):
             reporter.done(result)
             results.append(result)
+
+
+def _ray_batch(task: str, c: Common, body: Callable[[Invocation], Callable[..., Any]], items: list[Any],
+               results: list[Any]) -> None:
+    """`_batch` on a Ray cluster: the model is loaded here, once, and shipped to the workers
+    (which need no weights of their own); results are reported as they come, then listed
+    in input order."""
+    from psal_cli import ray
+    from psal_cli.engine import Options
+
+    options = Options(device=c.device, tile=c.tile, tile_overlap=c.tile_overlap, half=c.half, seed=c.seed)
+    edit = body(Invocation(task, c, options, on_tile=None))
+    order = {item.name: k for k, item in enumerate(items)}
+    with Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
+        for result in ray.run_batch(items, edit, address=c.ray_address, workers=c.workers,
+                                    gpus=c.device.startswith("cuda"), quality=c.quality, overwrite=c.overwrite,
+                                    skip_existing=c.skip_existing, threads=c.threads):
+            reporter.done(result)
+            results.append(result)
+    results.sort(key=lambda r: order[r.input])
+
+
+def _binary(stream: Any) -> Any:
+    """The byte stream under a text stream (images are bytes); test runners may pass a byte stream."""
+    return getattr(stream, "buffer", stream)
 
 
 class Reporter:
@@ -313,7 +357,7 @@ class Reporter:
 @app.command("inpaint")
 def inpaint(
     inputs: Inputs,
-    mask: Annotated[Path | None, typer.Option(
+    mask: Annotated[str | None, typer.Option(
         "--mask", "-M", metavar="FILE|DIR",
         help="Mask image, non-zero = hole: one for all inputs, or a folder matched by file stem.")] = None,
     invert_mask: Annotated[bool, typer.Option(
@@ -326,7 +370,8 @@ def inpaint(
     suffix: Suffix = None, ext: Ext = None, overwrite: Overwrite = False, skip_existing: SkipExisting = False,
     shard: Shard = None, json_summary: JsonSummary = False, quiet: Quiet = False, debug: Debug = False,
     device: Device = "auto", half: Half = False, threads: Threads = None, seed: Seed = 0, tile: Tile = None,
-    tile_overlap: TileOverlap = None,
+    tile_overlap: TileOverlap = None, ray: Ray = False,
+    ray_address: RayAddress = None, workers: Workers = None,
 ) -> None:
     """Fill the holes a mask marks; known pixels are kept exactly.
 
@@ -346,19 +391,7 @@ def inpaint(
         if (mask is None) == (not mask_from_alpha):
             raise _usage("give either --mask FILE|DIR or --mask-from-alpha")
         masks = batch.Companions(mask, "mask") if mask else None
-        model = call.load_model()
-
-        def process(item: Any, image: Any) -> Any:
-            try:
-                hole = edit.hole_mask(image, masks.for_item(item) if masks else None, invert=invert_mask,
-                                      from_alpha=mask_from_alpha, dilate=dilate)
-            except ValueError as e:
-                if mask_from_alpha:  # the library's message, with the option it comes from
-                    raise ValueError(f"--mask-from-alpha: {e}") from None
-                raise
-            return edit.inpaint(model, image, hole, call.options, call.on_tile)
-
-        return process
+        return edit.Inpainter(call.load_model(), call.options, masks, invert_mask, dilate, call.on_tile)
 
     raise typer.Exit(_run("inpaint", common, body))
 
@@ -366,14 +399,15 @@ def inpaint(
 @app.command("colorize")
 def colorize(
     inputs: Inputs,
-    reference: Annotated[Path, typer.Option(
+    reference: Annotated[str, typer.Option(
         "--reference", "-R", metavar="FILE|DIR", show_default=False,
         help="Colour reference: one image for all inputs, or a folder matched by file stem.")],
     output: Output = None, model: Model = None, quality: Quality = None, recursive: Recursive = False,
     suffix: Suffix = None, ext: Ext = None, overwrite: Overwrite = False, skip_existing: SkipExisting = False,
     shard: Shard = None, json_summary: JsonSummary = False, quiet: Quiet = False, debug: Debug = False,
     device: Device = "auto", half: Half = False, threads: Threads = None, seed: Seed = 0, tile: Tile = None,
-    tile_overlap: TileOverlap = None,
+    tile_overlap: TileOverlap = None, ray: Ray = False,
+    ray_address: RayAddress = None, workers: Workers = None,
 ) -> None:
     """Colour gray images after a colour reference; colour inputs are reduced to gray first.
 
@@ -389,9 +423,7 @@ def colorize(
         from psal_cli import batch, edit
 
         refs = batch.Companions(reference, "reference")
-        model = call.load_model()
-        return lambda item, image: edit.colorize(model, image, refs.for_item(item), call.options,
-                                                 call.on_tile)
+        return edit.Colorizer(call.load_model(), call.options, refs, call.on_tile)
 
     raise typer.Exit(_run("colorize", common, body))
 
@@ -408,7 +440,8 @@ def upscale(
     suffix: Suffix = None, ext: Ext = None, overwrite: Overwrite = False, skip_existing: SkipExisting = False,
     shard: Shard = None, json_summary: JsonSummary = False, quiet: Quiet = False, debug: Debug = False,
     device: Device = "auto", half: Half = False, threads: Threads = None, seed: Seed = 0, tile: Tile = None,
-    tile_overlap: TileOverlap = None,
+    tile_overlap: TileOverlap = None, ray: Ray = False,
+    ray_address: RayAddress = None, workers: Workers = None,
 ) -> None:
     """Enlarge images by 2, 3 or 4; alpha is enlarged alongside.
 
@@ -430,7 +463,7 @@ def upscale(
         model = call.load_model(scale=scale or 4)  # the scale picks the default file only
         if scale and model.config.scale != scale:
             raise _usage(f"--scale {scale}, but {call.common.model} is a ×{model.config.scale} model")
-        return lambda item, image: edit.upscale(model, image, call.options, call.on_tile)
+        return edit.Upscaler(model, call.options, call.on_tile)
 
     raise typer.Exit(_run("upscale", common, body))
 
@@ -446,36 +479,42 @@ def models(
 
     A damaged or foreign file is listed with its problem (exit status 1).
     """
-    from psal_cli.modelfile import ModelFileError, default_model_path, read_info, weights_dir
+    from psal_cli.modelfile import ModelFileError, default_model_path, read_info, weights_dir, weights_source
 
-    wdir = weights_dir()
-    paths = sorted(wdir.glob("*.safetensors")) if wdir.is_dir() else []
-    paths += [p for p in files or [] if p not in paths]
+    wdir, source = weights_dir(), weights_source()
+    installed = sorted(wdir.glob("*.safetensors")) if wdir.is_dir() else []
+    paths = installed + [p for p in files or [] if p not in installed]
     rows, bad = [], 0
     for path in paths:
+        found = source if path in installed else "given"  # where the file was found
         try:
             info = read_info(path)
-            rows.append({"file": str(path), "architecture": info.architecture, "task": info.task,
-                         "scale": info.scale, "parameters": info.parameters, "size": info.size,
-                         "metrics": info.metrics, "training": info.training, "error": None})
+            rows.append({"file": str(path), "found": found, "architecture": info.architecture,
+                         "task": info.task, "scale": info.scale, "parameters": info.parameters,
+                         "size": info.size, "metrics": info.metrics, "training": info.training,
+                         "error": None})
         except ModelFileError as e:
             bad += 1
-            rows.append({"file": str(path), "error": e.problem})
+            rows.append({"file": str(path), "found": found, "error": e.problem})
     defaults = [default_model_path(t.value, s) for t in Task for s in ((2, 3, 4) if t == Task.upscale else (None,))]
     missing = [str(p) for p in defaults if not p.exists()]
     if json_summary:
-        typer.echo(json.dumps({"models": rows, "not_installed": missing}, indent=2))
+        typer.echo(json.dumps({"weights": str(wdir), "found": source, "models": rows,
+                               "not_installed": missing}, indent=2))
     else:
-        _print_models(rows, missing, wdir)
+        _print_models(rows, missing, wdir, source)
     raise typer.Exit(1 if bad else 0)
 
+
+_SOURCES = {"$PSAL_WEIGHTS": "$PSAL_WEIGHTS", "package": "the installed package",
+            "checkout": "the source checkout"}
 
 # The classical methods `psal eval` measures beside each model (psal_cli/tasks): their
 # figures stay in the file and in `psal models --json`, out of the table.
 _BASELINES = ("bicubic", "lanczos", "mean", "telea", "reinhard", "nearest")
 
 
-def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path) -> None:
+def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path, source: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -485,7 +524,7 @@ def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path) ->
 
     good = [r for r in rows if not r["error"]]
     table = Table(box=None, header_style="bold", title_justify="left",
-                  title=f"[bold]models[/] (installed ones in {wdir})")
+                  title=f"[bold]models[/] (installed ones in {wdir}, found by {_SOURCES[source]})")
     table.add_column("model", overflow="fold")
     for column in ("architecture", "task", "scale", "params", "size"):
         table.add_column(column, no_wrap=True)

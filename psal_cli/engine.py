@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from fractions import Fraction
@@ -63,6 +64,95 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"unsupported device {name!r} (use auto, cpu, cuda, cuda:N or mps)")
     return device
+
+
+class NotEnoughMemory(ValueError):
+    """An image whose edit would need more memory than this process may use (one line)."""
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate, or None where that cannot be read.
+
+    The least of: the machine's available memory, the headroom of this process's cgroup
+    (containers, batch schedulers), and of its own address-space and data limits
+    (`ulimit -v`, `resource.setrlimit`).
+    """
+    limits = []
+    meminfo = _read_kb("/proc/meminfo", "MemAvailable:")
+    if meminfo is not None:
+        limits.append(meminfo)
+    limits += _cgroup_headroom()
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        resource = None
+    if resource is not None:
+        for limit, used in ((resource.RLIMIT_AS, "VmSize:"), (resource.RLIMIT_DATA, "VmData:")):
+            soft = resource.getrlimit(limit)[0]
+            current = _read_kb("/proc/self/status", used)
+            if soft != resource.RLIM_INFINITY and current is not None:
+                limits.append(soft - current)
+    if not limits:
+        try:  # other Unix systems
+            limits.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):
+            return None
+    return max(0, min(limits))
+
+
+def _read_kb(path: str, key: str) -> int | None:
+    """A `key: N kB` line of a /proc file, in bytes."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_headroom() -> list[int]:
+    """Limit minus usage of this process's memory cgroup (v2, else v1), where limited."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            entries = [line.strip().split(":", 2) for line in f]
+    except OSError:
+        return []
+    found = []
+    for _, controllers, path in entries:
+        if controllers == "":  # v2
+            base = f"/sys/fs/cgroup{path}"
+            files = (f"{base}/memory.max", f"{base}/memory.current")
+        elif "memory" in controllers.split(","):
+            base = f"/sys/fs/cgroup/memory{path}"
+            files = (f"{base}/memory.limit_in_bytes", f"{base}/memory.usage_in_bytes")
+        else:
+            continue
+        try:
+            with open(files[0]) as f:
+                limit = f.read().strip()
+            with open(files[1]) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's huge "unlimited"
+            found.append(int(limit) - usage)
+    return found
+
+
+def check_memory(need: int, what: str) -> None:
+    """NotEnoughMemory naming `what`, the memory it needs and what is available, if it does not fit."""
+    available = available_memory()
+    log.debug("%s: needs about %s, %s available", what, _size(need),
+              "unknown" if available is None else _size(available))
+    if available is not None and need > available:
+        raise NotEnoughMemory(f"{what} needs about {_size(need)} of memory, "
+                              f"{_size(available)} is available")
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
 
 
 def auto_tile(device: torch.device) -> int:

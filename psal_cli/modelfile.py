@@ -70,9 +70,28 @@ class ModelInfo:
 
 
 def weights_dir() -> Path:
-    """Where default models live: $PSAL_WEIGHTS, else `weights/` next to the package."""
+    """Where the installed models live (the first that applies):
+
+    `$PSAL_WEIGHTS`; `psal_cli/weights/` inside an installed package (a wheel carries the
+    repository's `weights/` there); `weights/` at the top of a source checkout (an editable
+    install, or a run from the repository).
+    """
+    return _weights()[0]
+
+
+def weights_source() -> str:
+    """Which rule of `weights_dir` found the models: "$PSAL_WEIGHTS", "package" or "checkout"."""
+    return _weights()[1]
+
+
+def _weights() -> tuple[Path, str]:
     env = os.environ.get("PSAL_WEIGHTS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "weights"
+    if env:
+        return Path(env), "$PSAL_WEIGHTS"
+    package = Path(__file__).resolve().parent
+    if (package / "weights").is_dir():
+        return package / "weights", "package"
+    return package.parent / "weights", "checkout"
 
 
 def default_model_path(task: str, scale: int | None = None) -> Path:
