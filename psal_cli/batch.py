@@ -282,7 +282,9 @@ class Companions:
         if not spec.exists():
             raise UsageError(f"{what} {spec}: no such file or folder")
         self.index: dict[Path, Path] = {}
-        if spec.is_dir():
+        # Decided here, where the spec was given: a Ray worker may run in another folder.
+        self.folder, self.cwd = spec.is_dir(), Path.cwd()
+        if self.folder:
             # Shallowest first (then by path): for a stem found at several depths, the
             # first one seen, the shallowest, is what an input matched by stem alone gets.
             for p in sorted(spec.rglob("*"), key=lambda p: (len(p.parts), p)):
@@ -295,13 +297,14 @@ class Companions:
     def for_item(self, item: Item) -> Image.Image:
         """The companion image of `item` (read once and cached when shared)."""
         path = self.spec
-        if self.spec.is_dir():
+        if self.folder:
             key = item.rel.with_suffix("")
             path = self.index.get(key) or self.index.get(Path(key.name))
             if path is None:
                 raise ImageError(f"{item.name}: no {self.what} named {key.name}.* in {self.spec}")
         if path not in self._cache:
-            self._cache = {path: read_image(path)}  # keep one: a folder's files are used once
+            # Keep one: a folder's files are used once.
+            self._cache = {path: read_image(self.cwd / path if isinstance(path, Path) else path, str(path))}
         return self._cache[path]
 
 
@@ -362,6 +365,40 @@ def run_batch(
                         debug=debug)
 
 
+def _skip(item: Item, present: bool | None, *, overwrite: bool, skip_existing: bool) -> bool:
+    """Whether the item's existing output is to be kept (`skip_existing`); ImageError if it is
+    refused (neither `overwrite` nor `skip_existing`) or the output is the input itself."""
+    out = item.output
+    if out is None:
+        return False
+    if item.source is not None and out.resolve() == item.source.resolve():
+        raise ImageError(f"{out}: is the input; refusing to overwrite it")
+    if out.exists() if present is None else present:
+        if skip_existing:
+            return True
+        if not overwrite:
+            raise ImageError(f"{out}: already exists (use --overwrite or --skip-existing)")
+    return False
+
+
+def triage(items: list[Item], *, overwrite: bool, skip_existing: bool) -> tuple[list[int], dict[int, Result]]:
+    """For a run that hands its items to other processes (Ray): the positions of the items
+    to edit, and the Results of the others (skipped, or refused), by position. Outputs are
+    looked at once, here (one listing for object storage), as `run_batch` does item by item."""
+    listed = existing(i.output for i in items if isinstance(i.output, Remote))
+    todo, settled = [], {}
+    for k, item in enumerate(items):
+        present = item.output in listed if isinstance(item.output, Remote) else None
+        try:
+            if _skip(item, present, overwrite=overwrite, skip_existing=skip_existing):
+                settled[k] = Result(item.name, item.output_name, "skipped")
+            else:
+                todo.append(k)
+        except ImageError as e:
+            settled[k] = Result(item.name, item.output_name, "failed", error=_about(item.name, str(e)))
+    return todo, settled
+
+
 def edit_item(
     item: Item,
     process: Callable[[Item, Image.Image], Image.Image],
@@ -381,14 +418,9 @@ def edit_item(
     result = Result(item.name, item.output_name, "done")
     try:
         out = item.output
-        if out is not None and item.source is not None and out.resolve() == item.source.resolve():
-            raise ImageError(f"{out}: is the input; refusing to overwrite it")
-        if out is not None and (out.exists() if present is None else present):
-            if skip_existing:
-                result.status = "skipped"
-                return result
-            if not overwrite:
-                raise ImageError(f"{out}: already exists (use --overwrite or --skip-existing)")
+        if _skip(item, present, overwrite=overwrite, skip_existing=skip_existing):
+            result.status = "skipped"
+            return result
         image = read_image(item.source) if item.source else read_image(stdin.read(), STDIO)
         fmt = stdout_format or output_format(image.format)
         name_input = _NameInput(item.name)

@@ -49,7 +49,7 @@ Loss = Enum("Loss", {name: name for name in LOSSES}, type=str)
 
 # -- shared options: each declared once, as an Annotated type the commands' signatures use ----
 
-IO, BATCH, RUN = "Input and output", "Batches", "Device and tiling"
+IO, BATCH, RUN, CLUSTER = "Input and output", "Batches", "Device and tiling", "Many machines"
 DEVICE_HELP, THREADS_HELP, DEBUG_HELP = ("auto, cpu, cuda, cuda:N or mps.", "CPU threads. Default: torch's choice.",
                                          "Show tracebacks and debug messages.")
 
@@ -100,6 +100,18 @@ Tile = Annotated[int | None, typer.Option(
 TileOverlap = Annotated[int | None, typer.Option(
     "--tile-overlap", min=0, metavar="PIXELS", rich_help_panel=RUN,
     help="Tile overlap.  [dim]\\[default: each stage's receptive field: seamless][/]")]
+Ray = Annotated[bool, typer.Option(
+    "--ray", rich_help_panel=CLUSTER,
+    help="Run the batch on a Ray cluster: the one RAY_ADDRESS names (as [bold]ray job submit[/] sets it), "
+    "else a local one started for the run. Needs [bold]pip install \"psal-cli\\[ray]\"[/].")]
+RayAddress = Annotated[str | None, typer.Option(
+    "--ray-address", metavar="ADDRESS", rich_help_panel=CLUSTER,
+    help="--ray on this cluster: [bold]auto[/] (the one running on this machine), HOST:PORT or "
+    "ray://HOST:PORT.")]
+Workers = Annotated[int | None, typer.Option(
+    "--workers", min=1, metavar="N", rich_help_panel=CLUSTER,
+    help="Ray workers, each loading the model once, with one CPU (one GPU with --device cuda). "
+    "[dim]\\[default: the cluster's CPUs (GPUs)][/]")]
 
 
 @dataclass
@@ -125,6 +137,9 @@ class Common:
     seed: int
     tile: int | None
     tile_overlap: int | None
+    ray: bool
+    ray_address: str | None
+    workers: int | None
 
     @classmethod
     def of(cls, arguments: dict[str, Any]) -> Common:
@@ -232,6 +247,10 @@ def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
     items = batch.plan_outputs(items, c.output, batch=batch.is_batch(c.inputs), suffix=c.suffix,
                                ext=c.ext, default_suffix=f"_{task.removesuffix('e')}ed")
     items = batch.shard(items, c.shard)
+    if c.ray or c.ray_address:
+        return _ray_batch(task, c, body, items, results)
+    if c.workers is not None:
+        raise batch.UsageError("--workers is the number of Ray workers: give --ray too")
     if any(i.output is None for i in items) and _binary(sys.stdout).isatty():
         raise batch.UsageError("refusing to write an image to the terminal; give -o FILE")
     if any(i.source is None for i in items) and _binary(sys.stdin).isatty():
@@ -249,7 +268,9 @@ def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
                       seed=c.seed)
     # --ext names every output that goes to standard output (-o -, or - in without -o).
     stdout_format = batch.FORMATS[batch.normalise_ext(c.ext)] if c.ext else None
-    with Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
+    from psal_cli.imageio import large_images
+
+    with large_images(), Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
         process = body(Session(task, c, options, reporter.tile))
         for result in batch.run_batch(
                 items, process, stdin=_binary(sys.stdin),
@@ -258,6 +279,26 @@ def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
                 stdout_format=stdout_format, debug=c.debug):
             reporter.done(result)
             results.append(result)
+
+
+def _ray_batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]], items: list[Any],
+               results: list[Any]) -> None:
+    """`_batch` on a Ray cluster: the model is loaded here, once, and shipped to the workers
+    (which need no weights of their own); results are reported as they come, then listed
+    in input order."""
+    from psal_cli import ray
+    from psal_cli.engine import Options
+
+    options = Options(device=c.device, tile=c.tile, tile_overlap=c.tile_overlap, half=c.half, seed=c.seed)
+    edit = body(Session(task, c, options, on_tile=None))
+    order = {item.name: k for k, item in enumerate(items)}
+    with Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
+        for result in ray.run_batch(items, edit, address=c.ray_address, workers=c.workers,
+                                    gpus=c.device.startswith("cuda"), quality=c.quality, overwrite=c.overwrite,
+                                    skip_existing=c.skip_existing, threads=c.threads):
+            reporter.done(result)
+            results.append(result)
+    results.sort(key=lambda r: order[r.input])
 
 
 def _binary(stream: Any) -> Any:
@@ -329,7 +370,8 @@ def inpaint(
     suffix: Suffix = None, ext: Ext = None, overwrite: Overwrite = False, skip_existing: SkipExisting = False,
     shard: Shard = None, json_summary: JsonSummary = False, quiet: Quiet = False, debug: Debug = False,
     device: Device = "auto", half: Half = False, threads: Threads = None, seed: Seed = 0, tile: Tile = None,
-    tile_overlap: TileOverlap = None,
+    tile_overlap: TileOverlap = None, ray: Ray = False,
+    ray_address: RayAddress = None, workers: Workers = None,
 ) -> None:
     """Fill the holes a mask marks; known pixels are kept exactly.
 
@@ -349,20 +391,7 @@ def inpaint(
         if (mask is None) == (not mask_from_alpha):
             raise _usage("give either --mask FILE|DIR or --mask-from-alpha")
         masks = batch.Companions(mask, "mask") if mask else None
-        model = session.load_model()
-
-        def process(item: Any, image: Any) -> Any:
-            edit.ensure_memory(model, image)  # before the full-size mask is built
-            try:
-                hole = edit.hole_mask(image, masks.for_item(item) if masks else None, invert=invert_mask,
-                                      from_alpha=mask_from_alpha, dilate=dilate)
-            except ValueError as e:
-                if mask_from_alpha:  # the library's message, with the option it comes from
-                    raise ValueError(f"--mask-from-alpha: {e}") from None
-                raise
-            return edit.inpaint(model, image, hole, session.options, session.on_tile)
-
-        return process
+        return edit.Inpainter(session.load_model(), session.options, masks, invert_mask, dilate, session.on_tile)
 
     raise typer.Exit(_run("inpaint", common, body))
 
@@ -377,7 +406,8 @@ def colorize(
     suffix: Suffix = None, ext: Ext = None, overwrite: Overwrite = False, skip_existing: SkipExisting = False,
     shard: Shard = None, json_summary: JsonSummary = False, quiet: Quiet = False, debug: Debug = False,
     device: Device = "auto", half: Half = False, threads: Threads = None, seed: Seed = 0, tile: Tile = None,
-    tile_overlap: TileOverlap = None,
+    tile_overlap: TileOverlap = None, ray: Ray = False,
+    ray_address: RayAddress = None, workers: Workers = None,
 ) -> None:
     """Colour gray images after a colour reference; colour inputs are reduced to gray first.
 
@@ -393,9 +423,7 @@ def colorize(
         from psal_cli import batch, edit
 
         refs = batch.Companions(reference, "reference")
-        model = session.load_model()
-        return lambda item, image: edit.colorize(model, image, refs.for_item(item), session.options,
-                                                 session.on_tile)
+        return edit.Colorizer(session.load_model(), session.options, refs, session.on_tile)
 
     raise typer.Exit(_run("colorize", common, body))
 
@@ -412,7 +440,8 @@ def upscale(
     suffix: Suffix = None, ext: Ext = None, overwrite: Overwrite = False, skip_existing: SkipExisting = False,
     shard: Shard = None, json_summary: JsonSummary = False, quiet: Quiet = False, debug: Debug = False,
     device: Device = "auto", half: Half = False, threads: Threads = None, seed: Seed = 0, tile: Tile = None,
-    tile_overlap: TileOverlap = None,
+    tile_overlap: TileOverlap = None, ray: Ray = False,
+    ray_address: RayAddress = None, workers: Workers = None,
 ) -> None:
     """Enlarge images by 2, 3 or 4; alpha is enlarged alongside.
 
@@ -434,7 +463,7 @@ def upscale(
         model = session.load_model(scale=scale or 4)  # the scale picks the default file only
         if scale and model.config.scale != scale:
             raise _usage(f"--scale {scale}, but {session.common.model} is a ×{model.config.scale} model")
-        return lambda item, image: edit.upscale(model, image, session.options, session.on_tile)
+        return edit.Upscaler(model, session.options, session.on_tile)
 
     raise typer.Exit(_run("upscale", common, body))
 
@@ -559,7 +588,7 @@ def _task_call(task: Task, function: str, given: dict[str, Any]) -> Any:
         if name not in accepted:
             raise typer.BadParameter(f"does not apply to {task.value}",
                                      param_hint=f"--{name.replace('_', '-')}")
-    return fn(**given, **({"log": log.info} if "log" in accepted else {}))
+    return fn(**given)
 
 
 @contextmanager

@@ -13,6 +13,8 @@ back gray, 16-bit stays 16-bit, ICC profile and EXIF are carried over.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -149,3 +151,58 @@ def inpaint(model: nn.Module, image: Image.Image, hole: Tensor, options: Options
     if alpha is not None:
         alpha = torch.where(filled, 1.0, alpha)  # filled pixels are opaque
     return from_tensor(out, alpha, like=image)
+
+
+# -- the edits as a batch's per-file step ----------------------------------------------------
+# `(item, image) -> image` callables, which run_batch (psal_cli.batch) and the Ray actors
+# (psal_cli.ray) call for each file. Plain data (a model, options, companions): they
+# pickle, so a Ray driver can hand one, model inside, to every worker.
+
+
+class Companions(Protocol):
+    """The mask or reference of each batch item (psal_cli.batch.Companions)."""
+
+    def for_item(self, item: Any) -> Image.Image: ...
+
+
+@dataclass
+class Upscaler:
+    model: nn.Module
+    options: Options
+    on_tile: OnTile | None = None
+
+    def __call__(self, item: Any, image: Image.Image) -> Image.Image:
+        return upscale(self.model, image, self.options, self.on_tile)
+
+
+@dataclass
+class Colorizer:
+    model: nn.Module
+    options: Options
+    references: Companions
+    on_tile: OnTile | None = None
+
+    def __call__(self, item: Any, image: Image.Image) -> Image.Image:
+        return colorize(self.model, image, self.references.for_item(item), self.options, self.on_tile)
+
+
+@dataclass
+class Inpainter:
+    model: nn.Module
+    options: Options
+    masks: Companions | None  # None: the hole is the image's transparency
+    invert: bool = False
+    dilate: int = 0
+    on_tile: OnTile | None = None
+
+    def __call__(self, item: Any, image: Image.Image) -> Image.Image:
+        from_alpha = self.masks is None
+        ensure_memory(self.model, image)  # before the full-size mask is built
+        try:
+            hole = hole_mask(image, None if from_alpha else self.masks.for_item(item), invert=self.invert,
+                             from_alpha=from_alpha, dilate=self.dilate)
+        except ValueError as e:
+            if from_alpha:  # the library's message, with the option it comes from
+                raise ValueError(f"--mask-from-alpha: {e}") from None
+            raise
+        return inpaint(self.model, image, hole, self.options, self.on_tile)

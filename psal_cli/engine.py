@@ -180,8 +180,10 @@ class Tiled:
         half: bool = False,
         on_tile: OnTile | None = None,
         storage: torch.device = torch.device("cpu"),
+        generator: torch.Generator | None = None,
     ) -> None:
         self.device, self.tile, self.overlap, self.on_tile, self.storage = device, tile, overlap, on_tile, storage
+        self.generator = generator
         self.half = half and device.type in ("cuda", "mps")
 
     def _precision(self) -> ContextManager:
@@ -239,8 +241,9 @@ def run_network(
 ) -> Tensor:
     """Run `model.run` on host-memory inputs with tiling; returns the output on the CPU, float32.
 
-    The same seed, device and inputs give the same output (PSAL's random search draws
-    from the global generator, seeded here for every call). With `options.views` > 1 the
+    The same seed, device and inputs give the same output: each view's patch searches
+    draw from a generator of their own, seeded with `options.seed` (torch's global
+    generator is left alone). With `options.views` > 1 the
     output is the mean over that many mirrored/transposed copies of the inputs, each
     brought back (EDSR's self-ensemble): a network's errors differ between views and
     partly cancel, for `views`× the time. Only for networks whose output should follow
@@ -257,11 +260,11 @@ def run_network(
     if options.views not in (1, 2, 4, 8):  # the first 2 and 4 views are mirror images, 8 adds transposes
         raise ValueError(f"views must be 1, 2, 4 or 8, got {options.views}")
     model = model.to(device).eval()
-    executor = Tiled(device, tile, options.tile_overlap, options.half, on_tile)
     total = None
     with torch.inference_mode():
         for which in range(options.views):
-            torch.manual_seed(options.seed)
+            generator = torch.Generator().manual_seed(options.seed)
+            executor = Tiled(device, tile, options.tile_overlap, options.half, on_tile, generator=generator)
             out = model.run(executor, **{name: view(x.float().cpu(), which) for name, x in inputs.items()})
             out = view(out.float().cpu(), which, undo=True)
             total = out if total is None else total.add_(out)

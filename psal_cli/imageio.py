@@ -14,6 +14,8 @@ import io
 import logging
 import os
 from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import BinaryIO
 
 import numpy as np
@@ -27,7 +29,19 @@ from psal_cli.storage import Remote
 log = logging.getLogger("psal")
 # Against decompression bombs Pillow warns above MAX_IMAGE_PIXELS (89 Mpixel) and refuses
 # above twice that. psal is for large photos: warn above 0.5 Gpixel, refuse above 1 Gpixel.
-Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, 2**29)
+LARGE_IMAGE_PIXELS = 2**29
+
+
+@contextmanager
+def large_images() -> Iterator[None]:
+    """Pillow's decompression-bomb limit raised to `LARGE_IMAGE_PIXELS` while the block runs
+    (Pillow keeps it process-wide: the `psal` commands raise it for their own run)."""
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(before or 0, LARGE_IMAGE_PIXELS)
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
 
 # Format name (Pillow's) for each extension we read and write.
 FORMATS = {

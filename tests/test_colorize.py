@@ -175,8 +175,8 @@ def test_train_writes_and_resumes(tmp_path: Path) -> None:
     for i, name in enumerate(("chelsea.png", "coffee.png")):
         Image.open(EXAMPLES / name).convert("RGB").resize((48, 40)).save(data / f"{i}.png")
     out = tmp_path / "m.safetensors"
-    task.train(data, out, steps=2, batch=2, patch=24, log=lambda s: None)
-    task.train(data, out, init=out, steps=1, batch=2, patch=24, log=lambda s: None)
+    task.train(data, out, steps=2, batch=2, patch=24)
+    task.train(data, out, init=out, steps=1, batch=2, patch=24)
     assert read_info(out).training["steps"] == 3
     assert [run["steps"] for run in read_info(out).training["runs"]] == ["0-2", "2-3"]
     model, info = load_model(out, task="colorize")

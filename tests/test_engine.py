@@ -313,3 +313,23 @@ def test_every_network_makes_its_tensors_on_the_inputs_device(name: str, monkeyp
     with torch.device("meta"):
         out = run_network(model, inputs, Options(device="cpu", tile=0, seed=1))
     assert out.device == expected.device and torch.equal(out, expected)
+
+
+def test_runs_leave_torch_global_generator_alone() -> None:
+    """The engine seeds each run's searches with a generator of its own: the global one is
+    neither reseeded nor drawn from, and the output is what the global generator seeded
+    with the same seed gives (so seeds keep their outputs)."""
+    from psal_cli.networks import create_model
+
+    architecture, config = TINY_NETWORKS["inpaint"]
+    torch.manual_seed(0)
+    model = create_model(architecture, **config).eval()
+    inputs = tiny_inputs(architecture, 40, 40)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    out = run_network(model, inputs, Options(device="cpu", tile=0, seed=7))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(7)
+    with torch.inference_mode():  # the same executor drawing from the global generator
+        assert torch.equal(out, model.run(Tiled(torch.device("cpu"), 0), **inputs))
+    assert not torch.equal(out, run_network(model, inputs, Options(device="cpu", tile=0, seed=8)))

@@ -242,9 +242,9 @@ def test_train_writes_and_resumes(tmp_path):
     for i in range(2):
         Image.fromarray((photo(70, 90)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
     out = tmp_path / "m.safetensors"
-    task.train(tmp_path, out, steps=2, batch=1, patch=32, log=lambda s: None)
+    task.train(tmp_path, out, steps=2, batch=1, patch=32)
     assert read_info(out).training["steps"] == 2
-    task.train(tmp_path, out, init=out, steps=1, batch=1, patch=32, lr=2e-4, seed=5, log=lambda s: None)
+    task.train(tmp_path, out, init=out, steps=1, batch=1, patch=32, lr=2e-4, seed=5)
     model, info = load_model(out, task="inpaint")
     assert info.training["steps"] == 3 and info.architecture == "psal-inpaint"
     first, second = info.training["runs"]  # each run's recipe is kept

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from pathlib import Path
@@ -232,30 +233,31 @@ def test_train_refuses_crops_too_small_for_psal_and_photos_smaller_than_the_crop
     Image.new("RGB", (64, 48)).save(data / "big.png")
     out = tmp_path / "x4.safetensors"
     with pytest.raises(ValueError, match="--patch 8 makes 2×2-px inputs at ×4"):
-        task.train(data, out, 4, steps=1, batch=1, patch=8, log=lambda s: None)
+        task.train(data, out, 4, steps=1, batch=1, patch=8)
     Image.new("RGB", (30, 30)).save(data / "small.png")
     with pytest.raises(ValueError, match="small.png is smaller than the 32-px training crop"):
-        task.train(data, out, 4, steps=1, batch=1, patch=32, log=lambda s: None)
+        task.train(data, out, 4, steps=1, batch=1, patch=32)
     assert not out.exists()
 
 
-def test_train_resumes_and_changes_scale(tmp_path: Path) -> None:
+def test_train_resumes_and_changes_scale(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data = tmp_path / "train"
     data.mkdir()
     for name in ("chelsea", "coffee"):
         Image.open(EXAMPLES / f"{name}.png").convert("RGB").resize((64, 48)).save(data / f"{name}.png")
-    out, logs = tmp_path / "x2.safetensors", []
-    task.train(data, out, 2, steps=2, batch=2, patch=24, config={"channels": 8, "blocks_after": 1}, log=logs.append)
+    out = tmp_path / "x2.safetensors"
+    task.train(data, out, 2, steps=2, batch=2, patch=24, config={"channels": 8, "blocks_after": 1})
     assert read_info(out).training["steps"] == 2
-    task.train(data, out, 2, init=out, steps=3, batch=2, patch=24, loss="l2", log=logs.append)
+    task.train(data, out, 2, init=out, steps=3, batch=2, patch=24, loss="l2")
     assert read_info(out).training["steps"] == 5
     runs = read_info(out).training["runs"]
     assert [(run["steps"], run["loss"]) for run in runs] == [("0-2", "l1"), ("2-5", "l2")]
     x4 = tmp_path / "x4.safetensors"
-    task.train(data, x4, 4, init=out, steps=1, batch=2, patch=24, log=logs.append)
+    with caplog.at_level(logging.INFO, logger="psal"):
+        task.train(data, x4, 4, init=out, steps=1, batch=2, patch=24)
     info = read_info(x4)
     assert info.config["scale"] == 4 and info.training["steps"] == 1 and "x2" in info.training["init_from"]
-    assert any("initialised" in line for line in logs)
+    assert any("initialised" in r.getMessage() for r in caplog.records)
 
 
 def trained_looking(model: PSALUpscale) -> PSALUpscale:
@@ -282,7 +284,7 @@ def one_step_x2(tmp_path: Path) -> tuple[Path, Path]:
     data.mkdir()
     Image.open(EXAMPLES / "chelsea.png").convert("RGB").resize((64, 48)).save(data / "a.png")
     out = tmp_path / "x2.safetensors"
-    task.train(data, out, 2, steps=1, batch=1, patch=24, config={"channels": 8, "blocks_after": 1}, log=lambda s: None)
+    task.train(data, out, 2, steps=1, batch=1, patch=24, config={"channels": 8, "blocks_after": 1})
     return data, out
 
 
@@ -294,11 +296,11 @@ def test_deepen_keeps_the_function_and_adds_trainable_blocks(tmp_path: Path) -> 
     assert deeper.tail.body[0].conv2.weight.grad.abs().sum() > 0  # the new blocks learn
 
     data, out = one_step_x2(tmp_path)
-    task.train(data, out, 2, init=out, deepen=2, steps=1, batch=1, patch=24, log=lambda s: None)
+    task.train(data, out, 2, init=out, deepen=2, steps=1, batch=1, patch=24)
     info = read_info(out)
     assert info.config["blocks_after"] == 3 and info.training["steps"] == 2 and "+2" in info.training["grown"][0]
     with pytest.raises(ValueError, match="deepen"):
-        task.train(data, tmp_path / "x4.safetensors", 4, init=out, deepen=1, steps=1, log=lambda s: None)
+        task.train(data, tmp_path / "x4.safetensors", 4, init=out, deepen=1, steps=1)
 
 
 def test_widen_keeps_the_function_and_trains_the_added_channels(tmp_path: Path) -> None:
@@ -312,7 +314,7 @@ def test_widen_keeps_the_function_and_trains_the_added_channels(tmp_path: Path) 
         wider.widen(13)
 
     data, out = one_step_x2(tmp_path)
-    task.train(data, out, 2, init=out, widen=12, steps=1, batch=1, patch=24, log=lambda s: None)
+    task.train(data, out, 2, init=out, widen=12, steps=1, batch=1, patch=24)
     info = read_info(out)
     assert info.config["inner_channels"] == 12 and "12 channels" in info.training["grown"][-1]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +132,7 @@ class PSALColorize(nn.Module):
         h, w = -(-height // down), -(-width // down) * (2 if c.mirror else 1)
         return holds_patches(h, w, c.patch_size, c.neighbors)
 
-    def attend(self, target: Tensor, reference: Tensor) -> Tensor:
+    def attend(self, target: Tensor, reference: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Whole-map stage: PSAL from target to reference features, back to full resolution.
 
         target (B, qk+feat, h, w), reference (B, qk+feat+8, hr, wr) → (B, 2+feat+1, 2h, 2w):
@@ -145,7 +146,7 @@ class PSALColorize(nn.Module):
             # PatchMatch needs whole query patches: a target thinner than one is searched
             # replicate-padded (its own patches are already replicate-padded: none changes).
             q = F.pad(q, (0, max(0, c.patch_size - w), 0, max(0, c.patch_size - h)), mode="replicate")
-        nnf = self.psal.search(q, k)
+        nnf = self.psal.search(q, k, generator=generator)
         out = self.psal.attend(q, k, v, nnf.indices, nnf.distances)[..., :h, :w]
         feat, chroma = out[:, : c.feat_channels], out[:, c.feat_channels :]  # (B, feat, h, w), (B, 8, h, w)
         distance = torch.log1p(nnf.distances[:, :h, :w, :1].permute(0, 3, 1, 2))  # (B, 1, h, w)
@@ -162,7 +163,7 @@ class PSALColorize(nn.Module):
         y = quantize8(gray)
         target = ex.local(self.encoder, pad_to_multiple(y, 2))  # (B, qk+feat, H'/2, W'/2)
         keys = ex.local(self.encoder, quantize8(ycc[:, :1]), ycc[:, 1:] - 0.5)  # (B, qk+feat+8, Hr/2, Wr/2)
-        attended = ex.whole(self.attend, target, keys)[..., :H, :W]  # (B, 2+feat+1, H, W)
+        attended = ex.whole(partial(self.attend, generator=ex.generator), target, keys)[..., :H, :W]  # (B, 2+feat+1, H, W)
         return attended[:, :2] + ex.local(self.decoder, y, attended)
 
     def run(self, ex: Executor, gray: Tensor, reference: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -195,7 +196,7 @@ class PSALUpscale(nn.Module):
         """image (B, 3, H, W) in [0, 1] → (B, 3, s·H, s·W) in [0, 1]."""
         feat = ex.local(self.head, image)
         if self.attention is not None:
-            feat = ex.whole(self.attention, feat)
+            feat = ex.whole(partial(self.attention, generator=ex.generator), feat)
         return ex.local(self.tail, feat, image).clamp(0, 1)
 
     def forward(self, image: Tensor) -> Tensor:
