@@ -35,8 +35,12 @@ def cluster() -> Iterator[object]:
     """A local Ray cluster (2 CPUs) this process drives; its workers can import the tests' tiny networks."""
     ray = pytest.importorskip("ray", reason='needs Ray (pip install "psal-cli[ray]")')
     pytest.importorskip("ray.data", reason='needs Ray Data (pip install "psal-cli[ray]")')
+    import psal_cli
+
     saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS.parent), saved or ""])
+    # The workers import the psal_cli this process runs (a checkout's, or the installed one).
+    here = Path(psal_cli.__file__).resolve().parents[1]
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(here), saved or ""])
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
