@@ -10,7 +10,8 @@ in a fresh process, on the same photos:
 
 and prints one JSON line: images/s of each, Ray's start-up seconds, the per-image time
 (the workers' own seconds, from --json) and the driver's per-image overhead, and the
-expected images/s on 1, 2, 4, ... nodes of W workers:
+expected images/s on 1, 2, 4, ... nodes of W workers, for these N images and for a batch
+long enough that start-up no longer counts:
   wall(nodes) = startup + N * max(per_image / (nodes * W), driver_overhead)
 (the driver hands out the paths and collects the results one by one, so its per-image cost
 bounds the throughput however many nodes). The load average before and after says how
@@ -104,6 +105,7 @@ def main() -> None:
     driver = max(0.0, (t_ray - t_start - args.images * t_img / args.workers) / args.images)
     expected = {n: round(args.images / (t_start + args.images * max(t_img / (n * args.workers), driver)), 3)
                 for n in args.nodes}
+    steady = {n: round(1 / max(t_img / (n * args.workers), driver, 1e-9), 2) for n in args.nodes}
     print(json.dumps({
         "images": args.images, "size": args.size, "scale": args.scale, "workers": args.workers,
         "photos": photos, "repeats": args.repeats, "cpus": os.cpu_count(),
@@ -114,6 +116,7 @@ def main() -> None:
         "driver_seconds_per_image": round(driver, 4),
         "ray_images_per_s_without_startup": round(args.images / max(1e-9, t_ray - t_start), 3),
         "expected_images_per_s_by_nodes": expected,
+        "expected_images_per_s_by_nodes_long_batch": steady,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
         "all_runs": {"plain": [round(x, 2) for x in plain], "ray": [round(x, 2) for x in ray],
