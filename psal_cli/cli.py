@@ -50,6 +50,13 @@ class Masks(str, Enum):
     box = "box"
 
 
+class Degradation(str, Enum):
+    """The names of psal_cli.tasks.upscale.DEGRADATIONS (here: `--help` must not import torch)."""
+
+    bicubic = "bicubic"
+    real = "real"
+
+
 class Loss(str, Enum):
     """The names of psal_cli.tasks.upscale.LOSSES (here: `--help` must not import torch)."""
 
@@ -609,8 +616,9 @@ def train(
     output: Annotated[Path, typer.Option(
         "--output", "-o", metavar="FILE", show_default=False,
         help="Model file to write (.safetensors); checkpoints replace it as training goes.")],
-    data: Annotated[Path, typer.Option(
-        "--data", metavar="DIR", help="Folder of training photos.")] = SHARED_DATA / "train",
+    data: Annotated[list[Path] | None, typer.Option(
+        "--data", metavar="DIR", help="Folder of training photos; upscale: repeat for several.  "
+        "[dim]\\[default: ../shared/data/train][/]", show_default=False)] = None,
     scale: Annotated[int | None, typer.Option("--scale", min=2, max=4, help="upscale: 2, 3 or 4.")] = None,
     init: Annotated[Path | None, typer.Option(
         "--init", metavar="FILE", help="Resume (or fine-tune) from this model file.")] = None,
@@ -640,6 +648,9 @@ def train(
              "(more variety; no further than the photo's short side allows).")] = None,
     colors: Annotated[bool, typer.Option(
         "--shuffle-colors", help="upscale: permute each crop's RGB channels at random (more variety).")] = False,
+    degradation: Annotated[Degradation | None, typer.Option(
+        "--degradation", help="upscale: what the LR crops are: bicubic (the benchmarks' clean reduction, default) "
+        "or real (random blur, resampling, noise and JPEG; every tenth photo of each folder is held out).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug messages.")] = False,
 ) -> None:
@@ -654,7 +665,11 @@ def train(
       psal train inpaint --steps 200 -o /tmp/try.safetensors --device cuda
     """
     _setup_logging(quiet=False, debug=debug)
-    _folder(data, "--data")
+    data = data or [SHARED_DATA / "train"]
+    for folder in data:
+        _folder(folder, "--data")
+    if len(data) > 1 and task != Task.upscale:
+        raise typer.BadParameter(f"several folders: {task.value} trains on one", param_hint="--data")
     _existing(init, "--init")
     if output.exists() and not overwrite and (init is None or init.resolve() != output.resolve()):
         raise typer.BadParameter(f"{output} exists (use --overwrite, or --init {output} to resume)",
@@ -664,9 +679,10 @@ def train(
         from psal_cli.training import UNTIL_THE_CLOCK
 
         steps = UNTIL_THE_CLOCK
-    given = dict(data=data, out=output, scale=scale, init=init, steps=steps, minutes=minutes, batch=batch, patch=patch,
-                 lr=lr, loss=loss and loss.value, device=_device(device), seed=seed, attention=attention,
-                 deepen=deepen, widen=widen, rescale=rescale, colors=colors or None)
+    given = dict(data=data[0] if len(data) == 1 else data, out=output, scale=scale, init=init, steps=steps,
+                 minutes=minutes, batch=batch, patch=patch, lr=lr, loss=loss and loss.value, device=_device(device),
+                 seed=seed, attention=attention, deepen=deepen, widen=widen, rescale=rescale, colors=colors or None,
+                 degradation=degradation and degradation.value)
     with _reported(debug):  # the output's folder is made when training starts (training.fit)
         _task_call(task, "train", given)
     log.info("wrote %s", output)
@@ -688,6 +704,10 @@ def evaluate(
         "--nearest/--no-nearest", help="colorize: also measure the exhaustive nearest-patch baseline (slow).")] = None,
     ensemble: Annotated[bool | None, typer.Option(
         "--ensemble", help="upscale: mean over 8 flipped/rotated views, as `psal upscale --ensemble`.")] = None,
+    degradation: Annotated[Degradation | None, typer.Option(
+        "--degradation", help="upscale: bicubic (the published protocol, default) or real: each photo blurred "
+        "(σ 0.3-2 px), reduced by bicubic, bilinear or box, noisy (σ 0-8) and saved as JPEG (quality 40-90), "
+        "a draw of its own seeded by --seed.")] = None,
     device: Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads. Default: torch's choice.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
@@ -720,7 +740,7 @@ def evaluate(
     if save_metrics and model is None:
         model = default_model_path(task.value, scale or 4 if task == Task.upscale else None)
     given = dict(data=data, model=model, scale=scale, masks=masks and masks.value, limit=limit, size=size, nearest=nearest,
-                 ensemble=ensemble, device=_device(device), seed=seed)
+                 ensemble=ensemble, degradation=degradation and degradation.value, device=_device(device), seed=seed)
     with _reported(debug):
         report = _task_call(task, "evaluate", given)
         module = sys.modules[f"psal_cli.tasks.{task.value}"]
