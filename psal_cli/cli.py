@@ -81,8 +81,8 @@ COMMON: list[tuple[str, Any, Any]] = [
         "or [bold]-[/] for standard output. Default: beside each input, with --suffix.")], None),
     ("model", Annotated[Path | None, _opt(
         "--model", "-m", metavar="FILE", panel=IO,
-        help="Model file (.safetensors). Default: the installed one in weights/ "
-        "(see [bold]psal models[/]).")], None),
+        help="Model file (.safetensors); upscale: also [bold]real[/] or [bold]bicubic[/], a family of installed ones. "
+        "Default: the installed one in weights/ (see [bold]psal models[/]).")], None),
     ("quality", Annotated[int | None, _opt(
         "--quality", min=1, max=100, panel=IO,
         help="JPEG/WebP quality, 1-100.  [dim]\\[default: 95][/]")], None),
@@ -171,13 +171,13 @@ class Session:
     options: Any  # engine.Options
     on_tile: Callable[[int, int], None]
 
-    def load_model(self, scale: int | None = None) -> Any:
-        """--model, or the installed default; exits with one clear line if there is none."""
+    def load_model(self, scale: int | None = None, family: str | None = None) -> Any:
+        """--model, or the installed default (of an upscaler `family`); exits with one clear line if there is none."""
         from psal_cli.modelfile import default_model_path, load_model
 
         path = self.common.model
-        if path is None:
-            path = default_model_path(self.task, scale)
+        if path is None or family is not None:
+            path = default_model_path(self.task, scale, family or "bicubic") if scale else default_model_path(self.task)
             if not path.exists():
                 what = f"{self.task} ×{scale}" if scale else self.task
                 raise NoModel(f"no trained {what} model is installed (looked for {path}); "
@@ -437,15 +437,42 @@ def upscale(
     ensemble: Annotated[bool, typer.Option(
         "--ensemble", help="Average 8 flipped/rotated runs (self-ensemble): a little more accurate, 8× slower.")] = False,
 ) -> Callable[..., Any]:
-    """Enlarge images by 2, 3 or 4; alpha is enlarged alongside."""
+    """Enlarge images by 2, 3 or 4; alpha is enlarged alongside.
+
+    Two families of installed networks: [bold]real[/] (upscale-real-x*, trained on blurred, noisy,
+    JPEG-compressed photos) and [bold]bicubic[/] (upscale-x*, trained on clean reductions: sharper on
+    clean images, but it sharpens noise and JPEG blocks too). By default a JPEG input or one with
+    visible noise gets [bold]real[/], any other [bold]bicubic[/]; a line says which and why.
+    [bold]--model real[/] or [bold]--model bicubic[/] forces one, [bold]--model FILE[/] uses that file.
+    """
     from psal_cli import edit
+    from psal_cli.modelfile import UPSCALE_FAMILIES, default_model_path
 
     if ensemble:
         session.options.views = 8
-    model = session.load_model(scale=scale or 4)  # the scale picks the default file only
-    if scale and model.config.scale != scale:
-        raise _usage(f"--scale {scale}, but {session.common.model} is a ×{model.config.scale} model")
-    return lambda item, image: edit.upscale(model, image, session.options, session.on_tile)
+    forced = str(session.common.model) if str(session.common.model) in UPSCALE_FAMILIES else None
+    if session.common.model is not None and forced is None:
+        model = session.load_model(scale=scale or 4)  # the scale picks the default file only
+        if scale and model.config.scale != scale:
+            raise _usage(f"--scale {scale}, but {session.common.model} is a ×{model.config.scale} model")
+        return lambda item, image: edit.upscale(model, image, session.options, session.on_tile)
+    scale = scale or 4
+    models: dict[str, Any] = {}
+    if forced:
+        models[forced] = session.load_model(scale, forced)  # a missing file is an error before any input is read
+
+    def process(item: Any, image: Any) -> Any:
+        family, why = (forced, f"--model {forced}") if forced else edit.upscaler_for(image)
+        path = default_model_path("upscale", scale, family)
+        if family == "real" and not forced and not path.exists():
+            family, why = "bicubic", f"{why}, but {path.name} is not installed"
+            path = default_model_path("upscale", scale, family)
+        log.info("%s (%s)", path.stem, why)
+        if family not in models:
+            models[family] = session.load_model(scale, family)
+        return edit.upscale(models[family], image, session.options, session.on_tile)
+
+    return process
 
 
 @app.command()
@@ -475,6 +502,7 @@ def models(
             bad += 1
             rows.append({"file": str(path), "error": e.problem})
     defaults = [default_model_path(t.value, s) for t in Task for s in ((2, 3, 4) if t == Task.upscale else (None,))]
+    defaults += [default_model_path("upscale", s, "real") for s in (2, 4)]
     missing = [str(p) for p in defaults if not p.exists()]
     if json_summary:
         typer.echo(json.dumps({"models": rows, "not_installed": missing}, indent=2))
@@ -500,11 +528,11 @@ def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path) ->
     table = Table(box=None, header_style="bold", title_justify="left",
                   title=f"[bold]models[/] (installed ones in {wdir})")
     table.add_column("model", overflow="fold")
-    for column in ("architecture", "task", "scale", "params", "size"):
+    for column in ("architecture", "task", "scale", "trained for", "params", "size"):
         table.add_column(column, no_wrap=True)
     for r in good:
-        table.add_row(name(r), r["architecture"], r["task"], str(r["scale"] or ""), _human(r["parameters"], ""),
-                      _human(r["size"], "B"))
+        table.add_row(name(r), r["architecture"], r["task"], str(r["scale"] or ""), _trained_for(r),
+                      _human(r["parameters"], ""), _human(r["size"], "B"))
     # The figures in a table of their own: beside six columns they would be folded mid-word.
     figures = Table(box=None, header_style="bold", title_justify="left",
                     title="[bold]PSNR dB[/] measured by psal eval (--json: every figure)")
@@ -522,6 +550,14 @@ def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path) ->
             console.print(f"[red]{r['file']}: {r['error']}[/]", highlight=False)
     for path in missing:
         console.print(f"[dim]not installed: {path}[/]", highlight=False)
+
+
+def _trained_for(row: dict[str, Any]) -> str:
+    """An upscaler's family: the degradation its training undid (`psal train --degradation`)."""
+    if row["task"] != "upscale":
+        return ""
+    degradation = row["training"].get("degradation", {})
+    return "real photos" if isinstance(degradation, dict) and degradation.get("name") == "real" else "clean"
 
 
 def _numbers(metrics: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
