@@ -457,9 +457,8 @@ def upscale(
             raise _usage(f"--scale {scale}, but {session.common.model} is a ×{model.config.scale} model")
         return lambda item, image: edit.upscale(model, image, session.options, session.on_tile)
     scale = scale or 4
-    models: dict[str, Any] = {}
-    if forced:
-        models[forced] = session.load_model(scale, forced)  # a missing file is an error before any input is read
+    # A missing file is an error before any input is read; the real network, when chosen, loads on first use.
+    models: dict[str, Any] = {forced or "bicubic": session.load_model(scale, forced or "bicubic")}
 
     def process(item: Any, image: Any) -> Any:
         family, why = (forced, f"--model {forced}") if forced else edit.upscaler_for(image)
