@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
+
+from psal_cli.blur import gaussian_kernel, kernel_blur
 
 FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "box": Image.Resampling.BOX}
 
@@ -134,30 +135,10 @@ def draw(rng: random.Random, ranges: Ranges = TRAINING) -> Recipe:
     return Recipe(filter_name, first, second, rng.getrandbits(63))
 
 
-def gaussian_kernel(sigma_x: float, sigma_y: float, theta: float = 0.0) -> torch.Tensor:
-    """A normalised 2-D Gaussian (k, k) with standard deviations σx, σy along axes turned by θ;
-    k = 2·ceil(3·max σ) + 1 covers ±3σ."""
-    radius = max(1, math.ceil(3 * max(sigma_x, sigma_y)))
-    r = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    y, x = torch.meshgrid(r, r, indexing="ij")
-    c, s = math.cos(theta), math.sin(theta)
-    u, v = c * x + s * y, -s * x + c * y
-    k = torch.exp(-0.5 * ((u / sigma_x) ** 2 + (v / sigma_y) ** 2))
-    return (k / k.sum()).float()
-
-
 def blur(image: Image.Image, kernel: torch.Tensor) -> Image.Image:
-    """Convolve an RGB image with a point-symmetric `kernel` (k odd), edges reflected, rounded
-    back to 8 bits. By FFT: several times faster than a direct convolution with kernels this wide."""
+    """An RGB image convolved with `kernel` (`blur.gaussian_kernel`), edges reflected, rounded back to 8 bits."""
     x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)  # (3, H, W)
-    h, w = x.shape[-2:]
-    r = kernel.shape[-1] // 2
-    x = F.pad(x[None], (r, r, r, r), mode="reflect" if r < min(h, w) else "replicate")[0]
-    size = x.shape[-2:]
-    # A circular convolution of the padded image: the kernel at the origin shifts the output by
-    # 2r, and the kept window [2r, 2r + side) never wraps around.
-    x = torch.fft.irfft2(torch.fft.rfft2(x) * torch.fft.rfft2(kernel, s=size), s=size)
-    return _to_image(x[:, 2 * r: 2 * r + h, 2 * r: 2 * r + w].permute(1, 2, 0))
+    return _to_image(kernel_blur(x, kernel).permute(1, 2, 0))
 
 
 def add_noise(image: Image.Image, generator: torch.Generator, sigma: float = 0.0, poisson: float = 0.0,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from psal_cli import degradations as d
+from psal_cli.blur import gaussian_kernel
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -65,7 +66,7 @@ def test_training_draws_cover_the_evaluation_and_more() -> None:
 
 @pytest.mark.parametrize("sigmas", [(1.5, 1.5, 0.0), (2.0, 0.8, 0.6)])
 def test_gaussian_kernel_has_the_covariance_asked_for(sigmas: tuple[float, float, float]) -> None:
-    k = d.gaussian_kernel(*sigmas).double()
+    k = gaussian_kernel(*sigmas).double()
     assert k.sum().item() == pytest.approx(1, abs=1e-6)
     r = torch.arange(k.shape[0], dtype=torch.float64) - k.shape[0] // 2
     y, x = torch.meshgrid(r, r, indexing="ij")
@@ -81,7 +82,7 @@ def test_gaussian_kernel_has_the_covariance_asked_for(sigmas: tuple[float, float
 
 def test_blur_is_a_convolution_with_reflected_edges() -> None:
     hr = photo((50, 37))
-    k = d.gaussian_kernel(1.8, 0.9, 0.7)
+    k = gaussian_kernel(1.8, 0.9, 0.7)
     x = torch.from_numpy(np.asarray(hr, dtype=np.float32)).permute(2, 0, 1)[:, None]
     r = k.shape[0] // 2
     direct = F.conv2d(F.pad(x, (r, r, r, r), mode="reflect"), k[None, None])[:, 0].permute(1, 2, 0)
