@@ -5,8 +5,8 @@ three ways; `--crop FILE` writes the same region of the three side by side (the 
 given in pixels of the JPEG, so each panel is 4× its side). With no reference to compare
 against, this is a figure to look at: ringing, cracks along JPEG blocks, amplified noise.
 
-    python benchmarks/real_photo.py --crop examples/real_photo_x4_crop.png
-    python benchmarks/real_photo.py --photo ../shared/data/samples/chelsea.png --quality 60 --box 200 80 80
+    PYTHONPATH=. python benchmarks/real_photo.py --crop examples/real_photo_x4_crop.png
+    PYTHONPATH=. python benchmarks/real_photo.py --photo ../shared/data/samples/chelsea.png --quality 60 --box 200 80 80
 """
 
 from __future__ import annotations
