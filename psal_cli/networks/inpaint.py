@@ -327,8 +327,8 @@ class PSALInpaint(nn.Module):
         # the network's fill is already informed (thin scratches), and uncorrelated texture there
         # costs more accuracy than it adds; deep inside a large hole it is what makes it look real.
         # The ramp stays this narrow on a reduced photo: its fill holds none of the copied band
-        # even next to the seam, and a ramp widened with the reduction showed as a blurred strip
-        # along the hole's edge (12 MP: 8 px wide).
+        # even next to the seam, and a ramp widened with the reduction shows as a blurred strip
+        # along the hole's edge.
         weight = (2 * gaussian_blur(mask, c.detail_ramp) - 1).clamp(0, 1) * mask if c.detail_ramp > 0 else mask
         # The gain makes up for the fine contrast that a narrow (σ < 1 px) high-pass leaves out
         # at native size; on a reduced photo the band is wide and holds all the texture that the
