@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import typer
 
 from psal_cli import __version__
-from psal_cli.tasks.choices import LOSSES, MASK_FAMILIES
+from psal_cli.tasks.choices import DEGRADATIONS, LOSSES, MASK_FAMILIES
 
 log = logging.getLogger("psal")
 
@@ -45,6 +45,7 @@ class Task(str, Enum):
 # The choices of psal_cli.tasks, from the module that lets `--help` stay free of torch.
 Masks = Enum("Masks", {name: name for name in MASK_FAMILIES}, type=str)
 Loss = Enum("Loss", {name: name for name in LOSSES}, type=str)
+Degradation = Enum("Degradation", {name: name for name in DEGRADATIONS}, type=str)
 
 
 # -- shared options: each declared once, as an Annotated type the commands' signatures use ----
@@ -62,7 +63,8 @@ Output = Annotated[str | None, typer.Option(
     "or [bold]-[/] for standard output. Default: beside each input, with --suffix.")]
 Model = Annotated[Path | None, typer.Option(
     "--model", "-m", metavar="FILE", rich_help_panel=IO,
-    help="Model file (.safetensors). Default: the installed one in weights/ (see [bold]psal models[/]).")]
+    help="Model file (.safetensors); upscale: also [bold]real[/] or [bold]bicubic[/], a family of installed ones. "
+    "Default: the installed one in weights/ (see [bold]psal models[/]).")]
 Quality = Annotated[int | None, typer.Option(
     "--quality", min=1, max=100, rich_help_panel=IO, help="JPEG/WebP quality, 1-100.  [dim]\\[default: 95][/]")]
 Recursive = Annotated[bool, typer.Option(
@@ -156,13 +158,13 @@ class Invocation:
     options: Any  # engine.Options
     on_tile: Callable[[int, int], None]
 
-    def load_model(self, scale: int | None = None) -> Any:
-        """--model, or the installed default; exits with one clear line if there is none."""
+    def load_model(self, scale: int | None = None, family: str | None = None) -> Any:
+        """--model, or the installed default (of an upscaler `family`); exits with one clear line if there is none."""
         from psal_cli.modelfile import default_model_path, load_model
 
         path = self.common.model
-        if path is None:
-            path = default_model_path(self.task, scale)
+        if path is None or family is not None:
+            path = default_model_path(self.task, scale, family or "bicubic") if scale else default_model_path(self.task)
             if not path.exists():
                 what = f"{self.task} ×{scale}" if scale else self.task
                 raise NoModel(f"no trained {what} model is installed (looked for {path}); "
@@ -445,6 +447,12 @@ def upscale(
 ) -> None:
     """Enlarge images by 2, 3 or 4; alpha is enlarged alongside.
 
+    Two families of installed networks: [bold]real[/] (upscale-real-x*, trained on blurred, noisy,
+    JPEG-compressed photos) and [bold]bicubic[/] (upscale-x*, trained on clean reductions: sharper on
+    clean images, but it sharpens noise and JPEG blocks too). By default a JPEG input or one with
+    visible noise gets [bold]real[/], any other [bold]bicubic[/], and a line says which and why;
+    [bold]--model real[/] or [bold]--model bicubic[/] forces one, [bold]--model FILE[/] uses that file.
+
     [bold]Examples[/]
 
       psal upscale photo.jpg --scale 4 -o photo_x4.png
@@ -457,13 +465,26 @@ def upscale(
 
     def body(call: Invocation) -> Callable[..., Any]:
         from psal_cli import edit
+        from psal_cli.modelfile import UPSCALE_FAMILIES, default_model_path
 
         if ensemble:
             call.options.views = 8
-        model = call.load_model(scale=scale or 4)  # the scale picks the default file only
-        if scale and model.config.scale != scale:
-            raise _usage(f"--scale {scale}, but {call.common.model} is a ×{model.config.scale} model")
-        return edit.Upscaler(model, call.options, call.on_tile)
+        forced = str(call.common.model) if str(call.common.model) in UPSCALE_FAMILIES else None
+        if call.common.model is not None and forced is None:
+            model = call.load_model(scale=scale or 4)  # the scale picks the default file only
+            if scale and model.config.scale != scale:
+                raise _usage(f"--scale {scale}, but {call.common.model} is a ×{model.config.scale} model")
+            return edit.Upscaler(model, call.options, call.on_tile)
+        paths = {family: default_model_path("upscale", scale or 4, family) for family in UPSCALE_FAMILIES}
+        if forced:
+            log.info("%s (--model %s)", paths[forced].stem, forced)
+            return edit.Upscaler(call.load_model(scale or 4, forced), call.options, call.on_tile)
+        clean = call.load_model(scale or 4, "bicubic")
+        if not paths["real"].exists():
+            log.info("%s is not installed: %s enlarges every input", paths["real"].name, paths["bicubic"].stem)
+            return edit.Upscaler(clean, call.options, call.on_tile)
+        return edit.Upscaler(clean, call.options, call.on_tile, call.load_model(scale or 4, "real"),
+                             (paths["bicubic"].stem, paths["real"].stem))
 
     raise typer.Exit(_run("upscale", common, body))
 
@@ -497,6 +518,7 @@ def models(
             bad += 1
             rows.append({"file": str(path), "found": found, "error": e.problem})
     defaults = [default_model_path(t.value, s) for t in Task for s in ((2, 3, 4) if t == Task.upscale else (None,))]
+    defaults += [default_model_path("upscale", s, "real") for s in (2, 4)]
     missing = [str(p) for p in defaults if not p.exists()]
     if json_summary:
         typer.echo(json.dumps({"weights": str(wdir), "found": source, "models": rows,
@@ -526,11 +548,11 @@ def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path, so
     table = Table(box=None, header_style="bold", title_justify="left",
                   title=f"[bold]models[/] (installed ones in {wdir}, found by {_SOURCES[source]})")
     table.add_column("model", overflow="fold")
-    for column in ("architecture", "task", "scale", "params", "size"):
+    for column in ("architecture", "task", "scale", "trained for", "params", "size"):
         table.add_column(column, no_wrap=True)
     for r in good:
-        table.add_row(name(r), r["architecture"], r["task"], str(r["scale"] or ""), _human(r["parameters"], ""),
-                      _human(r["size"], "B"))
+        table.add_row(name(r), r["architecture"], r["task"], str(r["scale"] or ""), _trained_for(r),
+                      _human(r["parameters"], ""), _human(r["size"], "B"))
     # The figures in a table of their own: beside six columns they would be folded mid-word.
     figures = Table(box=None, header_style="bold", title_justify="left",
                     title="[bold]PSNR dB[/] measured by psal eval (--json: every figure)")
@@ -548,6 +570,14 @@ def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path, so
             console.print(f"[red]{r['file']}: {r['error']}[/]", highlight=False)
     for path in missing:
         console.print(f"[dim]not installed: {path}[/]", highlight=False)
+
+
+def _trained_for(row: dict[str, Any]) -> str:
+    """An upscaler's family: the degradation its training undid (`psal train --degradation`)."""
+    if row["task"] != "upscale":
+        return ""
+    degradation = row["training"].get("degradation", {})
+    return "real photos" if isinstance(degradation, dict) and degradation.get("name") == "real" else "clean"
 
 
 def _numbers(metrics: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
@@ -642,8 +672,9 @@ def train(
     output: Annotated[Path, typer.Option(
         "--output", "-o", metavar="FILE", show_default=False,
         help="Model file to write (.safetensors); checkpoints replace it as training goes.")],
-    data: Annotated[Path, typer.Option(
-        "--data", metavar="DIR", help="Folder of training photos.")] = SHARED_DATA / "train",
+    data: Annotated[list[Path] | None, typer.Option(
+        "--data", metavar="DIR", show_default=False, help="Folder of training photos; upscale: repeat for several.  "
+        "[dim]\\[default: ../shared/data/train][/]")] = None,
     scale: Annotated[int | None, typer.Option("--scale", min=2, max=4, help="upscale: 2, 3 or 4.")] = None,
     init: Annotated[Path | None, typer.Option(
         "--init", metavar="FILE", help="Resume (or fine-tune) from this model file.")] = None,
@@ -673,6 +704,9 @@ def train(
              "(more variety; no further than the photo's short side allows).")] = None,
     colors: Annotated[bool, typer.Option(
         "--shuffle-colors", help="upscale: permute each crop's RGB channels at random (more variety).")] = False,
+    degradation: Annotated[Degradation | None, typer.Option(
+        "--degradation", help="upscale: what the LR crops are: bicubic (the benchmarks' clean reduction, default) "
+        "or real (random blur, resampling, noise and JPEG; every tenth photo of each folder is held out).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
 ) -> None:
@@ -687,7 +721,11 @@ def train(
       psal train inpaint --steps 200 -o /tmp/try.safetensors --device cuda
     """
     _setup_logging(quiet=False, debug=debug)
-    _folder(data, "--data")
+    data = data or [SHARED_DATA / "train"]
+    for folder in data:
+        _folder(folder, "--data")
+    if len(data) > 1 and task != Task.upscale:
+        raise typer.BadParameter(f"several folders: {task.value} trains on one", param_hint="--data")
     _existing(init, "--init")
     if output.exists() and not overwrite and (init is None or init.resolve() != output.resolve()):
         raise typer.BadParameter(f"{output} exists (use --overwrite, or --init {output} to resume)",
@@ -697,9 +735,10 @@ def train(
         from psal_cli.training import UNTIL_THE_CLOCK
 
         steps = UNTIL_THE_CLOCK
-    given = dict(data=data, out=output, scale=scale, init=init, steps=steps, minutes=minutes, batch=batch, patch=patch,
-                 lr=lr, loss=loss and loss.value, device=_device(device), seed=seed, attention=attention,
-                 deepen=deepen, widen=widen, rescale=rescale, colors=colors or None)
+    given = dict(data=data[0] if len(data) == 1 else data, out=output, scale=scale, init=init, steps=steps,
+                 minutes=minutes, batch=batch, patch=patch, lr=lr, loss=loss and loss.value, device=_device(device),
+                 seed=seed, attention=attention, deepen=deepen, widen=widen, rescale=rescale, colors=colors or None,
+                 degradation=degradation and degradation.value)
     with _reported(debug):  # the output's folder is made when training starts (training.fit)
         _task_call(task, "train", given)
     log.info("wrote %s", output)
@@ -721,6 +760,10 @@ def evaluate(
         "--nearest/--no-nearest", help="colorize: also measure the exhaustive nearest-patch baseline (slow).")] = None,
     ensemble: Annotated[bool | None, typer.Option(
         "--ensemble", help="upscale: mean over 8 flipped/rotated views, as `psal upscale --ensemble`.")] = None,
+    degradation: Annotated[Degradation | None, typer.Option(
+        "--degradation", help="upscale: bicubic (the published protocol, default) or real: each photo blurred "
+        "(σ 0.3-2 px), reduced by bicubic, bilinear or box, noisy (σ 0-8) and saved as JPEG (quality 40-90), "
+        "a draw of its own seeded by --seed.")] = None,
     device: Annotated[str, typer.Option("--device", "-d", help=DEVICE_HELP)] = "auto",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help=THREADS_HELP)] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
@@ -753,7 +796,7 @@ def evaluate(
     if save_metrics and model is None:
         model = default_model_path(task.value, scale or 4 if task == Task.upscale else None)
     given = dict(data=data, model=model, scale=scale, masks=masks and masks.value, limit=limit, size=size, nearest=nearest,
-                 ensemble=ensemble, device=_device(device), seed=seed)
+                 ensemble=ensemble, degradation=degradation and degradation.value, device=_device(device), seed=seed)
     with _reported(debug):
         report = _task_call(task, "evaluate", given)
         module = sys.modules[f"psal_cli.tasks.{task.value}"]

@@ -82,6 +82,24 @@ def upscale(model: nn.Module, image: Image.Image, options: Options | None = None
     return from_tensor(out, alpha, like=image)
 
 
+# Noise σ (0–255 levels of luminance, degradations.noise_level) from which an input counts as
+# noisy: colour noise of about 3 levels per channel, where clean photos read 0.1–2.
+NOISY = 2.0
+
+
+def upscaler_for(image: Image.Image) -> tuple[str, str]:
+    """Which family of upscalers suits `image` (modelfile.UPSCALE_FAMILIES), and why in words:
+    `real` for a JPEG or a visibly noisy input, `bicubic` (sharper on clean inputs) otherwise."""
+    from psal_cli.degradations import noise_level
+
+    if image.format in ("JPEG", "MPO"):
+        return "real", "a JPEG input"
+    sigma = noise_level(image)
+    if sigma >= NOISY:
+        return "real", f"visible noise, σ ≈ {sigma:.1f} levels"
+    return "bicubic", f"a clean input: not JPEG, noise σ ≈ {sigma:.1f} levels"
+
+
 def colorize(model: nn.Module, image: Image.Image, reference: Image.Image,
              options: Options | None = None, on_tile: OnTile | None = None) -> Image.Image:
     """Colour a gray image after a colour reference; a colour input is reduced to luminance first."""
@@ -167,12 +185,22 @@ class Companions(Protocol):
 
 @dataclass
 class Upscaler:
+    """`model` enlarges every input; with `real` too (a network trained for real photos), each
+    input gets the one `upscaler_for` chooses, and a line names it (`names`) and says why."""
+
     model: nn.Module
     options: Options
     on_tile: OnTile | None = None
+    real: nn.Module | None = None
+    names: tuple[str, str] = ("clean network", "real network")
 
     def __call__(self, item: Any, image: Image.Image) -> Image.Image:
-        return upscale(self.model, image, self.options, self.on_tile)
+        model = self.model
+        if self.real is not None:
+            family, why = upscaler_for(image)
+            model = self.real if family == "real" else self.model
+            log.info("%s (%s)", self.names[family == "real"], why)
+        return upscale(model, image, self.options, self.on_tile)
 
 
 @dataclass

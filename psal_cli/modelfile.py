@@ -94,14 +94,22 @@ def _weights() -> tuple[Path, str]:
     return package.parent / "weights", "checkout"
 
 
-def default_model_path(task: str, scale: int | None = None) -> Path:
-    """The shipped model for a task: `weights/<task>.safetensors`, `upscale-x<scale>` for upscale."""
+# The two families of upscalers: trained on clean bicubic reductions (the benchmarks'), or on
+# camera-like degradations (blur, noise, JPEG: psal_cli.degradations) for real photos.
+UPSCALE_FAMILIES = {"bicubic": "upscale-x{scale}", "real": "upscale-real-x{scale}"}
+
+
+def default_model_path(task: str, scale: int | None = None, family: str = "bicubic") -> Path:
+    """The shipped model for a task: `weights/<task>.safetensors`; for upscale `upscale-x<scale>`,
+    or `upscale-real-x<scale>` for the `real` family (`UPSCALE_FAMILIES`)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     if task == "upscale":
         if scale is None:
             raise ValueError("the upscale model path depends on the scale; pass scale=")
-        return weights_dir() / f"upscale-x{scale}.safetensors"
+        if family not in UPSCALE_FAMILIES:
+            raise ValueError(f"unknown upscale family {family!r} (known: {', '.join(UPSCALE_FAMILIES)})")
+        return weights_dir() / f"{UPSCALE_FAMILIES[family].format(scale=scale)}.safetensors"
     return weights_dir() / f"{task}.safetensors"
 
 

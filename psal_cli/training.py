@@ -68,7 +68,11 @@ def image_files(folder: Path, limit: int | None = None) -> list[Path]:
 
 def load_photos(folder: Path, limit: int | None = None) -> list[Tensor]:
     """Every photo of a folder as a (3, H, W) uint8 tensor, sorted by name (held in memory)."""
-    files = image_files(folder, limit)
+    return load_photos_of(image_files(folder, limit))
+
+
+def load_photos_of(files: list[Path]) -> list[Tensor]:
+    """These photos as (3, H, W) uint8 tensors, decoded once and held in memory."""
     return [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).contiguous() for f in files]
 
 
@@ -161,6 +165,7 @@ def fit(
     start, seen_loss, seen = time.time(), 0.0, 0
 
     earlier = list(training_meta.get("runs", []))
+    curve = list(training_meta.get("curve", []))  # every validation's figures: the learning curve
     recorded = asdict(options)
     if options.steps >= UNTIL_THE_CLOCK:
         recorded["steps"] = None  # the clock, not a step count, ends this run
@@ -172,7 +177,8 @@ def fit(
         run = {"steps": f"{done_steps}-{done_steps + step}", **recipe}
         if not last:
             run["stopped_of"] = schedule  # a checkpoint inside a cosine schedule
-        meta = {**training_meta, "steps": done_steps + step, "options": recorded, "runs": earlier + [run]}
+        meta = {**training_meta, "steps": done_steps + step, "options": recorded, "runs": earlier + [run],
+                **({"curve": curve} if curve else {})}
         save_model(model, out, training=meta, metrics=metrics)
 
     budget = options.minutes * 60 if options.minutes else math.inf
@@ -200,6 +206,7 @@ def fit(
                 with torch.no_grad():
                     metrics = validate(model)
                 model.train()
+                curve.append({"step": done_steps + step, **{k: round(v, 4) for k, v in metrics.items()}})
                 log.info(f"step {done_steps + step} validation " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if step % options.checkpoint_every == 0 or last:
                 checkpoint(step, last)

@@ -190,6 +190,40 @@ def test_half_on_the_cpu_is_said_once_by_the_cli(caplog: pytest.LogCaptureFixtur
     assert caplog.records[-1].getMessage() == "half precision has no effect on the CPU: running in float32"
 
 
+def smooth_image(size: tuple[int, int] = (64, 48)) -> Image.Image:
+    """A clean photo-like image: smooth gradients, no noise."""
+    y, x = np.mgrid[0:size[1], 0:size[0]].astype(np.float64)
+    a = np.stack([100 + 80 * np.sin(x / 9), 120 + 60 * np.cos(y / 7), 90 + x + y / 2], -1)
+    return Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
+
+
+def test_upscale_chooses_the_real_network_for_jpeg_and_noisy_inputs(weights: Path) -> None:
+    """By default a JPEG or a noisy input gets upscale-real-x4, a clean one upscale-x4, each
+    output what that file gives; --model real|bicubic forces one; without a real ×2 a JPEG
+    falls back to the clean ×2 network and says so."""
+    smooth_image().save("clean.png")
+    smooth_image().save("photo.jpg", quality=70)
+    noisy = np.asarray(smooth_image(), dtype=np.float64) + np.random.default_rng(0).normal(0, 6, (48, 64, 3))
+    Image.fromarray(noisy.round().clip(0, 255).astype(np.uint8)).save("noisy.png")
+    for name, family, why in [("clean.png", "upscale-x4", "a clean input"), ("photo.jpg", "upscale-real-x4", "a JPEG input"),
+                              ("noisy.png", "upscale-real-x4", "visible noise")]:
+        stem = Path(name).stem
+        log = psal("upscale", name, "-o", f"{stem}_auto.png").stderr
+        assert f"{name}: {family} ({why}" in log
+        psal("upscale", name, "-o", f"{stem}_file.png", "--model", weights / f"{family}.safetensors")
+        assert np.array_equal(pixels(f"{stem}_auto.png"), pixels(f"{stem}_file.png"))
+    clean_net = pixels("photo_auto.png")
+    log = psal("upscale", "photo.jpg", "-o", "forced.png", "--model", "bicubic").stderr
+    assert "upscale-x4 (--model bicubic)" in log and not np.array_equal(pixels("forced.png"), clean_net)
+    log = psal("upscale", "clean.png", "-o", "forced_real.png", "--model", "real").stderr
+    assert "upscale-real-x4 (--model real)" in log
+    assert not np.array_equal(pixels("forced_real.png"), pixels("clean_file.png"))
+    log = psal("upscale", "photo.jpg", "-o", "x2.png", "--scale", "2").stderr
+    assert "upscale-real-x2.safetensors is not installed: upscale-x2 enlarges every input" in log
+    result = psal("upscale", "photo.jpg", "-o", "none.png", "--scale", "2", "--model", "real", code=1)
+    assert "upscale-real-x2.safetensors" in result.stderr and not Path("none.png").exists()
+
+
 def test_upscale_ensemble_averages_views() -> None:
     make_image("in.png")
     psal("upscale", "in.png", "--scale", "2", "-o", "plain.png")
@@ -572,8 +606,10 @@ def test_models_lists_installed_and_given_files(weights: Path) -> None:
     assert rows["mine.safetensors"]["architecture"] == "test-tiny-inpaint"
     assert rows["mine.safetensors"]["metrics"] == {"psnr": 12.5}
     assert "not a safetensors model file" in rows["bad.safetensors"]["error"]
-    assert [Path(p).name for p in json.loads(result.stdout)["not_installed"]] == ["upscale-x3.safetensors"]
+    assert [Path(p).name for p in json.loads(result.stdout)["not_installed"]] == ["upscale-x3.safetensors",
+                                                                               "upscale-real-x2.safetensors"]
     table = psal("models").stdout
+    assert "real photos" in table and "clean" in table  # both families of upscalers
     assert "test-tiny-colorize" in table and "psnr=12.50" in table and "bad.safetensors" not in table
     write_metrics(Path("mine.safetensors"), {"Set5": {"psnr": 30.1, "ssim": 0.91, "bicubic_psnr": 28.4}})
     table = psal("models", "mine.safetensors").stdout  # the model's own PSNR; baselines only in --json

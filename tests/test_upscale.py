@@ -347,3 +347,64 @@ def test_banded_inference_attention_equals_the_training_formula(exact_pairs: int
     with torch.no_grad():
         whole = feat + block.gamma * block.out(block.psal.attend(q, k, v, indices))
     assert torch.allclose(banded, whole, atol=1e-5)
+
+
+def test_real_degradation_crops_are_degraded_and_weights_choose_photos() -> None:
+    """The sampler's "real" LR differs from the clean bicubic LR of the same HR crop (same
+    seed, so the same first crop; the draws then move the later ones) and stays reproducible;
+    photos are cropped in proportion to their weights."""
+    flat = torch.full((3, 64, 64), 100, dtype=torch.uint8)
+    photo = torch.from_numpy(np.array(Image.open(EXAMPLES / "chelsea.png").convert("RGB"))).permute(2, 0, 1).contiguous()
+    clean = task.make_sampler([photo], 4, batch=8, patch=32)(random.Random(3))
+    real = task.make_sampler([photo], 4, batch=8, patch=32, degradation="real")
+    first, again = real(random.Random(3)), real(random.Random(3))
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["target"][0], clean["target"][0])
+    assert not torch.equal(first["image"][0], clean["image"][0])
+    only_flat = task.make_sampler([photo, flat], 4, batch=16, patch=32, weights=[0.0, 1.0])(random.Random(0))
+    assert torch.all(only_flat["target"] == 100 / 255)
+    with pytest.raises(ValueError, match="unknown degradation 'blurry'"):
+        task.make_sampler([photo], 4, batch=1, patch=32, degradation="blurry")
+
+
+def test_train_real_holds_out_a_selection_split_and_records_the_degradation(tmp_path: Path) -> None:
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for k, folder in enumerate(folders):
+        folder.mkdir()
+        for i in range(11 if k == 0 else 3):
+            Image.open(EXAMPLES / "coffee.png").convert("RGB").crop((i, k, 64 + i, 48 + k)).save(folder / f"{k}_{i:02d}.png")
+    out = tmp_path / "real.safetensors"
+    task.train(folders, out, 4, steps=2, batch=2, patch=32, degradation="real", validate_every=1,
+               config={"channels": 8, "blocks_after": 1, "qk_channels": 4})
+    info = read_info(out)
+    degradation = info.training["degradation"]
+    assert degradation["name"] == "real" and degradation["ranges"]["jpeg_quality"] == [30, 95]
+    assert degradation["selection"] == ["0_00.png", "0_10.png", "1_00.png"]  # every tenth photo of each folder
+    assert info.training["data"] == f"{folders[0]} (9 photos) + {folders[1]} (2 photos)"
+    curve = info.training["curve"]
+    assert [point["step"] for point in curve] == [1, 2]
+    assert {"selection_real_psnr", "selection_psnr", "selection_real_bicubic_psnr"} <= set(curve[-1])
+    assert info.metrics["selection_real_psnr"] == pytest.approx(curve[-1]["selection_real_psnr"], abs=1e-4)
+
+
+def test_evaluate_real_degradation_is_each_photo_its_own_seeded_draw(tmp_path: Path) -> None:
+    from psal_cli import degradations
+
+    for name in ("chelsea", "coffee"):
+        Image.open(EXAMPLES / f"{name}.png").convert("RGB").crop((0, 0, 48, 40)).save(tmp_path / f"{name}.png")
+    model = tiny(4)
+    clean = task.evaluate(tmp_path, 4, model)
+    real = task.evaluate(tmp_path, 4, model, degradation="real", seed=5)
+    assert real.images == task.evaluate(tmp_path, 4, model, degradation="real", seed=5).images
+    assert task.evaluate(tmp_path, 4, model, degradation="real", seed=6).images[0]["degradation"] != real.images[0]["degradation"]
+    row = real.images[1]
+    hr = Image.open(tmp_path / "coffee.png").convert("RGB")
+    lr, recipe = degradations.camera(hr, 4, 5, "coffee")  # the pipeline by its own entry point
+    assert row["degradation"] == recipe.describe()
+    bicubic = np.asarray(lr.resize(hr.size, Image.Resampling.BICUBIC))
+    assert row["bicubic_psnr"] == pytest.approx(_y_psnr_by_hand(bicubic, np.asarray(hr), 4), abs=1e-6)
+    assert row["bicubic_psnr"] < clean.images[1]["bicubic_psnr"]
+    figures = task.metrics_for_file(real)
+    assert figures["real_psnr"] == round(real.mean["psnr"], 3) and "psnr" not in figures
+    assert "camera-like degradation seed 5" in task.format_report(real)
+    with pytest.raises(ValueError, match="unknown degradation"):
+        task.evaluate(tmp_path, 4, model, degradation="jpeg")

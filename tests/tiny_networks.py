@@ -87,11 +87,12 @@ class TinyInpaint(nn.Module):
 
 
 def write_models(folder: Path) -> None:
-    """Write upscale-x2, upscale-x4, colorize and inpaint model files into `folder`."""
+    """Write upscale-x2, upscale-x4, upscale-real-x4 (no real ×2), colorize and inpaint model files into `folder`."""
     torch.manual_seed(0)
     for name, model in [("upscale-x2", TinyUpscale(TinyUpscale.Config(2))),
                         ("upscale-x4", TinyUpscale(TinyUpscale.Config(4))),
+                        ("upscale-real-x4", TinyUpscale(TinyUpscale.Config(4))),
                         ("colorize", TinyColorize(TinyColorize.Config())),
                         ("inpaint", TinyInpaint(TinyInpaint.Config()))]:
-        save_model(model, folder / f"{name}.safetensors", training={"data": "none", "steps": 0},
-                   metrics={"psnr": 12.5})
+        training = {"data": "none", "steps": 0, **({"degradation": {"name": "real"}} if "real" in name else {})}
+        save_model(model, folder / f"{name}.safetensors", training=training, metrics={"psnr": 12.5})

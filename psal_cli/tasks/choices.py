@@ -7,3 +7,7 @@ MASK_FAMILIES = {"thin": ((0.05, 0.15), (3, 9)), "thick": ((0.25, 0.40), (15, 35
 
 # Upscaling training losses: name -> its torch.nn.functional function.
 LOSSES = {"l1": "l1_loss", "l2": "mse_loss"}
+
+# What LR images an upscaler learns from and is measured on: the protocol's clean bicubic
+# reduction, or camera-like degradations (psal_cli.degradations: blur, resampling, noise, JPEG).
+DEGRADATIONS = ("bicubic", "real")

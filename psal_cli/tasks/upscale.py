@@ -8,6 +8,7 @@ run, so every figure compares with published ×2/×3/×4 results.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -19,12 +20,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from psal_cli import degradations
 from psal_cli.edit import check_size
 from psal_cli.engine import Options, run_network
 from psal_cli.metrics import psnr, rgb_to_y, shave, ssim, to_uint8_levels
-from psal_cli.tasks.choices import LOSSES
+from psal_cli.tasks.choices import DEGRADATIONS, LOSSES
 from psal_cli.tasks.common import Report, model_to_evaluate, resume
-from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos, random_crop,
+from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos_of, random_crop,
                                to_float)
 
 log = logging.getLogger("psal")
@@ -47,8 +49,13 @@ def y_metrics(sr: Tensor, hr: Tensor, scale: int) -> tuple[float, float]:
 
 
 def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int, *, rescale: float = 1.0,
-                 colors: bool = False) -> Callable[[random.Random], dict[str, Tensor]]:
-    """Batches of random flipped/rotated HR crops (patch×patch) and their bicubic LR.
+                 colors: bool = False, degradation: str = "bicubic", weights: list[float] | None = None
+                 ) -> Callable[[random.Random], dict[str, Tensor]]:
+    """Batches of random flipped/rotated HR crops (patch×patch) and their LR: Pillow bicubic, or
+    with `degradation` "real" a draw of `degradations.TRAINING` per crop.
+
+    `weights` makes a photo's chance of being cropped proportional to its weight (its pixel
+    count, so that a 2048-px photo gives as many crops as its area holds); default uniform.
 
     More variety from the same photos, because a grown network fits its 400 training photos
     better than photos it never saw: with `rescale` < 1, half the crops are a larger area
@@ -57,11 +64,15 @@ def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int, *, re
     every crop at random.
     """
     patch -= patch % scale
+    if degradation not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {degradation!r} (use {' or '.join(DEGRADATIONS)})")
+    cumulative = list(itertools.accumulate(weights)) if weights else None
 
     def sample(rng: random.Random) -> dict[str, Tensor]:
         lrs, hrs = [], []
         for _ in range(batch):
-            photo = photos[rng.randrange(len(photos))]
+            index = rng.choices(range(len(photos)), cum_weights=cumulative)[0] if cumulative else rng.randrange(len(photos))
+            photo = photos[index]
             side = round(patch / rng.uniform(rescale, 1.0)) if rescale < 1 and rng.random() < 0.5 else patch
             image = Image.fromarray(random_crop(photo, side, rng).permute(1, 2, 0).numpy())  # (S, S, 3) uint8
             if image.size != (patch, patch):
@@ -72,6 +83,8 @@ def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int, *, re
                 bands = image.split()
                 image = Image.merge("RGB", [bands[i] for i in order])
             hr, lr = degrade(image, scale)
+            if degradation == "real":
+                lr = degradations.training_pair(hr, scale, rng)
             lrs.append(to_float(lr))
             hrs.append(to_float(hr))
         return {"image": torch.cat(lrs), "target": torch.cat(hrs)}  # (B, 3, P/s, P/s), (B, 3, P, P)
@@ -113,8 +126,13 @@ def evaluate(
     device: str = "cpu",
     seed: int = 0,
     ensemble: bool = False,
+    degradation: str = "bicubic",
 ) -> dict:
     """The super-resolution protocol on every image of `data`; bicubic and Lanczos alongside.
+
+    `degradation` "real" makes each LR image with the camera-like evaluation pipeline
+    (`degradations.camera`: its own draw per photo, seeded by `seed` and the photo's name)
+    instead of the protocol's clean bicubic reduction; the rows name each photo's draw.
 
     `model` is a model file (default: the shipped weights/upscale-x<scale>) or a network;
     `seed` seeds PatchMatch on maps too large for the matrix-product search; `ensemble`
@@ -124,12 +142,17 @@ def evaluate(
     model, name = model_to_evaluate(model, "upscale", device, scale)
     if model.config.scale != scale:
         raise ValueError(f"{name} upscales ×{model.config.scale}, not ×{scale}")
+    if degradation not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {degradation!r} (use {' or '.join(DEGRADATIONS)})")
     rows, start = [], time.time()
     for path in image_files(data, limit):
         hr_image, lr_image = degrade(Image.open(path).convert("RGB"), scale)
+        row = {"name": path.stem}
+        if degradation == "real":
+            lr_image, recipe = degradations.camera(hr_image, scale, seed, path.stem)
+            row["degradation"] = recipe.describe()
         check_size(model, lr_image, what=f"{path} reduced ×{scale}")
         hr = to_float(hr_image)
-        row = {"name": path.stem}
         row["psnr"], row["ssim"] = y_metrics(upscale_tensor(model, to_float(lr_image), seed, 8 if ensemble else 1), hr, scale)
         for base, method in BASELINES.items():
             up = to_float(lr_image.resize(hr_image.size, method))
@@ -141,7 +164,8 @@ def evaluate(
         return sum(r[key] for r in rows) / len(rows)
 
     return Report(
-        task="upscale", data=str(data), model=name, settings={"scale": scale, "ensemble": ensemble, "seed": seed},
+        task="upscale", data=str(data), model=name,
+        settings={"scale": scale, "ensemble": ensemble, "seed": seed, "degradation": degradation},
         images=rows, mean={"psnr": mean("psnr"), "ssim": mean("ssim")},
         baselines={b: {"psnr": mean(f"{b}_psnr"), "ssim": mean(f"{b}_ssim")} for b in BASELINES},
         seconds=time.time() - start,
@@ -160,16 +184,20 @@ def metrics_for_file(report: Report) -> dict[str, float]:
     if Path(report.model).is_file():
         kept = read_info(report.model).metrics.get(Path(report.data).name, {})
     m, b = report.mean, report.baselines
+    # The camera-like degradation's figures sit beside the clean protocol's, prefixed real_.
+    real = "real_" if report.settings.get("degradation") == "real" else ""
     if report.settings["ensemble"]:
-        return {**kept, "ensemble_psnr": round(m["psnr"], 3), "ensemble_ssim": round(m["ssim"], 4)}
-    return {**kept, "psnr": round(m["psnr"], 3), "ssim": round(m["ssim"], 4),
-            **{f"{name}_{k}": round(b[name][k], 3 if k == "psnr" else 4) for name in b for k in ("psnr", "ssim")}}
+        return {**kept, f"{real}ensemble_psnr": round(m["psnr"], 3), f"{real}ensemble_ssim": round(m["ssim"], 4)}
+    return {**kept, f"{real}psnr": round(m["psnr"], 3), f"{real}ssim": round(m["ssim"], 4),
+            **{f"{real}{name}_{k}": round(b[name][k], 3 if k == "psnr" else 4) for name in b for k in ("psnr", "ssim")}}
 
 
 def format_report(report: Report) -> str:
     """A per-image table (Y PSNR dB / SSIM) with the mean, model beside bicubic and Lanczos."""
     head = f"{'image':<20} {'model':>15} {'bicubic':>15} {'lanczos':>15}"
     how = ", self-ensemble of 8 views" if report.settings["ensemble"] else ""
+    if report.settings.get("degradation") == "real":
+        how += f", camera-like degradation seed {report.settings['seed']}"
     lines = [f"×{report.settings['scale']} on {report.data} ({report.model}{how}), Y-channel PSNR dB / SSIM",
              head, "-" * len(head)]
 
@@ -186,25 +214,43 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _validation(folder: Path, scale: int, images: int, crop: int) -> Callable[[nn.Module], dict[str, float]]:
-    """Mean Y PSNR of the model and bicubic on the centre crops of a few validation photos."""
-    pairs = []
-    for path in image_files(folder, images):
+def _validation(files: list[Path], scale: int, crop: int, prefix: str = "val_crops",
+                degradation: str = "bicubic") -> Callable[[nn.Module], dict[str, float]]:
+    """Mean Y PSNR of the model and bicubic on the centre crops of a few validation photos.
+
+    With `degradation` "real", the crops are measured twice: reduced by the camera-like
+    evaluation pipeline (seed 0; figures `<prefix>_real_psnr`, ...) and by the clean protocol.
+    """
+    kinds = {"": "bicubic", "real_": "real"} if degradation == "real" else {"": "bicubic"}
+    pairs: dict[str, list] = {kind: [] for kind in kinds}
+    for path in files:
         photo = Image.open(path).convert("RGB")
         left, top = max(0, (photo.width - crop) // 2), max(0, (photo.height - crop) // 2)
         hr, lr = degrade(photo.crop((left, top, left + crop, top + crop)), scale)
-        pairs.append((to_float(hr), to_float(lr), to_float(lr.resize(hr.size, Image.Resampling.BICUBIC))))
-    bicubic = sum(y_metrics(up, hr, scale)[0] for hr, _, up in pairs) / len(pairs)
+        for kind, name in kinds.items():
+            low = degradations.camera(hr, scale, 0, path.stem)[0] if name == "real" else lr
+            pairs[kind].append((to_float(hr), to_float(low), to_float(low.resize(hr.size, Image.Resampling.BICUBIC))))
+    bicubic = {kind: sum(y_metrics(up, hr, scale)[0] for hr, _, up in got) / len(got) for kind, got in pairs.items()}
 
     def validate(model: nn.Module) -> dict[str, float]:
-        got = sum(y_metrics(upscale_tensor(model, lr), hr, scale)[0] for hr, lr, _ in pairs) / len(pairs)
-        return {"val_crops_psnr": got, "val_crops_bicubic_psnr": bicubic}
+        figures = {}
+        for kind, got in pairs.items():
+            figures[f"{prefix}_{kind}psnr"] = sum(y_metrics(upscale_tensor(model, lr), hr, scale)[0]
+                                                  for hr, lr, _ in got) / len(got)
+            figures[f"{prefix}_{kind}bicubic_psnr"] = bicubic[kind]
+        return figures
 
     return validate
 
 
+def selection_split(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out selection files) of one folder's sorted photos: every tenth
+    photo, from the first, is held out to choose among checkpoints and never trained on."""
+    return [f for i, f in enumerate(files) if i % 10], [f for i, f in enumerate(files) if not i % 10]
+
+
 def train(
-    data: Path,
+    data: Path | list[Path],
     out: Path,
     scale: int = 4,
     *,
@@ -221,6 +267,7 @@ def train(
     widen: int = 0,
     rescale: float = 1.0,
     colors: bool = False,
+    degradation: str = "bicubic",
     config: dict | None = None,
     val: Path | None = None,
     val_images: int = 5,
@@ -240,6 +287,11 @@ def train(
     a new network's `PSALUpscale.Config` (tests use tiny ones). Validation PSNR is measured every
     `validate_every` steps on `val_images` centre crops of `val` (default: `data`/../val
     when it exists), never used for training.
+
+    `data` may be several folders; crops are then drawn in proportion to each photo's pixels.
+    `degradation` "real" trains on camera-like degradations (`degradations.TRAINING`) and
+    holds out every folder's `selection_split`: validation measures its centre crops, degraded
+    and clean, and the model file names the held-out photos.
     """
     from psal_cli.modelfile import load_model, read_info
     from psal_cli.networks import create_model
@@ -280,19 +332,35 @@ def train(
     side = (patch - patch % scale) // scale
     if not model.accepts_size("image", side, side):
         raise ValueError(f"--patch {patch} makes {side}×{side}-px inputs at ×{scale}, too few for PSAL's patches: use a larger --patch")
-    photos = load_photos(data)
-    small = next((f for f, photo in zip(image_files(data), photos) if min(photo.shape[-2:]) < patch), None)
+    if degradation not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {degradation!r} (use {' or '.join(DEGRADATIONS)})")
+    folders = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+    files, held_out, described = [], [], []
+    for folder in folders:
+        mine, selection = selection_split(image_files(folder)) if degradation == "real" else (image_files(folder), [])
+        files += mine
+        held_out += selection
+        described.append(data_description(folder, len(mine)) if not selection else f"{folder} ({len(mine)} photos)")
+    photos = load_photos_of(files)
+    small = next((f for f, photo in zip(files, photos) if min(photo.shape[-2:]) < patch), None)
     if small is not None:
         raise ValueError(f"{small} is smaller than the {patch}-px training crop: leave it out or lower --patch")
-    meta["data"] = data_description(data, len(photos))
+    meta["data"] = " + ".join(described)
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device,
                            validate_every=validate_every, loss=loss, minutes=minutes)
-    val = val if val is not None else Path(data).parent / "val"
-    validate = _validation(val, scale, val_images, crop=192) if val.is_dir() else None
+    if degradation == "real":
+        meta["degradation"] = {"name": "real", "from_step": done, "ranges": degradations.TRAINING.describe(),
+                               "selection": [f.name for f in held_out]}
+        validate = _validation(held_out, scale, crop=256, prefix="selection", degradation="real")
+    else:
+        val = val if val is not None else folders[0].parent / "val"
+        validate = _validation(image_files(val, val_images), scale, crop=192) if val.is_dir() else None
     params = sum(p.numel() for p in model.parameters())
     log.info(f"psal-upscale ×{scale}: {params} parameters, attention {model.config.attention}, "
         f"{len(photos)} photos, {options.length} from step {done}")
     if rescale < 1 or colors:
         meta["augmented"] = meta.get("augmented", []) + [f"rescale {rescale:g}, colors {colors} from step {done}"]
-    fit(model, make_sampler(photos, scale, batch, patch, rescale=rescale, colors=colors), loss_fn, options, Path(out),
-        training_meta=meta, done_steps=done, validate=validate)
+    weights = [float(p.shape[-1] * p.shape[-2]) for p in photos] if len(folders) > 1 else None
+    sampler = make_sampler(photos, scale, batch, patch, rescale=rescale, colors=colors, degradation=degradation,
+                           weights=weights)
+    fit(model, sampler, loss_fn, options, Path(out), training_meta=meta, done_steps=done, validate=validate)
