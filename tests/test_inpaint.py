@@ -265,3 +265,33 @@ def test_ssim_equals_the_2d_window_formula():
     c1, c2 = 2.55**2, 7.65**2
     truth = (((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))).mean().item()
     assert ssim(a, b) == pytest.approx(truth, abs=1e-12) and 0 < truth < 0.99
+
+
+def windows(h: int, w: int) -> torch.Tensor:
+    """A facade: dark 6×8 windows with a lit frame on a wall, every 12 rows and 16 columns."""
+    y, x = torch.arange(h).view(-1, 1), torch.arange(w).view(1, -1)
+    wall = torch.tensor([0.75, 0.6, 0.45]).view(3, 1, 1)
+    window = torch.tensor([0.15, 0.2, 0.3]).view(3, 1, 1)
+    inside = ((y % 12 >= 3) & (y % 12 < 9) & (x % 16 >= 4) & (x % 16 < 12)).float()
+    return (wall * (1 - inside) + window * inside)[None]
+
+
+def test_copy_restores_structure_repeated_elsewhere_at_full_resolution():
+    """A scratch across a facade four times the working size: the coarse-to-fine copy puts
+    the windows back from their intact copies (all levels searched, or the top one voted
+    with the field upsampled from below); without it the hole holds the network's upsampled guess."""
+    h, w = 96, 192
+    truth = windows(h, w)
+    hole = box_hole(h, w, 40, 45, 20, 170)
+    seen = truth * (1 - hole)
+    errors = {}
+    for name, over in {"copy": {}, "copy, top level voted only": {"copy_search_size": 100},
+                       "no copy": {"copy": False}}.items():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = tiny(work_size=48, detail=False, **over)(image=seen, mask=hole)
+        known = ~hole.bool().expand_as(out)
+        assert torch.equal(out[known], truth[known])
+        errors[name] = (out - truth).abs()[~known].mean().item()
+    assert errors["copy"] < 0.02 and errors["copy, top level voted only"] < 0.04, errors
+    assert errors["no copy"] > 0.05, errors
