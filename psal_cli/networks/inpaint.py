@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from psal_cli.attention import PSAL, patch_distances, patchmatch, valid_key_centres
+from psal_cli.blur import gaussian_blur
 from psal_cli.networks import register_model
 from psal_cli.networks.stages import VIEWS, Direct, LocalStage, conv_radius, holds_patches, pad_to_multiple, view
 
@@ -105,15 +106,6 @@ class Refine(LocalStage):
         return (comp + self.body(torch.cat([comp, mask], 1))).clamp(0, 1)
 
 
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur (radius 3σ, replicate padding), per channel."""
-    r = max(1, math.ceil(3 * sigma))
-    g = torch.exp(-(torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) ** 2) / (2 * sigma**2))
-    g = (g / g.sum()).view(1, 1, 1, -1).repeat(x.shape[1], 1, 1, 1)  # (C, 1, 1, 2r+1)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), g, groups=x.shape[1])
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), g.transpose(2, 3), groups=x.shape[1])
-
-
 def masked_blur(x: Tensor, known: Tensor, sigma: float) -> Tensor:
     """Gaussian blur of x using only known pixels (normalised convolution), so the hole never leaks in."""
     return gaussian_blur(x * known, sigma) / gaussian_blur(known, sigma).clamp(min=1e-6)
@@ -173,12 +165,17 @@ class PSALInpaint(nn.Module):
         self.to_q = nn.Conv2d(c.width, c.attn_channels, 1)
         self.to_k = nn.Conv2d(c.width, c.attn_channels, 1)
         self.to_v = nn.Conv2d(c.width, c.width, 1)
-        self.attn = PSAL(c.attn_patch, c.attn_neighbors, c.attn_iterations, aggregation="center")
+        self.attn = PSAL(patch_size=c.attn_patch, neighbors=c.attn_neighbors, iterations=c.attn_iterations,
+                         aggregation="center")
         self.decoder = Decoder(c.width, tuple(c.decoder_dilations))
         self.refine = Refine(c.refine_width)
-        self.transfer = PSAL(3, 1, 0, temperature=c.detail_temperature, aggregation="patch")
-        # Distances come pre-divided by each level's temperature (copy_level), hence T = 1.
-        self.copier = PSAL(c.copy_patch, 1, c.copy_search_iterations, temperature=1.0, aggregation="patch")
+        # Attends with the NNF transfer_detail builds (it never searches): only its
+        # aggregation settings matter.
+        self.transfer = PSAL(patch_size=3, neighbors=1, iterations=0, temperature=c.detail_temperature,
+                             aggregation="patch")
+        # Distances come pre-divided by each level's temperature (copy_vote), hence T = 1.
+        self.copier = PSAL(patch_size=c.copy_patch, neighbors=1, iterations=c.copy_search_iterations,
+                           temperature=1.0, aggregation="patch")
 
     def forward(self, image: Tensor, mask: Tensor) -> Tensor:
         return self.run(Direct(), image=image, mask=mask)
@@ -195,11 +192,11 @@ class PSALInpaint(nn.Module):
             small = ex.whole(lambda x, m: _reduce(x, m, size), image, mask)  # (B, 4, h, w)
             fill = self.fill_ensemble(ex, small[:, :3], small[:, 3:])
             if self.config.copy:
-                out = ex.whole(self.copy_structure, image, mask, fill)
+                out = ex.whole(partial(self.copy_structure, generator=ex.generator), image, mask, fill)
             else:
                 out = ex.whole(lambda x, m, f: x + m * _resize(f, (H, W)), image, mask, fill)
         if self.config.detail:
-            out = ex.whole(self.add_detail, out, mask)
+            out = ex.whole(partial(self.add_detail, generator=ex.generator), out, mask)
         return out
 
     def working_size(self, height: int, width: int) -> tuple[int, int]:
@@ -242,22 +239,22 @@ class PSALInpaint(nn.Module):
         base = ex.whole(lambda x, m: pyramid_fill(x, m, self.config.prefill_iterations), image, mask)  # (B, 3, H, W)
         x, m = pad_to_multiple(base, 4), pad_to_multiple(mask, 4)
         feat = ex.local(self.encoder, x, m)  # (B, width, H/4, W/4)
-        attended = ex.whole(self.attend, feat, m)
+        attended = ex.whole(partial(self.attend, generator=ex.generator), feat, m)
         coarse = (base + ex.local(self.decoder, feat, attended)[..., :H, :W]).clamp(0, 1)  # (B, 3, H, W)
         comp = image + mask * coarse
         return image + mask * ex.local(self.refine, comp, mask)
 
-    def attend(self, feat: Tensor, mask: Tensor) -> Tensor:
+    def attend(self, feat: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """PSAL over the 1/4-size features: hole positions copy features of similar known patches."""
         hole = F.max_pool2d(mask, 4)  # (B, 1, h, w): any hole pixel in the cell
         key_mask = hole[:, 0] > 0
         # Where too few known key patches remain (a nearly full hole), let the hole be keys too.
         valid = valid_key_centres(feat.shape, self.attn.patch_size, key_mask).flatten(1).sum(1)
         key_mask = key_mask & (valid >= self.attn.neighbors)[:, None, None]
-        out = self.attn(self.to_q(feat), self.to_k(feat), self.to_v(feat), key_mask=key_mask)
+        out = self.attn(self.to_q(feat), self.to_k(feat), self.to_v(feat), key_mask=key_mask, generator=generator)
         return out * hole
 
-    def copy_structure(self, image: Tensor, mask: Tensor, fill: Tensor) -> Tensor:
+    def copy_structure(self, image: Tensor, mask: Tensor, fill: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Refine the working-size fill into a full-resolution copy of the known image, coarse to fine.
 
         Multi-scale patch inpainting (Wexler et al. 2007, Newson et al. 2014) started from
@@ -284,10 +281,11 @@ class PSALInpaint(nn.Module):
                 level, hole = reduced[:, :3], reduced[:, 3:]
             prior = level + hole * _resize(fill, size)  # the network's guess: the start and the fallback
             search = max(size) <= c.copy_search_size
-            nnf, estimate = self.copy_level(level, hole, prior, nnf, c.copy_iterations if search else 0)
+            nnf, estimate = self.copy_level(level, hole, prior, nnf, c.copy_iterations if search else 0, generator)
         return estimate
 
-    def copy_level(self, image: Tensor, mask: Tensor, prior: Tensor, nnf: "Copy | None", rounds: int) -> tuple["Copy | None", Tensor]:
+    def copy_level(self, image: Tensor, mask: Tensor, prior: Tensor, nnf: "Copy | None", rounds: int,
+                   generator: torch.Generator | None = None) -> tuple["Copy | None", Tensor]:
         """One level of `copy_structure`: vote with the field from below, then `rounds` × (search, vote).
 
         Queries are the patches of the current estimate around the hole (its box grown by two
@@ -311,7 +309,7 @@ class PSALInpaint(nn.Module):
             query = estimate[..., y0:y1, x0:x1]
             if min(query.shape[-2:]) < c.copy_patch:
                 break  # a box thinner than a patch (a hole on a corner of a tiny photo): the network's fill stays
-            indices = self.copier.search(query, estimate, forbid, init=indices).indices
+            indices = self.copier.search(query, estimate, forbid, init=indices, generator=generator).indices
             estimate = self.copy_vote(estimate, mask, prior, box, indices, valid)
         return (None if indices is None else Copy(indices, box, (H, W))), estimate
 
@@ -342,7 +340,7 @@ class PSALInpaint(nn.Module):
         out[..., y0:y1, x0:x1] = query + hole * (trust * voted + (1 - trust) * prior[..., y0:y1, x0:x1] - query)
         return out
 
-    def add_detail(self, fill: Tensor, mask: Tensor) -> Tensor:
+    def add_detail(self, fill: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Copy the high frequencies of matching known full-resolution patches into the hole.
 
         Works on the hole's box grown by the search margin; the low-pass that separates
@@ -354,10 +352,10 @@ class PSALInpaint(nn.Module):
         sigma = c.detail_sigma * max(1.0, max(H, W) / c.work_size)
         y0, y1, x0, x1 = hole_box(mask, c.detail_search + math.ceil(3 * sigma))
         out = fill.clone()
-        out[..., y0:y1, x0:x1] = self.transfer_detail(fill[..., y0:y1, x0:x1], mask[..., y0:y1, x0:x1], sigma)
+        out[..., y0:y1, x0:x1] = self.transfer_detail(fill[..., y0:y1, x0:x1], mask[..., y0:y1, x0:x1], sigma, generator)
         return out
 
-    def transfer_detail(self, fill: Tensor, mask: Tensor, sigma: float) -> Tensor:
+    def transfer_detail(self, fill: Tensor, mask: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
         """`add_detail` on a crop holding the hole.
 
         Queries and keys: the low-pass (σ) of the composite, in which the fill and the
@@ -377,7 +375,7 @@ class PSALInpaint(nn.Module):
         if not grid.can_search(forbid, self.config.detail_patch):
             return fill  # nothing known to copy from
         fq, fk = self.detail_features(grid, low, high, known, forbid, sigma)
-        nnf = self.detail_nnf(fq, fk, forbid)
+        nnf = self.detail_nnf(fq, fk, forbid, generator)
         detail = self.transfer.attend(grid.query(low), grid.keys(low), grid.keys(high), grid.pixel_indices(nnf))
         return (fill + self.detail_weight(mask, sigma) * grid.paste(detail)).clamp(0, 1)
 
@@ -403,12 +401,12 @@ class PSALInpaint(nn.Module):
         return (torch.cat([grid.blocks(grid.query(low)), w * eq], 1),
                 torch.cat([grid.blocks(grid.keys(low)), w * ek], 1))
 
-    def detail_nnf(self, fq: Tensor, fk: Tensor, forbid: Tensor) -> Tensor:
+    def detail_nnf(self, fq: Tensor, fk: Tensor, forbid: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Block field (B, hq, wq) of flat key-block positions: PatchMatch, then `coherent_nnf`
         grows regions of blocks copied from one place (block edges inside a region are no seams)."""
         c = self.config
         nnf = patchmatch(fq, fk, patch_size=c.detail_patch, neighbors=1,
-                         iterations=c.detail_iterations, key_mask=forbid).indices[..., 0]  # (B, hq, wq)
+                         iterations=c.detail_iterations, key_mask=forbid, generator=generator).indices[..., 0]  # (B, hq, wq)
         if c.detail_coherence > 0:
             valid = valid_key_centres(fk.shape, c.detail_patch, forbid)
             nnf = coherent_nnf(fq, fk, nnf, valid, c.detail_patch, c.detail_coherence, c.detail_coherence_sweeps)

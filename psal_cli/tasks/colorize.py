@@ -15,6 +15,7 @@ exhaustive nearest 5×5 luminance patch of the reference.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -27,11 +28,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from psal_cli.attention import exact_knn
 from psal_cli.color import lab_to_rgb, rgb_to_lab, rgb_to_ycbcr, ycbcr_to_rgb
 from psal_cli.metrics import psnr, to_uint8_levels
-from psal_cli.networks.colorize import PSALColorize, exhaustive_knn, quantize8
+from psal_cli.networks.colorize import PSALColorize, quantize8
 from psal_cli.networks.stages import Direct
 from psal_cli.training import TrainOptions, data_description, fit, image_files, load_photos
+
+log = logging.getLogger("psal")
 
 CROP = 0.7  # target and reference each take 70 % of the width
 
@@ -105,7 +109,6 @@ def train(
     seed: int = 0,
     limit: int | None = None,
     minutes: float | None = None,
-    log: Callable[[str], None] = print,
 ) -> Path:
     """Train (or, with `init`, resume) a colorization network on the photos in `data`.
 
@@ -124,11 +127,11 @@ def train(
         model, done = PSALColorize(PSALColorize.Config()), 0
     photos = load_photos(Path(data), limit)
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device, minutes=minutes)
-    log(f"colorize: {sum(p.numel() for p in model.parameters())} parameters, {len(photos)} photos, "
+    log.info(f"colorize: {sum(p.numel() for p in model.parameters())} parameters, {len(photos)} photos, "
         f"from step {done}")
     meta = {**earlier, "data": data_description(data, len(photos), limit), "init": str(init or "")}
     fit(model, make_sampler(photos, batch, patch), chroma_l1, options, Path(out),
-        training_meta=meta, done_steps=done, log=log)
+        training_meta=meta, done_steps=done)
     return Path(out)
 
 
@@ -148,7 +151,7 @@ def reinhard(gray: Tensor, reference: Tensor) -> Tensor:
 def nearest_patch(gray: Tensor, reference: Tensor, patch_size: int = 5) -> Tensor:
     """Copy the CbCr of the centre of the exhaustive nearest luminance patch, keep the target Y."""
     ycc = rgb_to_ycbcr(reference)
-    nnf = exhaustive_knn(quantize8(gray), quantize8(ycc[:, :1]), patch_size, 1)
+    nnf = exact_knn(quantize8(gray), quantize8(ycc[:, :1]), patch_size=patch_size, neighbors=1, prune=True)
     B = reference.shape[0]
     chroma = ycc[:, 1:].flatten(2)  # (B, 2, Hr·Wr)
     index = nnf.indices.view(B, 1, -1).expand(-1, 2, -1)  # (B, 2, H·W)
@@ -192,7 +195,6 @@ def evaluate(
     nearest: bool = True,
     device: str = "cpu",
     seed: int = 0,
-    log: Callable[[str], None] | None = None,
 ) -> dict:
     """The guided-colorization protocol on the photos of `data` (BSD100: shared/data/val).
 
@@ -211,7 +213,8 @@ def evaluate(
     model = model.to(dev).eval()
     files = image_files(data, limit)
     methods: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-        "psal": lambda g, r: model.run(Direct(), gray=g.to(dev), reference=r.to(dev)).cpu(),
+        "psal": lambda g, r: model.run(Direct(torch.Generator().manual_seed(seed)), gray=g.to(dev),
+                                       reference=r.to(dev)).cpu(),
         "reinhard": reinhard,
     }
     if nearest:
@@ -223,14 +226,12 @@ def evaluate(
         for variant, ref in (("plain", reference), ("flipped", reference.flip(-1))):
             row[variant] = {}
             for name, method in methods.items():
-                torch.manual_seed(seed)
                 start = time.time()
                 with torch.no_grad():
                     out = method(gray, ref)
                 row[variant][name] = {**scores(out, target, gray), "seconds": time.time() - start}
         rows.append(row)
-        if log:
-            log(f"[{i + 1}/{len(files)}] {path.stem}: " + "  ".join(
+        log.info(f"[{i + 1}/{len(files)}] {path.stem}: " + "  ".join(
                 f"{v} " + " ".join(f"{n} {row[v][n]['psnr']:.2f}/{row[v][n]['ab_mae']:.2f}" for n in methods)
                 for v in ("plain", "flipped")))
 

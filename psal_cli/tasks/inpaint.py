@@ -9,6 +9,7 @@ random state, so the network practises exactly the kinds of holes it is judged o
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -25,11 +26,12 @@ from torch import Tensor, nn
 from psal_cli.color import rgb_to_luma
 from psal_cli.metrics import psnr, ssim, to_uint8_levels
 from psal_cli.networks.stages import Direct
+from psal_cli.tasks.choices import MASK_FAMILIES as FAMILIES
 from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos, random_crop,
                                to_float)
 
-# family: (fraction of pixels low, high), (stroke width low, high) in pixels.
-FAMILIES = {"thin": ((0.05, 0.15), (3, 9)), "thick": ((0.25, 0.40), (15, 35)), "box": ((0.20, 0.30), None)}
+log = logging.getLogger("psal")
+
 RING = 8  # width in pixels of the known ring against which hole sharpness is compared
 
 
@@ -134,7 +136,6 @@ def train(
     seed: int = 0,
     checkpoint_every: int = 100,
     minutes: float | None = None,
-    log: Callable[[str], None] = print,
 ) -> None:
     """Train a `psal-inpaint` network (hole L1, Adam with cosine decay) and write it to `out`.
 
@@ -156,11 +157,11 @@ def train(
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, lr_final=lr / 50, seed=seed,
                            device=device, log_every=25, checkpoint_every=checkpoint_every, minutes=minutes)
     params = sum(p.numel() for p in model.parameters())
-    log(f"psal-inpaint: {params} parameters, {len(photos)} photos, {options.length} from step {done}")
+    log.info(f"psal-inpaint: {params} parameters, {len(photos)} photos, {options.length} from step {done}")
     fit(model, make_sampler(photos, batch, patch), hole_l1, options, Path(out),
         training_meta={**meta, "data": data_description(data, len(photos)), "loss": "L1 over hole pixels",
                        "masks": "thin/thick/box as in evaluation"},
-        done_steps=done, log=log)
+        done_steps=done)
 
 
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
@@ -236,10 +237,10 @@ def patchmatch_inpaint(image: Tensor, hole: Tensor) -> Tensor | None:
 
 def inpaint_tensor(model: nn.Module, image: Tensor, hole: Tensor, seed: int = 0) -> Tensor:
     """The model on one image (1, 3, H, W) with hole pixels zeroed, untiled; known pixels kept."""
-    torch.manual_seed(seed)  # PatchMatch's random init: reproducible figures
     device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model(image=(image * (1 - hole)).to(device), mask=hole.to(device)).cpu()
+    with torch.no_grad():  # the searches seeded: reproducible figures
+        out = model.run(Direct(torch.Generator().manual_seed(seed)), image=(image * (1 - hole)).to(device),
+                        mask=hole.to(device)).cpu()
     return torch.where(hole.bool(), out, image)
 
 
@@ -256,7 +257,6 @@ def evaluate(
     seed: int = 0,
     device: str = "cpu",
     patchmatch: bool = False,
-    log: Callable[[str], None] | None = None,
 ) -> dict:
     """The inpainting protocol on every image of `data` with the `masks` family; baselines alongside.
 
@@ -299,8 +299,7 @@ def evaluate(
             got["sharpness_rel"] = got["sharpness"] / row["true_sharpness"]
             row.update({(k if method == "model" else f"{method}_{k}"): v for k, v in got.items()})
         rows.append(row)
-        if log:
-            log(f"{row['name']}: {row['psnr']:.2f} dB, MAE {row['mae']:.1f}, sharpness {row['sharpness_rel']:.0%}"
+        log.info(f"{row['name']}: {row['psnr']:.2f} dB, MAE {row['mae']:.1f}, sharpness {row['sharpness_rel']:.0%}"
                 + (f" (telea {row['telea_psnr']:.2f} dB, MAE {row['telea_mae']:.1f})" if "telea_psnr" in row else ""))
 
     def mean(key: str) -> float:

@@ -8,6 +8,7 @@ run, so every figure compares with published ×2/×3/×4 results.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from pathlib import Path
@@ -21,8 +22,11 @@ from torch import Tensor, nn
 from psal_cli.edit import check_size
 from psal_cli.engine import Options, run_network
 from psal_cli.metrics import psnr, rgb_to_y, shave, ssim, to_uint8_levels
+from psal_cli.tasks.choices import LOSSES
 from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos, random_crop,
                                to_float)
+
+log = logging.getLogger("psal")
 
 BASELINES = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 
@@ -74,16 +78,15 @@ def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int, *, re
     return sample
 
 
-# L1 is the usual super-resolution loss (it trains faster and sharper than L2); a last
-# fine-tune with L2, the mean squared error that PSNR measures, still gains some PSNR.
-LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}
-
-
 def loss_function(name: str = "l1") -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
-    """The training loss `name` (`LOSSES`) of the network's output against the HR crop."""
+    """The training loss `name` (`LOSSES`) of the network's output against the HR crop.
+
+    L1 is the usual super-resolution loss (it trains faster and sharper than L2); a last
+    fine-tune with L2, the mean squared error that PSNR measures, still gains some PSNR.
+    """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r} (use {' or '.join(LOSSES)})")
-    pixel_loss = LOSSES[name]
+    pixel_loss = getattr(F, LOSSES[name])
 
     def loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         return pixel_loss(model(image=batch["image"]), batch["target"])
@@ -109,7 +112,6 @@ def evaluate(
     device: str = "cpu",
     seed: int = 0,
     ensemble: bool = False,
-    log: Callable[[str], None] | None = None,
 ) -> dict:
     """The super-resolution protocol on every image of `data`; bicubic and Lanczos alongside.
 
@@ -140,8 +142,7 @@ def evaluate(
             up = to_float(lr_image.resize(hr_image.size, method))
             row[f"{base}_psnr"], row[f"{base}_ssim"] = y_metrics(up, hr, scale)
         rows.append(row)
-        if log:
-            log(f"{row['name']}: {row['psnr']:.2f} dB (bicubic {row['bicubic_psnr']:.2f})")
+        log.info(f"{row['name']}: {row['psnr']:.2f} dB (bicubic {row['bicubic_psnr']:.2f})")
 
     def mean(key: str) -> float:
         return sum(r[key] for r in rows) / len(rows)
@@ -237,7 +238,6 @@ def train(
     val_images: int = 5,
     validate_every: int = 500,
     minutes: float | None = None,
-    log: Callable[[str], None] = print,
 ) -> None:
     """Train a `psal-upscale` network (L1 or `loss`, Adam with cosine decay) and write it to `out`.
 
@@ -278,7 +278,7 @@ def train(
                 model = model.widen(widen)
             if grow:
                 meta["grown"] = meta.get("grown", []) + [f"{change} at step {done}" for change in grow]
-                log(f"grown ({', '.join(grow)}), the same function to start from")
+                log.info(f"grown ({', '.join(grow)}), the same function to start from")
         elif grow:
             raise ValueError(f"deepen/widen resume a ×{scale} network, {init} is ×{info.config['scale']}")
         else:
@@ -287,7 +287,7 @@ def train(
             fits = {k: v for k, v in start.state_dict().items() if k in own and own[k].shape == v.shape}
             model.load_state_dict(fits, strict=False)
             meta["init_from"] = f"{Path(init).name} (×{info.config['scale']}, {info.training.get('steps', 0)} steps)"
-            log(f"initialised {len(fits)}/{len(own)} tensors from {init}")
+            log.info(f"initialised {len(fits)}/{len(own)} tensors from {init}")
     loss_fn = loss_function(loss)  # an unknown name fails before any photo is read
     if not 0 < rescale <= 1:
         raise ValueError(f"rescale must be in (0, 1], got {rescale:g}")
@@ -304,9 +304,9 @@ def train(
     val = val if val is not None else Path(data).parent / "val"
     validate = _validation(val, scale, val_images, crop=192) if val.is_dir() else None
     params = sum(p.numel() for p in model.parameters())
-    log(f"psal-upscale ×{scale}: {params} parameters, attention {model.config.attention}, "
+    log.info(f"psal-upscale ×{scale}: {params} parameters, attention {model.config.attention}, "
         f"{len(photos)} photos, {options.length} from step {done}")
     if rescale < 1 or colors:
         meta["augmented"] = meta.get("augmented", []) + [f"rescale {rescale:g}, colors {colors} from step {done}"]
     fit(model, make_sampler(photos, scale, batch, patch, rescale=rescale, colors=colors), loss_fn, options, Path(out),
-        training_meta=meta, done_steps=done, validate=validate, log=log)
+        training_meta=meta, done_steps=done, validate=validate)
