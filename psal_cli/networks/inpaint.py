@@ -1,8 +1,15 @@
-"""PSAL inpainting: a coarse-to-fine fill at a working resolution, then PSAL detail transfer at full resolution.
+"""PSAL inpainting: a coarse-to-fine fill at a working resolution, a patch copy up to full resolution, PSAL detail.
 
     image, mask ─ to working size (long side ≤ work_size) ─ push-pull pre-fill ─ encoder ↓4 ─ dilated gated blocks
         ─ PSAL (masked keys: the hole is never copied from) ─ blocks ─ decoder ↑4 (+ pre-fill) ─ refine ─ fill
-    fill ─ upsampled to full size ─ detail: PSAL over the full-resolution pixels ─ out
+    fill ─ copy: PatchMatch + patch votes level by level (×2) up to full size ─ detail: PSAL over the full-resolution pixels ─ out
+
+On a photo larger than the working size, the copy stage (`copy_structure`) starts from
+the network's fill and copies the hole, at every level up to the native size, from the
+known patches that best match it (multi-scale patch inpainting: each level's matches
+seed the next), keeping the network's fill where nothing known matches well. Structure
+that repeats in the photo (windows, brick courses, railings) is so copied at full
+resolution instead of painted from the working size.
 
 A small network can only paint the low frequencies of a hole, and any resize-based tool
 blurs on top of that when the photo is larger than the network's working size. The
@@ -151,11 +158,11 @@ class PSALInpaint(nn.Module):
         detail_coherence_sweeps: int = 8
         copy: bool = True  # photos above the working size: coarse-to-fine patch copying from it up to the native size
         copy_patch: int = 7  # patch side of the copy, in pixels of each level
-        copy_iterations: int = 2  # search-and-vote rounds per level (Wexler et al.'s EM steps)
-        copy_search_iterations: int = 3  # PatchMatch iterations per search
+        copy_iterations: int = 1  # search-and-vote rounds per level (Wexler et al.'s EM steps)
+        copy_search_iterations: int = 2  # PatchMatch iterations per search
         copy_search_size: int = 2048  # above this long side the NNF is only upsampled and voted with, not searched
-        copy_temperature: float = 0.5  # vote weights softmax(−D / (this × median D)): Wexler's distance weighting
-        copy_trust: float = 0.08  # RMS patch error (0–1 levels) at which a copy and the network's fill weigh alike
+        copy_temperature: float = 0.05  # vote weights softmax(−D / (this × median D)): Wexler's distance weighting
+        copy_trust: float = 0.15  # RMS patch error (0–1 levels) at which a copy and the network's fill weigh alike
 
     def __init__(self, config: Config) -> None:
         super().__init__()
