@@ -238,6 +238,25 @@ def test_evaluate_on_two_images(tmp_path):
     assert "mean" in task.format_report(report)
 
 
+def test_classical_baselines_fill_only_the_hole_and_continue_a_vertical_edge():
+    """Telea, Navier–Stokes and PatchMatch (when installed) across a box in a two-tone image:
+    known pixels kept, each side of the edge filled with its own tone."""
+    h, w = 48, 64
+    truth = torch.full((1, 3, h, w), 0.2)
+    truth[..., w // 2 :] = 0.6
+    hole = box_hole(h, w, 18, 30, 20, 44)
+    seen = truth * (1 - hole)
+    outs = {m: task.opencv_inpaint(seen, hole, m) for m in ("telea", "ns")} | {"patchmatch": task.patchmatch_inpaint(seen, hole)}
+    outs = {m: out for m, out in outs.items() if out is not None}
+    if not outs:
+        pytest.skip("neither opencv nor pypatchmatch is installed")
+    for method, out in outs.items():
+        known = ~hole.bool().expand_as(out)
+        assert torch.allclose(out[known], truth[known], atol=0.5 / 255), method
+        inside = (out - truth).abs()[..., 18:30, 20:44]
+        assert inside[..., :, :6].mean() < 0.05 and inside[..., :, -6:].mean() < 0.05, method  # away from the edge
+
+
 def test_train_writes_and_resumes(tmp_path):
     for i in range(2):
         Image.fromarray((photo(70, 90)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
