@@ -307,7 +307,7 @@ def test_copy_restores_structure_repeated_elsewhere_at_full_resolution():
     hole = box_hole(h, w, 40, 45, 20, 170)
     seen = truth * (1 - hole)
     errors = {}
-    for name, over in {"copy": {}, "copy, top level voted only": {"copy_search_size": 100},
+    for name, over in {"copy": {"copy": True}, "copy, top level voted only": {"copy": True, "copy_search_size": 100},
                        "no copy": {"copy": False}}.items():
         torch.manual_seed(0)
         with torch.no_grad():
