@@ -269,7 +269,9 @@ def speed(path: Path) -> Path:
         rows.sort(key=lambda r: r["megapixels"])
         mp = [r["megapixels"] for r in rows]
         axes[0].plot(mp, [r["seconds"] for r in rows], "o-", color=f"C{k}", label=label)
-        axes[1].plot(mp, [r["peak_mb"] / 1024 for r in rows], "o-", color=f"C{k}", label=label)
+        measured = [r for r in rows if r.get("peak_mb") is not None]  # a row may time without memory
+        axes[1].plot([r["megapixels"] for r in measured], [r["peak_mb"] / 1024 for r in measured], "o-",
+                     color=f"C{k}", label=label)
     threads = report.get("threads")
     where = f"{report.get('machine') or report.get('device')}" + (f", {threads} threads" if threads else "")
     for ax, what in zip(axes, ("seconds", "peak memory (GB)")):

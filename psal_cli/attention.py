@@ -41,17 +41,12 @@ _SEARCH_ENERGY = 0.9
 # Patches sampled per map to estimate the principal axes.
 _PCA_SAMPLES = 1024
 # Queries updated per search step. A chunk already sees the matches its predecessors found
-# in this iteration, and its (queries, ~100 candidates, D+1) float32 gather stays ~5 MB: on
-# CPU 1024 was 1.2× slower and 2048 up to 1.5× (cache misses, and page faults when malloc
-# hands the blocks back to the OS after every step). Smaller chunks also propagate good
-# matches further within an iteration (recall@1 0.26 vs 0.23 at 512² with 1024).
+# in this iteration, and its (queries, ~100 candidates, D+1) float32 gather stays ~5 MB,
+# cache-sized on a CPU; smaller chunks also carry good matches further within an iteration.
 _CHUNK = 512
 # On a GPU, where a chunk's ~50 small kernels cost their launches, not their arithmetic,
-# a step takes up to _GPU_CHUNK queries (×4 of the 1 MP BSD100 mosaic of
-# benchmarks/search_iterations.py, 3 iterations: 25.977 dB vs 25.978 with 512), but an
-# iteration never has fewer than _MIN_STEPS steps: good matches travel from step to step,
-# and fewer, larger steps find worse ones (colorize of BSD100 at 320 px, 68 k queries:
-# 35.12 dB with 512 queries per step, 35.08 with 1024, 35.00 with 2048, 34.97 with 4096).
+# a step takes up to _GPU_CHUNK queries, but an iteration never has fewer than _MIN_STEPS
+# steps: good matches travel from step to step, and fewer, larger steps find worse ones.
 _GPU_CHUNK = 4096
 _MIN_STEPS = 128
 # Query–key scores held at once by the exhaustive search (64 MB in float32).
@@ -161,8 +156,8 @@ def _search_chunk(device: torch.device, queries: int) -> int:
 def _distance_rows(maps: _Maps, candidates: int) -> int:
     """Queries per chunk of an exact-distance pass (rows are independent: any chunking gives
     the same result). On the CPU `_CHUNK`, cache-sized; on a GPU each chunk's ~50 small
-    kernel launches set the time (a ×4 training step spent most of it there: 5 200 gathers),
-    so a chunk there gathers up to `_EXACT_ELEMENTS` values at once."""
+    kernel launches set the time, so a chunk there gathers up to `_EXACT_ELEMENTS` values
+    at once."""
     if maps.q.device.type == "cpu":
         return _CHUNK
     return max(_CHUNK, _EXACT_ELEMENTS // (candidates * maps.C))
@@ -238,9 +233,9 @@ def _search_tables(maps: _Maps, valid: Tensor, patch_size: int) -> tuple[Tensor,
     patches of each map, one set for the whole batch (batch elements thus nudge each
     other's search, never its exact distances). Query projections are made per chunk
     (`_Search.query_rows`); the key table is filled in bands of rows, so the search holds
-    4·(D + 1) bytes per key (100 MB at 1 MP) and no full-map temporaries. A float16 table
-    (half the memory) was 1.3× slower on CPU overall: converting the gathered rows to
-    float32 cost more than gathering twice the bytes.
+    4·(D + 1) bytes per key (100 MB at 1 MP) and no full-map temporaries. The table stays
+    float32: a float16 one would halve the memory, but on a CPU converting the gathered
+    rows costs more than gathering twice the bytes.
     """
     C, p, r = maps.C, patch_size, maps.r
     samples = []
@@ -325,7 +320,7 @@ class _Search:
         at = torch.where(cand >= 0, self.maps.key_base(index)[:, None] + cand, self.sentinel)
         z = self.table.index_select(0, at.flatten()).view(*cand.shape, -1)  # (c, m, D + 1)
         # |z_q − z_k|² less |z_q|², the same for all of a query's candidates. (1, D+1)·(D+1, m)
-        # per query: on CPU ~3× faster than (m, D+1)·(D+1, 1) or a multiply and sum.
+        # per query: on a CPU faster than (m, D+1)·(D+1, 1) or a multiply and sum.
         dist = torch.bmm(self.query_rows(index)[:, None], z.mT)[:, 0]  # (c, m)
         bits = dist.view(torch.int32)
         order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats count down

@@ -1,9 +1,9 @@
 """The `psal` command line: parse, call the library, report.
 
-`inpaint`, `colorize` and `upscale` share one pipeline (`batch_command`): the same
-input/output/device options, batch loop, progress, JSON summary and exit statuses
-(0 all done, 1 some inputs failed, 2 usage error). Each command only says how to load
-its model and edit one image.
+`inpaint`, `colorize` and `upscale` share one pipeline (`_run`): the same
+input/output/device options (declared once, as Annotated types), batch loop, progress,
+JSON summary and exit statuses (0 all done, 1 some inputs failed, 2 usage error). Each
+command only says how to load its model and edit one image.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class Common:
 
 
 @dataclass
-class Session:
+class Invocation:
     """What a command's body gets: the options, and how to load its model and report tiles."""
 
     task: str
@@ -206,7 +206,7 @@ def _message(e: Exception) -> str:
     return f"internal error: {type(e).__name__}: {e} (run with --debug for details)"
 
 
-def _run(task: str, c: Common, body: Callable[[Session], Callable[..., Any]]) -> int:
+def _run(task: str, c: Common, body: Callable[[Invocation], Callable[..., Any]]) -> int:
     """Run the batch and report: per-file lines, JSON summary; returns the exit status."""
     _setup_logging(c.quiet, c.debug)
     from psal_cli.batch import UsageError
@@ -235,7 +235,7 @@ def _run(task: str, c: Common, body: Callable[[Session], Callable[..., Any]]) ->
     return code
 
 
-def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
+def _batch(task: str, c: Common, body: Callable[[Invocation], Callable[..., Any]],
            results: list[Any]) -> None:
     """Plan the outputs, load the model, process every input; appends to `results` as it goes."""
     from psal_cli import batch
@@ -271,7 +271,7 @@ def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
     from psal_cli.imageio import large_images
 
     with large_images(), Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
-        process = body(Session(task, c, options, reporter.tile))
+        process = body(Invocation(task, c, options, reporter.tile))
         for result in batch.run_batch(
                 items, process, stdin=_binary(sys.stdin),
                 stdout=_binary(sys.stdout), quality=c.quality,
@@ -281,7 +281,7 @@ def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
             results.append(result)
 
 
-def _ray_batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]], items: list[Any],
+def _ray_batch(task: str, c: Common, body: Callable[[Invocation], Callable[..., Any]], items: list[Any],
                results: list[Any]) -> None:
     """`_batch` on a Ray cluster: the model is loaded here, once, and shipped to the workers
     (which need no weights of their own); results are reported as they come, then listed
@@ -290,7 +290,7 @@ def _ray_batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any
     from psal_cli.engine import Options
 
     options = Options(device=c.device, tile=c.tile, tile_overlap=c.tile_overlap, half=c.half, seed=c.seed)
-    edit = body(Session(task, c, options, on_tile=None))
+    edit = body(Invocation(task, c, options, on_tile=None))
     order = {item.name: k for k, item in enumerate(items)}
     with Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
         for result in ray.run_batch(items, edit, address=c.ray_address, workers=c.workers,
@@ -385,13 +385,13 @@ def inpaint(
     """
     common = Common.of(locals())
 
-    def body(session: Session) -> Callable[..., Any]:
+    def body(call: Invocation) -> Callable[..., Any]:
         from psal_cli import batch, edit
 
         if (mask is None) == (not mask_from_alpha):
             raise _usage("give either --mask FILE|DIR or --mask-from-alpha")
         masks = batch.Companions(mask, "mask") if mask else None
-        return edit.Inpainter(session.load_model(), session.options, masks, invert_mask, dilate, session.on_tile)
+        return edit.Inpainter(call.load_model(), call.options, masks, invert_mask, dilate, call.on_tile)
 
     raise typer.Exit(_run("inpaint", common, body))
 
@@ -419,11 +419,11 @@ def colorize(
     """
     common = Common.of(locals())
 
-    def body(session: Session) -> Callable[..., Any]:
+    def body(call: Invocation) -> Callable[..., Any]:
         from psal_cli import batch, edit
 
         refs = batch.Companions(reference, "reference")
-        return edit.Colorizer(session.load_model(), session.options, refs, session.on_tile)
+        return edit.Colorizer(call.load_model(), call.options, refs, call.on_tile)
 
     raise typer.Exit(_run("colorize", common, body))
 
@@ -455,15 +455,15 @@ def upscale(
     """
     common = Common.of(locals())
 
-    def body(session: Session) -> Callable[..., Any]:
+    def body(call: Invocation) -> Callable[..., Any]:
         from psal_cli import edit
 
         if ensemble:
-            session.options.views = 8
-        model = session.load_model(scale=scale or 4)  # the scale picks the default file only
+            call.options.views = 8
+        model = call.load_model(scale=scale or 4)  # the scale picks the default file only
         if scale and model.config.scale != scale:
-            raise _usage(f"--scale {scale}, but {session.common.model} is a ×{model.config.scale} model")
-        return edit.Upscaler(model, session.options, session.on_tile)
+            raise _usage(f"--scale {scale}, but {call.common.model} is a ×{model.config.scale} model")
+        return edit.Upscaler(model, call.options, call.on_tile)
 
     raise typer.Exit(_run("upscale", common, body))
 
@@ -599,7 +599,7 @@ def _reported(debug: bool) -> Iterator[None]:
     except KeyboardInterrupt:
         log.error("interrupted")
         raise typer.Exit(130) from None
-    except (typer.TyperException, typer.Exit, typer.Abort):
+    except (typer.BadParameter, typer.Exit, typer.Abort):
         raise  # usage errors (BadParameter) and exit statuses: Typer reports them
     except Exception as e:  # noqa: BLE001 - a user never sees a traceback without --debug
         if debug:
@@ -759,11 +759,9 @@ def evaluate(
     with _reported(debug):
         report = _task_call(task, "evaluate", given)
         module = sys.modules[f"psal_cli.tasks.{task.value}"]
-        typer.echo(json.dumps(report, indent=2, default=str) if json_report else module.format_report(report))
+        typer.echo(json.dumps(asdict(report), indent=2, default=str) if json_report else module.format_report(report))
         if save_metrics:  # kept per data set, beside what the file already records
-            figures = (module.metrics_for_file(report) if hasattr(module, "metrics_for_file")
-                       else report["mean"])
-            write_metrics(model, {**read_info(model).metrics, data.name: figures})
+            write_metrics(model, {**read_info(model).metrics, data.name: module.metrics_for_file(report)})
             log.info("metrics on %s recorded in %s", data.name, model)
 
 

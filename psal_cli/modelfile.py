@@ -183,11 +183,13 @@ def _read_header(path: Path) -> tuple[dict[str, str], dict[str, list[int]], int]
 def _header_problem(error: str, size: int) -> str:
     """safetensors' complaint about a header, as the problem a user reads."""
     reason = error.removeprefix("Error while deserializing header: ")
-    if reason.startswith(("header too large", "header too small")) or "expected value" in reason:
+    # Older safetensors releases name the same errors by their Rust variants (HeaderTooLarge...).
+    if (reason.startswith(("header too large", "header too small", "HeaderTooLarge", "HeaderTooSmall"))
+            or "expected value" in reason):
         return f"not a safetensors model file ({reason})"
-    if reason.startswith("invalid header length"):  # the header runs past the end of the file
+    if reason.startswith(("invalid header length", "InvalidHeaderLength")):  # the header runs past the end
         return f"truncated: the file ends inside its header ({size} bytes)"
-    if reason.startswith("incomplete metadata"):
+    if reason.startswith(("incomplete metadata", "MetadataIncompleteBuffer")):
         return f"truncated: its {size} bytes do not match the tensors its header lists"
     return f"damaged: {reason}"
 

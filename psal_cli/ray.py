@@ -60,19 +60,22 @@ class Editor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         passed = [name for name in batch if name not in RESULT_COLUMNS]  # the row's other columns
         out: dict[str, list[Any]] = {name: [] for name in passed + list(RESULT_COLUMNS)}
-        for k in range(len(batch["input"])):
-            row = {name: values[k] for name, values in batch.items()}
-            rel = row.get("rel") or location(str(row["input"])).name
-            item = Item(location(str(row["input"])), PurePath(str(rel)), location(str(row["output"])))
-            try:
-                result = edit_item(item, self.edit, quality=self.quality, overwrite=self.overwrite,
-                                   skip_existing=self.skip_existing)
-            except Unreachable as e:  # the batch goes on: each later row says so too
-                result = Result(item.name, item.output_name, "failed", error=str(e))
-            for name in passed:
-                out[name].append(row[name])
-            for name in RESULT_COLUMNS:
-                out[name].append(getattr(result, name))
+        from psal_cli.imageio import large_images
+
+        with large_images():  # large photos, as the `psal` commands read them
+            for k in range(len(batch["input"])):
+                row = {name: values[k] for name, values in batch.items()}
+                rel = row.get("rel") or location(str(row["input"])).name
+                item = Item(location(str(row["input"])), PurePath(str(rel)), location(str(row["output"])))
+                try:
+                    result = edit_item(item, self.edit, quality=self.quality, overwrite=self.overwrite,
+                                       skip_existing=self.skip_existing)
+                except Unreachable as e:  # the batch goes on: each later row says so too
+                    result = Result(item.name, item.output_name, "failed", error=str(e))
+                for name in passed:
+                    out[name].append(row[name])
+                for name in RESULT_COLUMNS:
+                    out[name].append(getattr(result, name))
         return out
 
 

@@ -148,7 +148,7 @@ def fit(
     `sample(rng)` returns one batch (inputs and "target", on the CPU); `loss_fn(model, batch)`
     the scalar loss. `done_steps` counts earlier runs, so the metadata keeps the total, and
     `training_meta["runs"]` (the resumed file's) gets this run appended: a model file that
-    several sessions improved in turn says how every one of its steps was trained.
+    several runs improved in turn says how every one of its steps was trained.
     """
     from psal_cli.modelfile import save_model  # checkpoints are ordinary model files (psal_cli.modelfile)
 

@@ -155,15 +155,15 @@ def test_evaluate_protocol_on_two_images(tmp_path: Path) -> None:
     Image.fromarray((example("chelsea.png", 30)[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(data / "b.png")
     model = tiny()
     report = task.evaluate(data, model, size=None)
-    assert [r["image"] for r in report["images"]] == ["a_flat", "b"]
-    assert report["images"][0]["size"] == [20, 21]  # 70 % of 30 columns
-    flat = report["images"][0]
+    assert [r["image"] for r in report.images] == ["a_flat", "b"]
+    assert report.images[0]["size"] == [20, 21]  # 70 % of 30 columns
+    flat = report.images[0]
     for variant in ("plain", "flipped"):
         for method in ("psal", "reinhard", "nearest"):
             assert flat[variant][method]["ab_mae"] < 0.5, (variant, method)
-    means = report["mean"]["plain"]
-    assert means["psnr"] == pytest.approx(np.mean([r["plain"]["psal"]["psnr"] for r in report["images"]]))
-    assert set(report["baselines"]) == {"reinhard", "nearest"}
+    means = report.mean["plain"]
+    assert means["psnr"] == pytest.approx(np.mean([r["plain"]["psal"]["psnr"] for r in report.images]))
+    assert set(report.baselines) == {"reinhard", "nearest"}
     text = task.format_report(report)
     assert "reinhard" in text and "nearest" in text
     assert set(task.metrics_for_file(report)) >= {"bsd100_full_plain_psnr", "bsd100_full_flipped_ab_mae"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import logging
 import math
 import random
@@ -177,8 +178,8 @@ def test_evaluate_protocol(tmp_path: Path) -> None:
         Image.open(EXAMPLES / f"{name}.png").convert("RGB").crop((0, 0, 50, 38)).save(tmp_path / f"{name}.png")
     model = tiny(3)
     report = task.evaluate(tmp_path, 3, model)
-    assert [r["name"] for r in report["images"]] == ["chelsea", "coffee"]
-    for row in report["images"]:
+    assert [r["name"] for r in report.images] == ["chelsea", "coffee"]
+    for row in report.images:
         hr = np.array(Image.open(tmp_path / f"{row['name']}.png"))[:36, :48]  # 38×50 → multiples of 3
         lr = Image.fromarray(hr).resize((16, 12), Image.Resampling.BICUBIC)
         bicubic = np.array(lr.resize((48, 36), Image.Resampling.BICUBIC))
@@ -187,12 +188,12 @@ def test_evaluate_protocol(tmp_path: Path) -> None:
             sr = model(image=to_float(lr))[0].permute(1, 2, 0).mul(255).round().byte().numpy()
         assert row["psnr"] == pytest.approx(_y_psnr_by_hand(sr, hr, 3), abs=1e-6)
         assert 0 < row["ssim"] <= 1 and 0 < row["lanczos_ssim"] <= 1
-    assert report["mean"]["psnr"] == pytest.approx(sum(r["psnr"] for r in report["images"]) / 2)
+    assert report.mean["psnr"] == pytest.approx(sum(r["psnr"] for r in report.images) / 2)
     assert "bicubic" in task.format_report(report) and "mean" in task.format_report(report)
     figures = task.metrics_for_file(report)
-    assert figures["psnr"] == pytest.approx(report["mean"]["psnr"], abs=1e-3)
-    assert figures["bicubic_psnr"] == pytest.approx(report["baselines"]["bicubic"]["psnr"], abs=1e-3)
-    json.dumps(report)
+    assert figures["psnr"] == pytest.approx(report.mean["psnr"], abs=1e-3)
+    assert figures["bicubic_psnr"] == pytest.approx(report.baselines["bicubic"]["psnr"], abs=1e-3)
+    json.dumps(asdict(report))
 
 
 def test_evaluate_with_self_ensemble_records_beside_the_plain_figures(tmp_path: Path) -> None:
@@ -206,12 +207,12 @@ def test_evaluate_with_self_ensemble_records_beside_the_plain_figures(tmp_path: 
     plain = task.evaluate(data, 3, path)
     write_metrics(path, {"set": task.metrics_for_file(plain)})
     both = task.evaluate(data, 3, path, ensemble=True)
-    assert both["ensemble"] and "self-ensemble" in task.format_report(both)
-    assert both["images"][0]["psnr"] != plain["images"][0]["psnr"]
-    assert both["baselines"] == plain["baselines"]
+    assert both.settings["ensemble"] and "self-ensemble" in task.format_report(both)
+    assert both.images[0]["psnr"] != plain.images[0]["psnr"]
+    assert both.baselines == plain.baselines
     figures = task.metrics_for_file(both)
-    assert figures["psnr"] == round(plain["mean"]["psnr"], 3)  # kept
-    assert figures["ensemble_psnr"] == round(both["mean"]["psnr"], 3)
+    assert figures["psnr"] == round(plain.mean["psnr"], 3)  # kept
+    assert figures["ensemble_psnr"] == round(both.mean["psnr"], 3)
 
 
 def test_evaluate_refuses_another_scale(tmp_path: Path) -> None:

@@ -429,7 +429,7 @@ class PSALInpaint(nn.Module):
         fill is already informed (thin scratches), and uncorrelated texture there costs more
         accuracy than it adds; deep inside a large hole it is what makes it look real. The
         ramp stays this narrow on a reduced photo: its fill holds none of the copied band
-        even next to the seam, and a ramp widened with the reduction showed as a blurred
+        even next to the seam, and a ramp widened with the reduction shows as a blurred
         strip along the hole's edge. The gain makes up for the fine contrast that a narrow
         (σ < 1 px) high-pass leaves out at native size; on a reduced photo the band is wide
         and holds all the texture that the upsampled fill lacks, so it goes to 1 with the

@@ -126,8 +126,8 @@ class PSALUpscale(nn.Module):
         qk_channels: int = 16
         patch_size: int = 3
         neighbors: int = 4
-        # PatchMatch iterations (maps above attention.EXACT_PAIRS). 3 is as good as 6 end to
-        # end, at 1 MP too (its extra matches are closer, not more useful), for 2/3 of the time.
+        # PatchMatch iterations (maps above attention.EXACT_PAIRS): more find closer matches,
+        # not more useful ones end to end.
         iterations: int = 3
         temperature: float = 1.0
 

@@ -33,6 +33,7 @@ from psal_cli.color import lab_to_rgb, rgb_to_lab, rgb_to_ycbcr, ycbcr_to_rgb
 from psal_cli.metrics import psnr, to_uint8_levels
 from psal_cli.networks.colorize import PSALColorize, quantize8
 from psal_cli.networks.stages import Direct
+from psal_cli.tasks.common import Report, model_to_evaluate, resume
 from psal_cli.training import TrainOptions, data_description, fit, image_files, load_photos
 
 log = logging.getLogger("psal")
@@ -116,12 +117,9 @@ def train(
     photos (quick runs). A resumed run keeps the init file's config and step count.
     Checkpoints go to `out` every 250 steps; returns `out`.
     """
-    from psal_cli.modelfile import load_model
-
     earlier = {}
     if init is not None:
-        model, info = load_model(init, task="colorize")
-        done, earlier = int(info.training.get("steps", 0)), dict(info.training)
+        model, done, earlier = resume(init, "colorize")
     else:
         torch.manual_seed(seed)
         model, done = PSALColorize(PSALColorize.Config()), 0
@@ -201,17 +199,12 @@ def evaluate(
     `size` resizes every photo so its longest side is that many pixels first (None: full
     size); `limit` takes the first photos only; `nearest` also runs the exhaustive
     nearest-patch baseline (O(N²), pruned: a few seconds per 320-px image). `model` is a model
-    file, a loaded network, or None for the installed default. Returns
-    {"task", "size", "images": [rows], "mean": {...}, "baselines": {...}} where
-    mean/baselines hold {"plain": {psnr, ab_mae, y_err}, "flipped": {...}}.
+    file, a loaded network, or None for the installed default. The report's mean and
+    baselines hold {"plain": {psnr, ab_mae, y_err, seconds}, "flipped": {...}}.
     """
-    from psal_cli.modelfile import default_model_path, load_model
-
-    if not isinstance(model, nn.Module):
-        model = load_model(model or default_model_path("colorize"), task="colorize")[0]
+    model, name = model_to_evaluate(model, "colorize", device)
     dev = torch.device(device)
-    model = model.to(dev).eval()
-    files = image_files(data, limit)
+    files, start = image_files(data, limit), time.time()
     methods: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
         "psal": lambda g, r: model.run(Direct(torch.Generator().manual_seed(seed)), gray=g.to(dev),
                                        reference=r.to(dev)).cpu(),
@@ -239,27 +232,28 @@ def evaluate(
         return {v: {m: float(np.mean([r[v][name][m] for r in rows])) for m in ("psnr", "ab_mae", "y_err", "seconds")}
                 for v in ("plain", "flipped")}
 
-    return {"task": "colorize", "size": size, "images": rows, "mean": mean("psal"),
-            "baselines": {name: mean(name) for name in methods if name != "psal"}}
+    return Report(task="colorize", data=str(data), model=name, settings={"size": size, "seed": seed}, images=rows,
+                  mean=mean("psal"), baselines={m: mean(m) for m in methods if m != "psal"},
+                  seconds=time.time() - start)
 
 
-def format_report(report: dict) -> str:
+def format_report(report: Report) -> str:
     """A readable table: PSNR (dB) / a,b MAE per method and reference variant, then y_err and time."""
-    size = f"longest side {report['size']} px" if report["size"] else "full size"
-    lines = [f"guided colorization, {len(report['images'])} images, {size} (PSNR dB / Lab a,b MAE; higher / lower is better)",
+    size = f"longest side {report.settings['size']} px" if report.settings["size"] else "full size"
+    lines = [f"guided colorization, {len(report.images)} images, {size} (PSNR dB / Lab a,b MAE; higher / lower is better)",
              f"{'method':<10} {'plain':>15} {'flipped':>15} {'|dY|':>8} {'s/image':>8}"]
-    for name, m in {"psal": report["mean"], **report["baselines"]}.items():
+    for name, m in {"psal": report.mean, **report.baselines}.items():
         cells = [f"{m[v]['psnr']:6.2f} / {m[v]['ab_mae']:5.2f}" for v in ("plain", "flipped")]
         lines.append(f"{name:<10} {cells[0]:>15} {cells[1]:>15} {max(m['plain']['y_err'], m['flipped']['y_err']):8.2f} "
                      f"{m['plain']['seconds'] + m['flipped']['seconds']:8.2f}")
     return "\n".join(lines)
 
 
-def metrics_for_file(report: dict) -> dict[str, float]:
+def metrics_for_file(report: Report) -> dict[str, float]:
     """Flat figures for the model file's metadata (what `psal models` shows)."""
-    tag = f"bsd100_{report['size'] or 'full'}"
+    tag = f"bsd100_{report.settings['size'] or 'full'}"
     flat = {}
-    for name, m in {"psal": report["mean"], **report["baselines"]}.items():
+    for name, m in {"psal": report.mean, **report.baselines}.items():
         for v in ("plain", "flipped"):
             prefix = tag if name == "psal" else f"{tag}_{name}"
             flat[f"{prefix}_{v}_psnr"] = round(m[v]["psnr"], 3)

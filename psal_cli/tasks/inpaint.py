@@ -27,6 +27,7 @@ from psal_cli.color import rgb_to_luma
 from psal_cli.metrics import psnr, ssim, to_uint8_levels
 from psal_cli.networks.stages import Direct
 from psal_cli.tasks.choices import MASK_FAMILIES as FAMILIES
+from psal_cli.tasks.common import Report, model_to_evaluate, resume
 from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos, random_crop,
                                to_float)
 
@@ -143,13 +144,11 @@ def train(
     `init` resumes from a model file: its config and step count carry on. Only the learned
     fill is trained; the full-resolution detail transfer has no weights.
     """
-    from psal_cli.modelfile import load_model
     from psal_cli.networks import create_model
 
     done, meta = 0, {}
     if init is not None:
-        model, info = load_model(init, task="inpaint")
-        done, meta = int(info.training.get("steps", 0)), dict(info.training)
+        model, done, meta = resume(init, "inpaint")
     else:
         torch.manual_seed(seed)
         model = create_model("psal-inpaint")
@@ -269,16 +268,9 @@ def evaluate(
     PatchMatch inpainting (`patchmatch_inpaint`, slow). `model` is a model file (default:
     the shipped weights/inpaint) or a network.
     """
-    from psal_cli.modelfile import default_model_path, load_model
-
     if masks not in FAMILIES:
         raise ValueError(f"unknown mask family {masks!r} (known: {', '.join(FAMILIES)})")
-    if model is None:
-        model = default_model_path("inpaint")
-    name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
-    if isinstance(model, (str, Path)):
-        model = load_model(model, task="inpaint")[0]
-    model.to(device).eval()
+    model, name = model_to_evaluate(model, "inpaint", device)
     rows, start = [], time.time()
     for index, path in enumerate(image_files(data, limit)):
         truth = to_float(Image.open(path).convert("RGB"))
@@ -307,43 +299,38 @@ def evaluate(
         return sum(values) / len(values) if values else math.nan
 
     keys = (*METRICS, "sharpness_rel")
-    return {
-        "task": "inpaint",
-        "masks": masks,
-        "seed": seed,
-        "data": str(data),
-        "model": name,
-        "images": rows,
-        "mean": {**{k: mean(k) for k in keys}, "true_sharpness": mean("true_sharpness"), "hole": mean("hole")},
-        "baselines": {b: {k: mean(f"{b}_{k}") for k in keys} for b in ("mean", *BASELINES) if f"{b}_psnr" in rows[0]},
-        "seconds": time.time() - start,
-    }
+    return Report(
+        task="inpaint", data=str(data), model=name, settings={"masks": masks, "seed": seed}, images=rows,
+        mean={**{k: mean(k) for k in keys}, "true_sharpness": mean("true_sharpness"), "hole": mean("hole")},
+        baselines={b: {k: mean(f"{b}_{k}") for k in keys} for b in ("mean", *BASELINES) if f"{b}_psnr" in rows[0]},
+        seconds=time.time() - start,
+    )
 
 
-def format_report(report: dict) -> str:
+def format_report(report: Report) -> str:
     """A per-image table (PSNR dB / hole MAE / sharpness % of the truth's) with the means, model beside the baselines."""
-    methods = ["model", *report["baselines"]]
+    methods = ["model", *report.baselines]
     head = f"{'image':<14} {'hole':>5}" + "".join(f" {m:>22}" for m in methods)
-    title = (f"inpaint, {report['masks']} masks on {report['data']} ({report['model']}): "
+    title = (f"inpaint, {report.settings['masks']} masks on {report.data} ({report.model}): "
              "PSNR dB / hole MAE 0-255 / sharpness % of the true image's")
     lines = [title, head, "-" * len(head)]
 
     def cell(values: dict, prefix: str = "") -> str:
         return f"{values[prefix + 'psnr']:6.2f} /{values[prefix + 'mae']:5.1f} /{100 * values[prefix + 'sharpness_rel']:4.0f}%"
 
-    for r in report["images"]:
+    for r in report.images:
         lines.append(f"{r['name'][:14]:<14} {100 * r['hole']:4.1f}%" + f" {cell(r):>22}"
-                     + "".join(f" {cell(r, b + '_'):>22}" for b in report["baselines"]))
-    m = report["mean"]
+                     + "".join(f" {cell(r, b + '_'):>22}" for b in report.baselines))
+    m = report.mean
     lines.append("-" * len(head))
     lines.append(f"{'mean':<14} {100 * m['hole']:4.1f}%" + f" {cell(m):>22}"
-                 + "".join(f" {cell(report['baselines'][b]):>22}" for b in report["baselines"]))
-    lines.append(f"SSIM: model {m['ssim']:.4f}" + "".join(f", {b} {v['ssim']:.4f}" for b, v in report["baselines"].items())
+                 + "".join(f" {cell(report.baselines[b]):>22}" for b in report.baselines))
+    lines.append(f"SSIM: model {m['ssim']:.4f}" + "".join(f", {b} {v['ssim']:.4f}" for b, v in report.baselines.items())
                  + f"; true image sharpness ratio {m['true_sharpness']:.3f}")
     return "\n".join(lines)
 
 
-def metrics_for_file(report: dict) -> dict:
+def metrics_for_file(report: Report) -> dict:
     """What `psal eval --save-metrics` records for this data set: every mask family measured so far.
 
     The CLI stores the result under the data set's name, so the figures of the families
@@ -355,8 +342,8 @@ def metrics_for_file(report: dict) -> dict:
         return {k: round(v, 4) for k, v in values.items()}
 
     earlier = {}
-    if Path(report["model"]).is_file():
-        earlier = read_info(report["model"]).metrics.get(Path(report["data"]).name, {})
-    figures = {**rounded(report["mean"]), **{name: rounded(v) for name, v in report["baselines"].items()},
-               "images": len(report["images"]), "seed": report["seed"]}
-    return {**earlier, report["masks"]: figures}
+    if Path(report.model).is_file():
+        earlier = read_info(report.model).metrics.get(Path(report.data).name, {})
+    figures = {**rounded(report.mean), **{name: rounded(v) for name, v in report.baselines.items()},
+               "images": len(report.images), "seed": report.settings["seed"]}
+    return {**earlier, report.settings["masks"]: figures}
