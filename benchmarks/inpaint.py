@@ -60,7 +60,7 @@ def main() -> None:
     from psal_cli import modelfile
     from psal_cli.engine import Options, run_network
     from psal_cli.networks import create_model
-    from psal_cli.tasks.inpaint import sharpness_ratio, telea
+    from psal_cli.tasks.inpaint import opencv_inpaint, sharpness_ratio
 
     torch.set_num_threads(args.threads)
     width, height = map(int, args.size.split("x"))
@@ -82,7 +82,7 @@ def main() -> None:
         if name == "psal":
             results[name]["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     start = time.time()
-    cv = telea(seen, hole)
+    cv = opencv_inpaint(seen, hole, "telea")
     if cv is not None:
         outputs["telea"] = cv
         results["telea"] = {"seconds": round(time.time() - start, 1)}

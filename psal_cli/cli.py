@@ -533,7 +533,7 @@ _SOURCES = {"$PSAL_WEIGHTS": "$PSAL_WEIGHTS", "package": "the installed package"
 
 # The classical methods `psal eval` measures beside each model (psal_cli/tasks): their
 # figures stay in the file and in `psal models --json`, out of the table.
-_BASELINES = ("bicubic", "lanczos", "mean", "telea", "reinhard", "nearest")
+_BASELINES = ("bicubic", "lanczos", "mean", "telea", "ns", "patchmatch", "reinhard", "nearest")
 
 
 def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path, source: str) -> None:
@@ -758,6 +758,8 @@ def evaluate(
         "--size", min=0, help="colorize: resize photos to this longest side first (0 = full size). [default: 320]")] = None,
     nearest: Annotated[bool | None, typer.Option(
         "--nearest/--no-nearest", help="colorize: also measure the exhaustive nearest-patch baseline (slow).")] = None,
+    patchmatch: Annotated[bool | None, typer.Option(
+        "--patchmatch", help="inpaint: also measure PatchMatch inpainting (15×15 patches; needs pypatchmatch; slow).")] = None,
     ensemble: Annotated[bool | None, typer.Option(
         "--ensemble", help="upscale: mean over 8 flipped/rotated views, as `psal upscale --ensemble`.")] = None,
     degradation: Annotated[Degradation | None, typer.Option(
@@ -796,7 +798,8 @@ def evaluate(
     if save_metrics and model is None:
         model = default_model_path(task.value, scale or 4 if task == Task.upscale else None)
     given = dict(data=data, model=model, scale=scale, masks=masks and masks.value, limit=limit, size=size, nearest=nearest,
-                 ensemble=ensemble, degradation=degradation and degradation.value, device=_device(device), seed=seed)
+                 patchmatch=patchmatch, ensemble=ensemble, degradation=degradation and degradation.value,
+                 device=_device(device), seed=seed)
     with _reported(debug):
         report = _task_call(task, "evaluate", given)
         module = sys.modules[f"psal_cli.tasks.{task.value}"]

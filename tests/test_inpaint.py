@@ -238,6 +238,25 @@ def test_evaluate_on_two_images(tmp_path):
     assert "mean" in task.format_report(report)
 
 
+def test_classical_baselines_fill_only_the_hole_and_continue_a_vertical_edge():
+    """Telea, Navier–Stokes and PatchMatch (when installed) across a box in a two-tone image:
+    known pixels kept, each side of the edge filled with its own tone."""
+    h, w = 48, 64
+    truth = torch.full((1, 3, h, w), 0.2)
+    truth[..., w // 2 :] = 0.6
+    hole = box_hole(h, w, 18, 30, 20, 44)
+    seen = truth * (1 - hole)
+    outs = {m: task.opencv_inpaint(seen, hole, m) for m in ("telea", "ns")} | {"patchmatch": task.patchmatch_inpaint(seen, hole)}
+    outs = {m: out for m, out in outs.items() if out is not None}
+    if not outs:
+        pytest.skip("neither opencv nor pypatchmatch is installed")
+    for method, out in outs.items():
+        known = ~hole.bool().expand_as(out)
+        assert torch.allclose(out[known], truth[known], atol=0.5 / 255), method
+        inside = (out - truth).abs()[..., 18:30, 20:44]
+        assert inside[..., :, :6].mean() < 0.05 and inside[..., :, -6:].mean() < 0.05, method  # away from the edge
+
+
 def test_train_writes_and_resumes(tmp_path):
     for i in range(2):
         Image.fromarray((photo(70, 90)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
@@ -275,3 +294,33 @@ def test_ssim_equals_the_2d_window_formula():
     c1, c2 = 2.55**2, 7.65**2
     truth = (((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))).mean().item()
     assert ssim(a, b) == pytest.approx(truth, abs=1e-12) and 0 < truth < 0.99
+
+
+def windows(h: int, w: int) -> torch.Tensor:
+    """A facade: dark 6×8 windows with a lit frame on a wall, every 12 rows and 16 columns."""
+    y, x = torch.arange(h).view(-1, 1), torch.arange(w).view(1, -1)
+    wall = torch.tensor([0.75, 0.6, 0.45]).view(3, 1, 1)
+    window = torch.tensor([0.15, 0.2, 0.3]).view(3, 1, 1)
+    inside = ((y % 12 >= 3) & (y % 12 < 9) & (x % 16 >= 4) & (x % 16 < 12)).float()
+    return (wall * (1 - inside) + window * inside)[None]
+
+
+def test_copy_restores_structure_repeated_elsewhere_at_full_resolution():
+    """A scratch across a facade four times the working size: the coarse-to-fine copy puts
+    the windows back from their intact copies (all levels searched, or the top one voted
+    with the field upsampled from below); without it the hole holds the network's upsampled guess."""
+    h, w = 96, 192
+    truth = windows(h, w)
+    hole = box_hole(h, w, 40, 45, 20, 170)
+    seen = truth * (1 - hole)
+    errors = {}
+    for name, over in {"copy": {"copy": True}, "copy, top level voted only": {"copy": True, "copy_search_size": 100},
+                       "no copy": {"copy": False}}.items():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = tiny(work_size=48, detail=False, **over)(image=seen, mask=hole)
+        known = ~hole.bool().expand_as(out)
+        assert torch.equal(out[known], truth[known])
+        errors[name] = (out - truth).abs()[~known].mean().item()
+    assert errors["copy"] < 0.02 and errors["copy, top level voted only"] < 0.04, errors
+    assert errors["no copy"] > 0.05, errors

@@ -1,8 +1,16 @@
-"""PSAL inpainting: a coarse-to-fine fill at a working resolution, then PSAL detail transfer at full resolution.
+"""PSAL inpainting: a coarse-to-fine fill at a working resolution, a patch copy up to full resolution, PSAL detail.
 
     image, mask ─ to working size (long side ≤ work_size) ─ push-pull pre-fill ─ encoder ↓4 ─ dilated gated blocks
         ─ PSAL (masked keys: the hole is never copied from) ─ blocks ─ decoder ↑4 (+ pre-fill) ─ refine ─ fill
-    fill ─ upsampled to full size ─ detail: PSAL over the full-resolution pixels ─ out
+    fill ─ upsampled to full size, or (copy) PatchMatch + patch votes level by level (×2) up to it
+        ─ detail: PSAL over the full-resolution pixels ─ out
+
+On a photo larger than the working size, the optional copy stage (`copy_structure`) starts from
+the network's fill and copies the hole, at every level up to the native size, from the
+known patches that best match it (multi-scale patch inpainting: each level's matches
+seed the next), keeping the network's fill where nothing known matches well. Structure
+that repeats in the photo (windows, brick courses, railings) is so copied at full
+resolution instead of painted from the working size.
 
 A small network can only paint the low frequencies of a hole, and any resize-based tool
 blurs on top of that when the photo is larger than the network's working size. The
@@ -149,6 +157,15 @@ class PSALInpaint(nn.Module):
         detail_energy_weight: float = 2.0  # weight of the texture-energy channel in the match features
         detail_coherence: float = 3.0  # price of a seam between blocks copied from unrelated places (× median match distance)
         detail_coherence_sweeps: int = 8
+        # Photos above the working size: coarse-to-fine patch copying from it up to the native size. Off by
+        # default: with the detail stage on top it lowered the hole's accuracy on held-out photos.
+        copy: bool = False
+        copy_patch: int = 7  # patch side of the copy, in pixels of each level
+        copy_iterations: int = 1  # search-and-vote rounds per level (Wexler et al.'s EM steps)
+        copy_search_iterations: int = 2  # PatchMatch iterations per search
+        copy_search_size: int = 2048  # above this long side the NNF is only upsampled and voted with, not searched
+        copy_temperature: float = 0.05  # vote weights softmax(−D / (this × median D)): Wexler's distance weighting
+        copy_trust: float = 0.15  # RMS patch error (0–1 levels) at which a copy and the network's fill weigh alike
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -166,6 +183,9 @@ class PSALInpaint(nn.Module):
         # aggregation settings matter.
         self.transfer = PSAL(patch_size=3, neighbors=1, iterations=0, temperature=c.detail_temperature,
                              aggregation="patch")
+        # Distances come pre-divided by each level's temperature (copy_vote), hence T = 1.
+        self.copier = PSAL(patch_size=c.copy_patch, neighbors=1, iterations=c.copy_search_iterations,
+                           temperature=1.0, aggregation="patch")
 
     def forward(self, image: Tensor, mask: Tensor) -> Tensor:
         return self.run(Direct(), image=image, mask=mask)
@@ -176,13 +196,15 @@ class PSALInpaint(nn.Module):
         known = 1 - mask
         image = image * known
         size = self.working_size(H, W)
-        if size != (H, W):
+        if size == (H, W):
+            out = self.fill_ensemble(ex, image, mask)
+        else:
             small = ex.whole(lambda x, m: _reduce(x, m, size), image, mask)  # (B, 4, h, w)
             fill = self.fill_ensemble(ex, small[:, :3], small[:, 3:])
-            fill = ex.whole(lambda f: F.interpolate(f, size=(H, W), mode="bicubic", align_corners=False).clamp(0, 1), fill)
-            out = image + mask * fill
-        else:
-            out = self.fill_ensemble(ex, image, mask)
+            if self.config.copy:
+                out = ex.whole(partial(self.copy_structure, generator=ex.generator), image, mask, fill)
+            else:
+                out = ex.whole(lambda x, m, f: x + m * _resize(f, (H, W)), image, mask, fill)
         if self.config.detail:
             out = ex.whole(partial(self.add_detail, generator=ex.generator), out, mask)
         return out
@@ -242,6 +264,92 @@ class PSALInpaint(nn.Module):
         out = self.attn(self.to_q(feat), self.to_k(feat), self.to_v(feat), key_mask=key_mask, generator=generator)
         return out * hole
 
+    def copy_structure(self, image: Tensor, mask: Tensor, fill: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Refine the working-size fill into a full-resolution copy of the known image, coarse to fine.
+
+        Multi-scale patch inpainting (Wexler et al. 2007, Newson et al. 2014) started from
+        the network's fill: from the working size up to the native size in steps of at most
+        ×2, each level reduces the photo (known pixels only, `_reduce`), votes with the
+        nearest-neighbour field of the level below (upsampled) and then searches and votes
+        `copy_iterations` times (`copy_level`). So a window's edge or a brick course crossing
+        the hole is copied at every resolution from the intact copies beside it, not painted
+        from the working size. Above `copy_search_size` the upsampled field is voted with as
+        it is (bounded time on very large photos). Known pixels stay exact.
+        """
+        c = self.config
+        H, W = image.shape[-2:]
+        sizes = [tuple(fill.shape[-2:])]
+        while sizes[-1] != (H, W):
+            h, w = sizes[-1]
+            sizes.append((min(H, 2 * h), min(W, 2 * w)) if 2 * max(h, w) < max(H, W) else (H, W))
+        nnf = None
+        for size in sizes:
+            if size == (H, W):
+                level, hole = image, mask
+            else:
+                reduced = _reduce(image, mask, size)
+                level, hole = reduced[:, :3], reduced[:, 3:]
+            prior = level + hole * _resize(fill, size)  # the network's guess: the start and the fallback
+            search = max(size) <= c.copy_search_size
+            nnf, estimate = self.copy_level(level, hole, prior, nnf, c.copy_iterations if search else 0, generator)
+        return estimate
+
+    def copy_level(self, image: Tensor, mask: Tensor, prior: Tensor, nnf: "Copy | None", rounds: int,
+                   generator: torch.Generator | None = None) -> tuple["Copy | None", Tensor]:
+        """One level of `copy_structure`: vote with the field from below, then `rounds` × (search, vote).
+
+        Queries are the patches of the current estimate around the hole (its box grown by two
+        patch radii, so every patch that touches the hole lies inside), keys the whole level
+        with every patch that touches the hole forbidden: nothing is copied from the hole.
+        """
+        c = self.config
+        r = c.copy_patch // 2
+        H, W = image.shape[-2:]
+        forbid = mask[:, 0] > 0
+        valid = valid_key_centres(image.shape, c.copy_patch, forbid)  # (B, H, W)
+        if not bool(mask.any()) or int(valid.flatten(1).sum(1).min()) < 1:
+            return nnf, prior
+        box = hole_box(mask, 2 * r)
+        estimate = prior
+        indices = None if nnf is None else nnf.upsample(box, (H, W))
+        if indices is not None:
+            estimate = self.copy_vote(estimate, mask, prior, box, indices, valid)
+        for _ in range(rounds):
+            y0, y1, x0, x1 = box
+            query = estimate[..., y0:y1, x0:x1]
+            if min(query.shape[-2:]) < c.copy_patch:
+                break  # a box thinner than a patch (a hole on a corner of a tiny photo): the network's fill stays
+            indices = self.copier.search(query, estimate, forbid, init=indices, generator=generator).indices
+            estimate = self.copy_vote(estimate, mask, prior, box, indices, valid)
+        return (None if indices is None else Copy(indices, box, (H, W))), estimate
+
+    def copy_vote(self, estimate: Tensor, mask: Tensor, prior: Tensor, box: tuple[int, int, int, int], indices: Tensor,
+                  valid: Tensor) -> Tensor:
+        """Patch aggregation of the matched known patches into the hole, blended with the prior by match quality.
+
+        Every query patch that covers a hole pixel votes for it, weighted by softmax(−D / T)
+        with T = copy_temperature × the median match distance (Wexler et al.'s weighting);
+        where the copy rebuilds the known pixels nearby badly (RMS error against copy_trust),
+        the network's fill (`prior`) takes over. Sources off `valid` (an upsampled field's that touch the
+        hole) get no weight.
+        """
+        c = self.config
+        y0, y1, x0, x1 = box
+        query = estimate[..., y0:y1, x0:x1]
+        dist = patch_distances(query, estimate, indices, c.copy_patch)  # (B, hq, wq, 1)
+        ok = valid.flatten(1).gather(1, indices.flatten(1)).view_as(indices)
+        dist = torch.where(ok, dist, 1e20)
+        scale = c.copy_temperature * dist.flatten(1).median(1).values.clamp(min=1e-8).view(-1, 1, 1, 1)
+        voted = self.copier.attend(None, None, estimate, indices, dist / scale)  # (B, 3, hq, wq)
+        # How well the copy rebuilds the known pixels around a hole pixel says how far to trust
+        # it there (the hole's own error is unknown); far from any known pixel it is trusted.
+        hole = mask[..., y0:y1, x0:x1]
+        error = masked_blur((voted - query).square().mean(1, keepdim=True), 1 - hole, c.copy_patch)
+        trust = torch.exp(-error / c.copy_trust**2 * math.log(2))  # ½ at an RMS error of copy_trust
+        out = estimate.clone()
+        out[..., y0:y1, x0:x1] = query + hole * (trust * voted + (1 - trust) * prior[..., y0:y1, x0:x1] - query)
+        return out
+
     def add_detail(self, fill: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Copy the high frequencies of matching known full-resolution patches into the hole.
 
@@ -263,78 +371,147 @@ class PSALInpaint(nn.Module):
         Queries and keys: the low-pass (σ) of the composite, in which the fill and the
         known pixels look alike; values: known pixels minus their low-pass (taken over
         known pixels only, so nothing of the hole leaks into them). PatchMatch runs on f×f
-        block averages of the hole box (long side ≤ detail_match_size blocks), against keys
-        in the box grown by detail_search pixels, with every block near the hole
-        forbidden; `coherent_nnf` then grows regions of blocks copied from one place (block
-        edges inside a region are no seams); the NNF, upsampled (each query pixel copies
-        from the same place within its matched block), drives PSAL's patch aggregation at
-        full resolution.
+        block averages of the hole box (`DetailGrid`) against the blocks of the box grown
+        by detail_search pixels, none of them next to the hole (`detail_nnf`, on
+        `detail_features`); the block field, upsampled to pixels, drives PSAL's patch
+        aggregation at full resolution, and the copied band fades in from the seam
+        (`detail_weight`).
         """
-        c = self.config
-        H, W = fill.shape[-2:]
         known = 1 - mask
         low = gaussian_blur(fill, sigma)  # (B, 3, H, W)
         high = (fill - masked_blur(fill, known, sigma)) * known
-        y0, y1, x0, x1 = hole_box(mask, 1)
-        f = max(1, math.ceil(max(y1 - y0, x1 - x0) / c.detail_match_size))
-        # The query box in blocks, at least one search patch across (a one-pixel scratch, a hole
-        # in a corner: the box of such a hole is thinner than a patch).
-        hq, wq = max(c.detail_patch, -(-(y1 - y0) // f)), max(c.detail_patch, -(-(x1 - x0) // f))
-        # Pad bottom/right so the block-aligned query box always fits; cropped back at the end.
-        py, px = max(f, hq * f - H), max(f, wq * f - W)
-        low_p, mask_p = F.pad(low, (0, px, 0, py), mode="replicate"), F.pad(mask, (0, px, 0, py), mode="replicate")
-        qy0, qx0 = min(y0, H + py - hq * f), min(x0, W + px - wq * f)
-        q = low_p[..., qy0 : qy0 + hq * f, qx0 : qx0 + wq * f]  # (B, 3, hq·f, wq·f)
-        g = c.detail_search
-        ky0, ky1, kx0, kx1 = max(0, y0 - g), min(H, y1 + g), max(0, x0 - g), min(W, x1 + g)
-        hk, wk = (ky1 - ky0) // f, (kx1 - kx0) // f  # key region in blocks
-        k, v = low[..., ky0 : ky0 + hk * f, kx0 : kx0 + wk * f], high[..., ky0 : ky0 + hk * f, kx0 : kx0 + wk * f]
-        forbid = F.max_pool2d(mask[..., ky0 : ky0 + hk * f, kx0 : kx0 + wk * f], f)  # (B, 1, hk, wk)
-        forbid = F.max_pool2d(forbid, 3, 1, 1)[:, 0] > 0  # blocks next to the hole too: patch aggregation reads ±1 pixel
-        if min(hk, wk) < c.detail_patch or int(valid_key_centres((forbid.shape[0], 1, hk, wk), c.detail_patch, forbid).flatten(1).sum(1).min()) < 1:
+        grid = DetailGrid.around(mask, self.config)
+        forbid = grid.forbidden(mask)
+        if not grid.can_search(forbid, self.config.detail_patch):
             return fill  # nothing known to copy from
-        # Match features per block: low-pass colour plus the local texture energy, which in the
-        # hole is extrapolated from the known blocks around it (so a flat fill still asks for texture).
+        fq, fk = self.detail_features(grid, low, high, known, forbid, sigma)
+        nnf = self.detail_nnf(fq, fk, forbid, generator)
+        detail = self.transfer.attend(grid.query(low), grid.keys(low), grid.keys(high), grid.pixel_indices(nnf))
+        return (fill + self.detail_weight(mask, sigma) * grid.paste(detail)).clamp(0, 1)
+
+    def detail_features(self, grid: "DetailGrid", low: Tensor, high: Tensor, known: Tensor, forbid: Tensor,
+                        sigma: float) -> tuple[Tensor, Tensor]:
+        """Match features per block, (B, 4, hq, wq) and (B, 4, hk, wk): low-pass colour and texture energy.
+
+        The energy (local RMS of the high band) is extrapolated into the hole from the known
+        blocks of the query box, so a flat fill still asks for texture; far from any known
+        block (a box-shaped hole has none) it is the mean energy of the allowed keys.
+        """
+        c = self.config
         energy = masked_blur(high.square().sum(1, keepdim=True), known, 2 * sigma).sqrt()  # (B, 1, H, W)
-        energy_p = F.pad(energy, (0, px, 0, py), mode="replicate")
-        eq = F.avg_pool2d(energy_p[..., qy0 : qy0 + hq * f, qx0 : qx0 + wq * f], f)  # (B, 1, hq, wq)
-        ek = F.avg_pool2d(energy[..., ky0 : ky0 + hk * f, kx0 : kx0 + wk * f], f)  # (B, 1, hk, wk)
-        qknown = 1 - F.max_pool2d(mask_p[..., qy0 : qy0 + hq * f, qx0 : qx0 + wq * f], f)
-        spread = max(1.0, max(hq, wq) / 4)
+        eq, ek = grid.blocks(grid.query(energy)), grid.blocks(grid.keys(energy))  # (B, 1, hq, wq), (B, 1, hk, wk)
+        qknown = 1 - F.max_pool2d(grid.query(1 - known), grid.f)
+        spread = max(1.0, max(grid.hq, grid.wq) / 4)
         num, den = gaussian_blur(eq * qknown, spread), gaussian_blur(qknown, spread)
-        # Far from any known block of the query box (a box-shaped hole has none): the mean
-        # texture energy of the keys that may be copied from.
         allowed = (~forbid)[:, None].float()  # (B, 1, hk, wk)
         fallback = (ek * allowed).sum((2, 3), keepdim=True) / allowed.sum((2, 3), keepdim=True).clamp(min=1)
         guess = torch.where(den > 1e-4, num / den.clamp(min=1e-4), fallback)
         eq = qknown * eq + (1 - qknown) * guess
         w = c.detail_energy_weight
-        fq = torch.cat([F.avg_pool2d(q, f), w * eq], 1)  # (B, 4, hq, wq)
-        fk = torch.cat([F.avg_pool2d(k, f), w * ek], 1)  # (B, 4, hk, wk)
+        return (torch.cat([grid.blocks(grid.query(low)), w * eq], 1),
+                torch.cat([grid.blocks(grid.keys(low)), w * ek], 1))
+
+    def detail_nnf(self, fq: Tensor, fk: Tensor, forbid: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Block field (B, hq, wq) of flat key-block positions: PatchMatch, then `coherent_nnf`
+        grows regions of blocks copied from one place (block edges inside a region are no seams)."""
+        c = self.config
         nnf = patchmatch(fq, fk, patch_size=c.detail_patch, neighbors=1,
-                         iterations=c.detail_iterations, key_mask=forbid, generator=generator).indices  # (B, hq, wq, 1)
+                         iterations=c.detail_iterations, key_mask=forbid, generator=generator).indices[..., 0]  # (B, hq, wq)
         if c.detail_coherence > 0:
             valid = valid_key_centres(fk.shape, c.detail_patch, forbid)
-            nnf = coherent_nnf(fq, fk, nnf[..., 0], valid, c.detail_patch, c.detail_coherence, c.detail_coherence_sweeps)[..., None]
-        by, bx = nnf // wk, nnf % wk
-        oy = torch.arange(hq * f, device=fill.device).view(1, -1, 1, 1) % f  # (1, hq·f, 1, 1)
-        ox = torch.arange(wq * f, device=fill.device).view(1, 1, -1, 1) % f  # (1, 1, wq·f, 1)
+            nnf = coherent_nnf(fq, fk, nnf, valid, c.detail_patch, c.detail_coherence, c.detail_coherence_sweeps)
+        return nnf
+
+    def detail_weight(self, mask: Tensor, sigma: float) -> Tensor:
+        """Gain × fade-in of the copied band, (B, 1, H, W): 0 on known pixels.
+
+        Fade in from the seam over ~detail_ramp pixels: next to known pixels the network's
+        fill is already informed (thin scratches), and uncorrelated texture there costs more
+        accuracy than it adds; deep inside a large hole it is what makes it look real. The
+        ramp stays this narrow on a reduced photo: its fill holds none of the copied band
+        even next to the seam, and a ramp widened with the reduction shows as a blurred
+        strip along the hole's edge. The gain makes up for the fine contrast that a narrow
+        (σ < 1 px) high-pass leaves out at native size; on a reduced photo the band is wide
+        and holds all the texture that the upsampled fill lacks, so it goes to 1 with the
+        reduction.
+        """
+        c = self.config
+        ramp = (2 * gaussian_blur(mask, c.detail_ramp) - 1).clamp(0, 1) * mask if c.detail_ramp > 0 else mask
+        return (1 + (c.detail_gain - 1) * c.detail_sigma / sigma) * ramp
+
+
+@dataclass
+class DetailGrid:
+    """Where the detail transfer searches: f×f blocks over the hole's box (queries) and over the
+    box grown by detail_search pixels (keys), both in a crop of size (H, W).
+
+    The query box is at least one search patch across (a one-pixel scratch, a hole in a
+    corner: the box of such a hole is thinner than a patch), so maps are padded bottom/right
+    (replicate) to hold it, and cropped back by `paste`.
+    """
+
+    f: int  # block side in pixels
+    H: int
+    W: int
+    qy0: int  # query box origin in the padded crop, size (hq·f, wq·f)
+    qx0: int
+    hq: int
+    wq: int
+    ky0: int  # key region origin, size (hk·f, wk·f)
+    kx0: int
+    hk: int
+    wk: int
+
+    @classmethod
+    def around(cls, mask: Tensor, c: "PSALInpaint.Config") -> "DetailGrid":
+        H, W = mask.shape[-2:]
+        y0, y1, x0, x1 = hole_box(mask, 1)
+        f = max(1, math.ceil(max(y1 - y0, x1 - x0) / c.detail_match_size))
+        hq, wq = max(c.detail_patch, -(-(y1 - y0) // f)), max(c.detail_patch, -(-(x1 - x0) // f))
+        py, px = max(f, hq * f - H), max(f, wq * f - W)
+        g = c.detail_search
+        ky0, ky1, kx0, kx1 = max(0, y0 - g), min(H, y1 + g), max(0, x0 - g), min(W, x1 + g)
+        return cls(f, H, W, min(y0, H + py - hq * f), min(x0, W + px - wq * f), hq, wq,
+                   ky0, kx0, (ky1 - ky0) // f, (kx1 - kx0) // f)
+
+    def query(self, x: Tensor) -> Tensor:
+        """The query box of a (B, C, H, W) map, (B, C, hq·f, wq·f), replicate-padded past the crop."""
+        py, px = self.qy0 + self.hq * self.f - self.H, self.qx0 + self.wq * self.f - self.W
+        x = F.pad(x, (0, max(0, px), 0, max(0, py)), mode="replicate")
+        return x[..., self.qy0 : self.qy0 + self.hq * self.f, self.qx0 : self.qx0 + self.wq * self.f]
+
+    def keys(self, x: Tensor) -> Tensor:
+        """The key region of a (B, C, H, W) map, (B, C, hk·f, wk·f)."""
+        return x[..., self.ky0 : self.ky0 + self.hk * self.f, self.kx0 : self.kx0 + self.wk * self.f]
+
+    def blocks(self, x: Tensor) -> Tensor:
+        return F.avg_pool2d(x, self.f)
+
+    def forbidden(self, mask: Tensor) -> Tensor:
+        """(B, hk, wk) bool: key blocks holding or next to a hole pixel (patch aggregation reads ±1 pixel)."""
+        return F.max_pool2d(F.max_pool2d(self.keys(mask), self.f), 3, 1, 1)[:, 0] > 0
+
+    def can_search(self, forbid: Tensor, patch: int) -> bool:
+        if min(self.hk, self.wk) < patch:
+            return False
+        return int(valid_key_centres((forbid.shape[0], 1, self.hk, self.wk), patch, forbid).flatten(1).sum(1).min()) >= 1
+
+    def pixel_indices(self, nnf: Tensor) -> Tensor:
+        """Block field (B, hq, wq) → pixel field (B, hq·f, wq·f, 1) of flat positions in the key region:
+        each query pixel copies from the same place within its matched block."""
+        f, wk = self.f, self.wk
+        by, bx = nnf[..., None] // wk, nnf[..., None] % wk
+        oy = torch.arange(self.hq * f, device=nnf.device).view(1, -1, 1, 1) % f  # (1, hq·f, 1, 1)
+        ox = torch.arange(self.wq * f, device=nnf.device).view(1, 1, -1, 1) % f  # (1, 1, wq·f, 1)
         up = lambda t: t.repeat_interleave(f, 1).repeat_interleave(f, 2)
-        indices = (up(by) * f + oy) * (wk * f) + up(bx) * f + ox  # full-resolution key positions
-        detail = self.transfer.attend(q, k, v, indices)  # (B, 3, hq·f, wq·f)
-        detail = F.pad(detail, (qx0, W + px - qx0 - wq * f, qy0, H + py - qy0 - hq * f))[..., :H, :W]
-        # Fade the copied texture in from the seam over ~detail_ramp pixels: next to known pixels
-        # the network's fill is already informed (thin scratches), and uncorrelated texture there
-        # costs more accuracy than it adds; deep inside a large hole it is what makes it look real.
-        # The ramp stays this narrow on a reduced photo: its fill holds none of the copied band
-        # even next to the seam, and a ramp widened with the reduction shows as a blurred strip
-        # along the hole's edge.
-        weight = (2 * gaussian_blur(mask, c.detail_ramp) - 1).clamp(0, 1) * mask if c.detail_ramp > 0 else mask
-        # The gain makes up for the fine contrast that a narrow (σ < 1 px) high-pass leaves out
-        # at native size; on a reduced photo the band is wide and holds all the texture that the
-        # upsampled fill lacks, so the gain goes to 1 with the reduction.
-        gain = 1 + (c.detail_gain - 1) * c.detail_sigma / sigma
-        return (fill + gain * weight * detail).clamp(0, 1)
+        return (up(by) * f + oy) * (wk * f) + up(bx) * f + ox
+
+    def paste(self, x: Tensor) -> Tensor:
+        """A query-box map back into a zero (B, C, H, W) crop."""
+        f = self.f
+        Hp, Wp = max(self.H, self.qy0 + self.hq * f), max(self.W, self.qx0 + self.wq * f)
+        x = F.pad(x, (self.qx0, Wp - self.qx0 - self.wq * f, self.qy0, Hp - self.qy0 - self.hq * f))
+        return x[..., : self.H, : self.W]
 
 
 _STEPS = tuple((s * dy, s * dx) for s in (1, 2, 4, 8) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)))
@@ -413,3 +590,39 @@ def _reduce(image: Tensor, mask: Tensor, size: tuple[int, int]) -> Tensor:
     den = F.interpolate(known, size=size, mode="area")
     hole = (den < 1 - 1e-6).float()
     return torch.cat([num / den.clamp(min=1e-6) * (1 - hole), hole], 1)
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bicubic resize clamped to [0, 1] (the identity at the same size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+@dataclass
+class Copy:
+    """A level's nearest-neighbour field: flat key positions (B, hq, wq, 1) of the queries in `box` of a `size` map."""
+
+    indices: Tensor
+    box: tuple[int, int, int, int]
+    size: tuple[int, int]
+
+    def upsample(self, box: tuple[int, int, int, int], size: tuple[int, int]) -> Tensor:
+        """The field for the queries of `box` in a larger `size` map: each takes its parent's offset, scaled.
+
+        Sources are clamped into the map; one that now touches the hole is ruled out by the
+        vote (`copy_vote`) or replaced by the search.
+        """
+        H, W = size
+        h, w = self.size
+        y0, y1, x0, x1 = box
+        py0, _, px0, _ = self.box
+        hq, wq = self.indices.shape[1:3]
+        Y = torch.arange(y0, y1, device=self.indices.device)
+        X = torch.arange(x0, x1, device=self.indices.device)
+        y = ((Y + 0.5) * h / H).long().clamp(py0, py0 + hq - 1)  # the parent pixel, inside the parent's box
+        x = ((X + 0.5) * w / W).long().clamp(px0, px0 + wq - 1)
+        parent = self.indices[:, y - py0][:, :, x - px0, 0]  # (B, Hq, Wq)
+        sy = (parent // w - y[:, None]) * H / h + Y[:, None]
+        sx = (parent % w - x[None, :]) * W / w + X[None, :]
+        return (sy.round().long().clamp(0, H - 1) * W + sx.round().long().clamp(0, W - 1))[..., None]

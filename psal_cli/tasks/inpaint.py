@@ -14,6 +14,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -200,16 +201,37 @@ def mean_fill(image: Tensor, hole: Tensor) -> Tensor:
     return image * known + mean * hole
 
 
-def telea(image: Tensor, hole: Tensor) -> Tensor | None:
-    """OpenCV's Telea inpainting (radius 5), or None when opencv is not installed (a benchmark-only extra)."""
+def _to_uint8(image: Tensor, hole: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 RGB and (H, W) uint8 mask (255 = hole) of a (1, 3, H, W) image and its hole."""
+    rgb = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return np.ascontiguousarray(rgb), (hole[0, 0].numpy() > 0).astype(np.uint8) * 255
+
+
+def _from_uint8(rgb: np.ndarray) -> Tensor:
+    return torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def opencv_inpaint(image: Tensor, hole: Tensor, method: str) -> Tensor | None:
+    """OpenCV's `telea` or `ns` (Navier–Stokes) inpainting, radius 5; None without opencv (a benchmark-only extra)."""
     try:
         import cv2
     except ImportError:
         return None
-    rgb = (image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    m = (hole[0, 0].numpy() > 0).astype(np.uint8) * 255
-    out = cv2.inpaint(np.ascontiguousarray(rgb), m, 5, cv2.INPAINT_TELEA)
-    return torch.from_numpy(out.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    flag = {"telea": cv2.INPAINT_TELEA, "ns": cv2.INPAINT_NS}[method]
+    return _from_uint8(cv2.inpaint(*_to_uint8(image, hole), 5, flag))
+
+
+def patchmatch_inpaint(image: Tensor, hole: Tensor) -> Tensor | None:
+    """Multi-scale PatchMatch inpainting with 15×15 patches (the `pypatchmatch` package, a benchmark-only
+    extra; it builds its C++ library against OpenCV at first use); None when it is not installed."""
+    try:
+        from patchmatch import patch_match
+    except ImportError:
+        return None
+    if not patch_match.patchmatch_available:
+        return None
+    rgb, mask = _to_uint8(image, hole)
+    return _from_uint8(patch_match.inpaint(rgb, mask, patch_size=7))  # patch_size is the radius
 
 
 def inpaint_tensor(model: nn.Module, image: Tensor, hole: Tensor, seed: int = 0) -> Tensor:
@@ -222,6 +244,7 @@ def inpaint_tensor(model: nn.Module, image: Tensor, hole: Tensor, seed: int = 0)
 
 
 METRICS = ("psnr", "ssim", "mae", "sharpness")
+BASELINES = ("telea", "ns", "patchmatch")  # the classical methods beside the known-mean fill
 
 
 def evaluate(
@@ -232,6 +255,7 @@ def evaluate(
     limit: int | None = None,
     seed: int = 0,
     device: str = "cpu",
+    patchmatch: bool = False,
 ) -> dict:
     """The inpainting protocol on every image of `data` with the `masks` family; baselines alongside.
 
@@ -239,9 +263,10 @@ def evaluate(
     sees it with hole pixels zeroed. Per method: PSNR, SSIM (whole RGB image, 8-bit
     levels), hole MAE (0–255) and the sharpness ratio (`sharpness_ratio`); the true
     image's ratio is reported beside it, and `sharpness_rel` = mean over images of
-    method ratio / true ratio (1 = as sharp as the photo). Baselines: the known-mean fill
-    and OpenCV Telea (when opencv is installed). `model` is a model file (default: the
-    shipped weights/inpaint) or a network.
+    method ratio / true ratio (1 = as sharp as the photo). Baselines: the known-mean fill,
+    OpenCV Telea and Navier–Stokes (when opencv is installed) and, with `patchmatch`,
+    PatchMatch inpainting (`patchmatch_inpaint`, slow). `model` is a model file (default:
+    the shipped weights/inpaint) or a network.
     """
     if masks not in FAMILIES:
         raise ValueError(f"unknown mask family {masks!r} (known: {', '.join(FAMILIES)})")
@@ -254,9 +279,13 @@ def evaluate(
         seen = truth * (1 - hole)
         row = {"name": path.stem, "hole": hole.mean().item(), "true_sharpness": sharpness_ratio(truth, hole)}
         outputs = {"model": inpaint_tensor(model, seen, hole, seed), "mean": mean_fill(seen, hole)}
-        cv = telea(seen, hole)
-        if cv is not None:
-            outputs["telea"] = cv
+        classical = {"telea": partial(opencv_inpaint, method="telea"), "ns": partial(opencv_inpaint, method="ns")}
+        if patchmatch:
+            classical["patchmatch"] = patchmatch_inpaint
+        for method, baseline in classical.items():
+            out = baseline(seen, hole)
+            if out is not None:
+                outputs[method] = out
         for method, out in outputs.items():
             got = inpaint_metrics(out, truth, hole)
             got["sharpness_rel"] = got["sharpness"] / row["true_sharpness"]
@@ -273,7 +302,7 @@ def evaluate(
     return Report(
         task="inpaint", data=str(data), model=name, settings={"masks": masks, "seed": seed}, images=rows,
         mean={**{k: mean(k) for k in keys}, "true_sharpness": mean("true_sharpness"), "hole": mean("hole")},
-        baselines={b: {k: mean(f"{b}_{k}") for k in keys} for b in ("mean", "telea") if f"{b}_psnr" in rows[0]},
+        baselines={b: {k: mean(f"{b}_{k}") for k in keys} for b in ("mean", *BASELINES) if f"{b}_psnr" in rows[0]},
         seconds=time.time() - start,
     )
 
