@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -48,6 +49,14 @@ class Masks(str, Enum):
     thin = "thin"
     thick = "thick"
     box = "box"
+
+
+class Precision(str, Enum):
+    """engine.PRECISIONS (here: `--help` must not import torch)."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 class Loss(str, Enum):
@@ -110,8 +119,13 @@ COMMON: list[tuple[str, Any, Any]] = [
         "--device", "-d", panel=RUN, help="auto, cpu, cuda, cuda:N or mps.")], "auto"),
     ("half", Annotated[bool, _opt(
         "--half", panel=RUN, help="Run the convolutions in float16 on a GPU (patch searches stay float32).")], False),
+    ("precision", Annotated[Precision, _opt(
+        "--precision", panel=RUN, case_sensitive=False,
+        help="The convolutions on the CPU: bf16 (bfloat16, several times faster where the CPU has it natively), "
+        "fp32, or auto: bf16 where native (patch searches stay float32).")], Precision.auto),
     ("threads", Annotated[int | None, _opt(
-        "--threads", min=1, panel=RUN, help="CPU threads. Default: torch's choice.")], None),
+        "--threads", min=1, panel=RUN,
+        help="CPU threads. Default: the cores this process may use, less the machine's load.")], None),
     ("seed", Annotated[int, _opt(
         "--seed", panel=RUN,
         help="Random seed (PSAL's patch search is stochastic): same seed, device and input, "
@@ -149,6 +163,7 @@ class Common:
     debug: bool
     device: str
     half: bool
+    precision: Precision
     threads: int | None
     seed: int
     tile: int | None
@@ -296,7 +311,7 @@ def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
         half = False
     _threads(c.threads)
     options = Options(device=c.device, tile=c.tile, tile_overlap=c.tile_overlap, half=half,
-                      seed=c.seed)
+                      precision=c.precision.value, seed=c.seed)
     # --ext names every output that goes to standard output (-o -, or - in without -o).
     stdout_format = batch.FORMATS[batch.normalise_ext(c.ext)] if c.ext else None
     with Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
@@ -597,10 +612,21 @@ def _folder(path: Path, what: str) -> Path:
 
 
 def _threads(threads: int | None) -> None:
-    if threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or default_threads())
+
+
+def default_threads() -> int:
+    """The cores this process may use, less the machine's load (at least one).
+
+    A thread pool larger than the idle cores makes every small tensor operation wait for a
+    descheduled thread; one thread per idle core keeps concurrent runs as fast as
+    sequential ones.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - load)))
 
 
 @app.command()
@@ -624,7 +650,7 @@ def train(
     loss: Annotated[Loss | None, typer.Option(
         "--loss", help="upscale: l1 (default) or l2, the squared error PSNR measures (a last fine-tune).")] = None,
     device: Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads. Default: torch's choice.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads. Default: the idle cores.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     attention: Annotated[bool | None, typer.Option(
         "--attention/--no-attention", help="upscale: --no-attention trains the ablation without the PSAL block.")] = None,
@@ -689,7 +715,9 @@ def evaluate(
     ensemble: Annotated[bool | None, typer.Option(
         "--ensemble", help="upscale: mean over 8 flipped/rotated views, as `psal upscale --ensemble`.")] = None,
     device: Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads. Default: torch's choice.")] = None,
+    precision: Annotated[Precision, typer.Option(
+        "--precision", case_sensitive=False, help="The convolutions on the CPU, as the image commands' --precision.")] = Precision.auto,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads. Default: the idle cores.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     json_report: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
     save_metrics: Annotated[bool, typer.Option(
@@ -722,7 +750,10 @@ def evaluate(
     given = dict(data=data, model=model, scale=scale, masks=masks and masks.value, limit=limit, size=size, nearest=nearest,
                  ensemble=ensemble, device=_device(device), seed=seed)
     with _reported(debug):
-        report = _task_call(task, "evaluate", given)
+        from psal_cli.engine import autocast, resolve_device
+
+        with autocast(resolve_device(given["device"] or "auto"), precision.value):
+            report = _task_call(task, "evaluate", given)
         module = sys.modules[f"psal_cli.tasks.{task.value}"]
         typer.echo(json.dumps(report, indent=2, default=str) if json_report else module.format_report(report))
         if save_metrics:  # kept per data set, beside what the file already records
@@ -758,5 +789,8 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main() -> None:
     """Console entry point (`psal`, `python -m psal_cli`)."""
+    # Waiting OpenMP threads sleep instead of spinning, unless the user chose otherwise: on a
+    # busy machine a spinning pool holds cores other processes need. Read when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="psal")

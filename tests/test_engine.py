@@ -67,7 +67,7 @@ def test_tiled_equals_untiled(size: tuple[int, int], tile: int) -> None:
     torch.manual_seed(5)
     with torch.no_grad():
         whole = net.run(Direct(), image)
-    tiled = run_network(net, {"image": image}, Options(device="cpu", tile=tile, seed=5))
+    tiled = run_network(net, {"image": image}, Options(device="cpu", precision="fp32", tile=tile, seed=5))
     assert tiled.shape == whole.shape == (1, 3, *size)
     assert (tiled - whole).abs().max().item() < 1e-4
 
@@ -127,11 +127,11 @@ def test_attention_stays_global_under_tiling() -> None:
     hidden = torch.zeros(1, 1, 96, 96)
     hidden[..., 62:94, 62:94] = 1
     net = CopyFromFar()
-    tiled = run_network(net, {"image": image, "hidden": hidden}, Options(device="cpu", tile=32))
+    tiled = run_network(net, {"image": image, "hidden": hidden}, Options(device="cpu", precision="fp32", tile=32))
     region = (..., slice(70, 86), slice(70, 86))
     error = (tiled[region] - image[region]).abs().mean()
     assert error < 0.05  # the stripes, in phase, from 60+ pixels and two tiles away
-    assert torch.allclose(tiled, run_network(net, {"image": image, "hidden": hidden}, Options(device="cpu", tile=0)), atol=1e-4)
+    assert torch.allclose(tiled, run_network(net, {"image": image, "hidden": hidden}, Options(device="cpu", precision="fp32", tile=0)), atol=1e-4)
 
 
 def test_resolve_device() -> None:
@@ -146,8 +146,8 @@ def test_resolve_device() -> None:
 def test_same_seed_same_output() -> None:
     net = Mixed().eval()
     image = torch.rand(1, 3, 30, 30)
-    a = run_network(net, {"image": image}, Options(device="cpu", tile=16, seed=3))
-    b = run_network(net, {"image": image}, Options(device="cpu", tile=16, seed=3))
+    a = run_network(net, {"image": image}, Options(device="cpu", precision="fp32", tile=16, seed=3))
+    b = run_network(net, {"image": image}, Options(device="cpu", precision="fp32", tile=16, seed=3))
     assert torch.equal(a, b)
 
 
@@ -184,14 +184,14 @@ def test_self_ensemble_is_the_mean_over_the_eight_views() -> None:
         truth = _dihedral_mean(net, image)
         plain = net(image)
     for tile in (0, 16):
-        got = run_network(net, {"image": image}, Options(device="cpu", tile=tile, views=8))
+        got = run_network(net, {"image": image}, Options(device="cpu", precision="fp32", tile=tile, views=8))
         torch.testing.assert_close(got, truth, atol=1e-5, rtol=1e-5)
     assert (got - plain).abs().max() > 1e-3  # a random network is no more symmetric than that
-    two = run_network(net, {"image": image}, Options(device="cpu", tile=0, views=2))
+    two = run_network(net, {"image": image}, Options(device="cpu", precision="fp32", tile=0, views=2))
     with torch.no_grad():
         torch.testing.assert_close(two, (plain + net(image.flip(-1)).flip(-1)) / 2, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="views must be 1, 2, 4 or 8"):
-        run_network(net, {"image": image}, Options(device="cpu", views=3))
+        run_network(net, {"image": image}, Options(device="cpu", precision="fp32", views=3))
 
 
 def test_self_ensemble_of_a_symmetric_network_changes_nothing() -> None:
@@ -205,8 +205,8 @@ def test_self_ensemble_of_a_symmetric_network_changes_nothing() -> None:
                 views += [v.flip(dims) for v in views for dims in ((-1,), (-2,), (-2, -1))]
                 w.copy_(sum(views) / 8)
     image = torch.rand(1, 3, 19, 26)
-    plain = run_network(net, {"image": image}, Options(device="cpu"))
-    torch.testing.assert_close(run_network(net, {"image": image}, Options(device="cpu", views=8)), plain, atol=1e-5, rtol=1e-5)
+    plain = run_network(net, {"image": image}, Options(device="cpu", precision="fp32"))
+    torch.testing.assert_close(run_network(net, {"image": image}, Options(device="cpu", precision="fp32", views=8)), plain, atol=1e-5, rtol=1e-5)
 
 
 TINY_NETWORKS = {
@@ -253,8 +253,8 @@ def test_every_network_tiled_equals_untiled(name: str, size: tuple[int, int]) ->
     torch.manual_seed(0)
     model = create_model(architecture, **config).eval()
     inputs = tiny_inputs(architecture, *size)
-    whole = run_network(model, inputs, Options(device="cpu", tile=0, seed=1))
-    tiled = run_network(model, inputs, Options(device="cpu", tile=16, seed=1))
+    whole = run_network(model, inputs, Options(device="cpu", precision="fp32", tile=0, seed=1))
+    tiled = run_network(model, inputs, Options(device="cpu", precision="fp32", tile=16, seed=1))
     assert tiled.shape == whole.shape
 
     def agreement(out: Tensor) -> float:
@@ -263,7 +263,7 @@ def test_every_network_tiled_equals_untiled(name: str, size: tuple[int, int]) ->
     assert agreement(tiled) >= 0.97
     assert (tiled - whole).abs().max().item() <= 0.02
     if min(size) > 32:  # several tiles each way
-        seamy = run_network(model, inputs, Options(device="cpu", tile=16, tile_overlap=0, seed=1))
+        seamy = run_network(model, inputs, Options(device="cpu", precision="fp32", tile=16, tile_overlap=0, seed=1))
         assert agreement(seamy) < 0.97
 
 
@@ -287,8 +287,39 @@ def test_every_network_runs_in_half_precision(name: str, monkeypatch: pytest.Mon
     torch.manual_seed(0)
     model = create_model(architecture, **config).eval()
     inputs = tiny_inputs(architecture, 40, 40)
-    full = run_network(model, inputs, Options(device="cpu", seed=1))
+    full = run_network(model, inputs, Options(device="cpu", precision="fp32", seed=1))
     monkeypatch.setattr(Tiled, "_precision", lambda self: torch.autocast("cpu", dtype=torch.float16))
-    half = run_network(model, inputs, Options(device="cpu", seed=1))
+    half = run_network(model, inputs, Options(device="cpu", precision="fp32", seed=1))
     assert half.dtype == torch.float32 and half.shape == full.shape
     assert ((half - full).abs().amax(1) <= 2 / 255).float().mean().item() >= 0.95
+
+
+@pytest.mark.parametrize("name", list(HALF_CASES))
+def test_every_network_runs_in_bfloat16_on_the_cpu(name: str) -> None:
+    """`--precision bf16`: the convolutions under bfloat16 autocast, the searches in float32;
+    the output stays close to float32's (8× float16's tolerance: bfloat16 keeps 3 fewer mantissa bits)."""
+    from psal_cli.networks import create_model
+
+    architecture, config = HALF_CASES[name]
+    torch.manual_seed(0)
+    model = create_model(architecture, **config).eval()
+    inputs = tiny_inputs(architecture, 40, 40)
+    full = run_network(model, inputs, Options(device="cpu", precision="fp32", seed=1))
+    bf16 = run_network(model, inputs, Options(device="cpu", precision="bf16", seed=1))
+    assert bf16.dtype == torch.float32 and bf16.shape == full.shape
+    assert not torch.equal(bf16, full)  # it did run in bfloat16
+    assert ((bf16 - full).abs().amax(1) <= 16 / 255).float().mean().item() >= 0.95
+
+
+def test_precision_resolves_from_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from psal_cli import engine
+
+    cpu = torch.device("cpu")
+    assert engine.resolve_precision("fp32", cpu) is None
+    assert engine.resolve_precision("bf16", cpu) is torch.bfloat16
+    assert engine.resolve_precision("bf16", torch.device("cuda")) is None  # a GPU's precision is --half's
+    for native in (True, False):
+        monkeypatch.setattr(engine, "native_bf16", lambda device, native=native: native)
+        assert engine.resolve_precision("auto", cpu) is (torch.bfloat16 if native else None)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        engine.resolve_precision("fp16", cpu)
