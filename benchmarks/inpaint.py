@@ -1,4 +1,4 @@
-"""Inpainting a 12-megapixel photo: time, peak memory and sharpness inside the hole (issue 7).
+"""Inpainting a 12-megapixel photo: time, peak memory and sharpness inside the hole.
 
 The test photo is a 4000×3000 mosaic of real full-resolution textures (brick | grass |
 gravel, each mirrored-tiled at its native resolution, so there is true fine detail

@@ -1,4 +1,4 @@
-"""Peak memory and wall time of tiled inference at several image sizes (issue: tiled engine).
+"""Peak memory and wall time of tiled inference at several image sizes.
 
 Each measurement runs in a fresh subprocess so that its peak resident memory (ru_maxrss)
 is its own. Uses the shipped weights when present, else the same architecture with

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -41,21 +41,22 @@ _SEARCH_ENERGY = 0.9
 # Patches sampled per map to estimate the principal axes.
 _PCA_SAMPLES = 1024
 # Queries updated per search step. A chunk already sees the matches its predecessors found
-# in this iteration, and its (queries, ~100 candidates, D+1) float32 gather stays ~5 MB: on
-# CPU 1024 was 1.2× slower and 2048 up to 1.5× (cache misses, and page faults when malloc
-# hands the blocks back to the OS after every step). Smaller chunks also propagate good
-# matches further within an iteration (recall@1 0.26 vs 0.23 at 512² with 1024).
+# in this iteration, and its (queries, ~100 candidates, D+1) float32 gather stays ~5 MB,
+# cache-sized on a CPU; smaller chunks also carry good matches further within an iteration.
 _CHUNK = 512
 # On a GPU, where a chunk's ~50 small kernels cost their launches, not their arithmetic,
-# a step takes up to _GPU_CHUNK queries (×4 of the 1 MP BSD100 mosaic of
-# benchmarks/search_iterations.py, 3 iterations: 25.977 dB vs 25.978 with 512), but an
-# iteration never has fewer than _MIN_STEPS steps: good matches travel from step to step,
-# and fewer, larger steps find worse ones (colorize of BSD100 at 320 px, 68 k queries:
-# 35.12 dB with 512 queries per step, 35.08 with 1024, 35.00 with 2048, 34.97 with 4096).
+# a step takes up to _GPU_CHUNK queries, but an iteration never has fewer than _MIN_STEPS
+# steps: good matches travel from step to step, and fewer, larger steps find worse ones.
 _GPU_CHUNK = 4096
 _MIN_STEPS = 128
 # Query–key scores held at once by the exhaustive search (64 MB in float32).
 _EXACT_ELEMENTS = 1 << 24
+# Queries per block of the pruned exhaustive search: similar queries share one key range.
+_PRUNE_BLOCK = 64
+# PSAL's one size rule: maps with Hq·Wq·Hk·Wk at most this (two 128×128 maps) are searched
+# exhaustively (`exact_knn`), larger ones by PatchMatch. Below it the exhaustive search is
+# exact and no slower; above it its time, ∝ Hq·Wq·Hk·Wk, soon dominates.
+EXACT_PAIRS = 1 << 28
 # The eight neighbours of the best match, tried every iteration: overlapping patches are alike.
 _NEAR = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))
 _DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))
@@ -104,10 +105,10 @@ class _Maps:
         # read one float per cache line.
         self.q = query.to(dtype).permute(0, 2, 3, 1).contiguous().view(-1, self.C)  # (B·Hq·Wq, C)
         self.k = key.to(dtype).permute(0, 2, 3, 1).contiguous().view(-1, self.C)  # (B·Hk·Wk, C)
-        dy, dx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
-        device = query.device
-        self.dy, self.dx = dy.flatten().to(device), dx.flatten().to(device)  # (p²,)
-        self.koff = (dy * self.Wk + dx).flatten().tolist()  # p² Python ints: no device sync to read them
+        offsets = range(-r, r + 1)
+        self.koff = [dy * self.Wk + dx for dy in offsets for dx in offsets]  # p² Python ints: no device sync to read them
+        self.dy = torch.tensor([dy for dy in offsets for _ in offsets], device=query.device)  # (p²,)
+        self.dx = torch.tensor([dx for _ in offsets for dx in offsets], device=query.device)
 
     def query_map(self) -> Tensor:
         return self.q.view(self.B, self.Hq, self.Wq, self.C).permute(0, 3, 1, 2)
@@ -155,18 +156,20 @@ def _search_chunk(device: torch.device, queries: int) -> int:
 def _distance_rows(maps: _Maps, candidates: int) -> int:
     """Queries per chunk of an exact-distance pass (rows are independent: any chunking gives
     the same result). On the CPU `_CHUNK`, cache-sized; on a GPU each chunk's ~50 small
-    kernel launches set the time (a ×4 training step spent most of it there: 5 200 gathers),
-    so a chunk there gathers up to `_EXACT_ELEMENTS` values at once."""
+    kernel launches set the time, so a chunk there gathers up to `_EXACT_ELEMENTS` values
+    at once."""
     if maps.q.device.type == "cpu":
         return _CHUNK
     return max(_CHUNK, _EXACT_ELEMENTS // (candidates * maps.C))
 
 
-def valid_key_centres(key_shape: tuple[int, int, int, int], patch_size: int, key_mask: Tensor | None) -> Tensor:
-    """(B, Hk, Wk) bool: where a key patch may be centred (inside the map, off the mask)."""
+def valid_key_centres(key_shape: tuple[int, int, int, int], patch_size: int, key_mask: Tensor | None,
+                      device: torch.device | None = None) -> Tensor:
+    """(B, Hk, Wk) bool: where a key patch may be centred (inside the map, off the mask), on
+    the mask's device (without a mask: `device`)."""
     B, _, Hk, Wk = key_shape
     r = patch_size // 2
-    valid = torch.zeros(B, Hk, Wk, dtype=torch.bool, device=key_mask.device if key_mask is not None else None)
+    valid = torch.zeros(B, Hk, Wk, dtype=torch.bool, device=key_mask.device if key_mask is not None else device)
     valid[:, r : Hk - r, r : Wk - r] = True
     if key_mask is not None:
         touched = F.max_pool2d(key_mask[:, None].float(), patch_size, stride=1, padding=r)[:, 0] > 0
@@ -230,9 +233,9 @@ def _search_tables(maps: _Maps, valid: Tensor, patch_size: int) -> tuple[Tensor,
     patches of each map, one set for the whole batch (batch elements thus nudge each
     other's search, never its exact distances). Query projections are made per chunk
     (`_Search.query_rows`); the key table is filled in bands of rows, so the search holds
-    4·(D + 1) bytes per key (100 MB at 1 MP) and no full-map temporaries. A float16 table
-    (half the memory) was 1.3× slower on CPU overall: converting the gathered rows to
-    float32 cost more than gathering twice the bytes.
+    4·(D + 1) bytes per key (100 MB at 1 MP) and no full-map temporaries. The table stays
+    float32: a float16 one would halve the memory, but on a CPU converting the gathered
+    rows costs more than gathering twice the bytes.
     """
     C, p, r = maps.C, patch_size, maps.r
     samples = []
@@ -297,7 +300,8 @@ class _Search:
         return torch.arange(rows.start, min(rows.stop, self.n), device=self.maps.q.device, dtype=torch.int32)
 
     def rand(self, *shape: int) -> Tensor:
-        return torch.rand(*shape, generator=self.generator).to(self.maps.q.device)
+        # Drawn on the CPU (a CPU generator): a seed gives the same search on every device.
+        return torch.rand(*shape, generator=self.generator, device="cpu").to(self.maps.q.device)
 
     def inside(self, y: Tensor, x: Tensor) -> Tensor:
         return (y >= self.lo) & (y <= self.hi_y) & (x >= self.lo) & (x <= self.hi_x)
@@ -316,7 +320,7 @@ class _Search:
         at = torch.where(cand >= 0, self.maps.key_base(index)[:, None] + cand, self.sentinel)
         z = self.table.index_select(0, at.flatten()).view(*cand.shape, -1)  # (c, m, D + 1)
         # |z_q − z_k|² less |z_q|², the same for all of a query's candidates. (1, D+1)·(D+1, m)
-        # per query: on CPU ~3× faster than (m, D+1)·(D+1, 1) or a multiply and sum.
+        # per query: on a CPU faster than (m, D+1)·(D+1, 1) or a multiply and sum.
         dist = torch.bmm(self.query_rows(index)[:, None], z.mT)[:, 0]  # (c, m)
         bits = dist.view(torch.int32)
         order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats count down
@@ -381,7 +385,7 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
     maps = _Maps(query, key, patch_size)
     B, Hq, Wq, Hk, Wk = maps.B, maps.Hq, maps.Wq, maps.Hk, maps.Wk
     device = query.device
-    valid = valid_key_centres(key.shape, patch_size, key_mask).to(device)  # (B, Hk, Wk)
+    valid = valid_key_centres(key.shape, patch_size, key_mask, device).to(device)  # (B, Hk, Wk)
     counts = valid.flatten(1).sum(1)  # (B,)
     fewest = int(counts.min())
     if fewest == 0:
@@ -489,14 +493,14 @@ def _aggregate_patch(value: Tensor, indices: Tensor, logits: Tensor, patch_size:
 class PSAL(nn.Module):
     """Patch-based stochastic attention: softmax(−D/T) over k PatchMatch neighbours.
 
-    When Hq·Wq·Hk·Wk ≤ `exact_pairs` the neighbours come from the exhaustive search
+    When Hq·Wq·Hk·Wk ≤ `EXACT_PAIRS` the neighbours come from the exhaustive search
     instead (`exact_knn`): on maps that small it is both exact and faster.
 
     `forward(q, k, v, key_mask=None, init=None)` returns (B, Cv, Hq, Wq). The search runs
     without autograd; when q or k needs a gradient the distances of the found matches are
     recomputed differentiably, so gradients reach q and k through the weights and v through
-    the gather. The last NNF is kept in `last_nnf` so that tiles and scales can reuse it
-    as `init`.
+    the gather. A caller that needs the NNF (to reuse it as `init`, or its distances) calls
+    `search`, then `attend`.
     """
 
     def __init__(
@@ -507,7 +511,6 @@ class PSAL(nn.Module):
         temperature: float = 1.0,
         aggregation: str = "center",
         query_chunk: int = 1 << 16,
-        exact_pairs: int = 1 << 22,
     ) -> None:
         super().__init__()
         if aggregation not in ("center", "patch"):
@@ -516,8 +519,6 @@ class PSAL(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.patch_size, self.neighbors, self.iterations = patch_size, neighbors, iterations
         self.temperature, self.aggregation, self.query_chunk = temperature, aggregation, query_chunk
-        self.exact_pairs = exact_pairs
-        self.last_nnf: NNF | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -547,42 +548,57 @@ class PSAL(nn.Module):
         init: NNF | Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> NNF:
-        """The NNF `forward` attends with (also kept in `last_nnf`), without attending.
+        """The NNF `forward` attends with, without attending: exhaustive on maps of up to
+        `EXACT_PAIRS` query–key pairs, else PatchMatch (`init`, `generator`: its seed).
 
         Lets a network free q and k before it aggregates a large map in bands (`attend`).
         """
-        if q.shape[-2] * q.shape[-1] * k.shape[-2] * k.shape[-1] <= self.exact_pairs:
-            with torch.no_grad():  # small maps: the exhaustive search is exact and cheaper
-                nnf = exact_knn(q.detach(), k.detach(), patch_size=self.patch_size, neighbors=self.neighbors, key_mask=key_mask)
-        else:
-            nnf = patchmatch(
-                q.detach(), k.detach(), patch_size=self.patch_size, neighbors=self.neighbors,
-                iterations=self.iterations, key_mask=key_mask, init=init, generator=generator,
-            )
-        self.last_nnf = nnf
-        return nnf
+        if q.shape[-2] * q.shape[-1] * k.shape[-2] * k.shape[-1] <= EXACT_PAIRS:
+            with torch.no_grad():
+                return exact_knn(q.detach(), k.detach(), patch_size=self.patch_size, neighbors=self.neighbors, key_mask=key_mask)
+        return patchmatch(
+            q.detach(), k.detach(), patch_size=self.patch_size, neighbors=self.neighbors,
+            iterations=self.iterations, key_mask=key_mask, init=init, generator=generator,
+        )
 
-    def attend(self, q: Tensor | None, k: Tensor | None, v: Tensor, indices: Tensor, distances: Tensor | None = None) -> Tensor:
-        """Attention output for a fixed NNF; aggregates in row chunks when no gradient is needed.
+    def attend(
+        self,
+        q: Tensor | None,
+        k: Tensor | None,
+        v: Tensor,
+        indices: Tensor,
+        distances: Tensor | None = None,
+        finish: Callable[[Tensor, slice], Tensor] | None = None,
+    ) -> Tensor:
+        """Attention output for a fixed NNF; aggregates in bands of rows when no gradient is needed.
 
         `distances` (the NNF's own) are reused unless q or k needs a gradient through them;
-        q and k may then be None. `indices`/`distances` may be a band of rows of the NNF
-        (with center aggregation), so a caller can aggregate a large map band by band.
+        q and k may then be None. `finish(band, rows)` maps each band of output rows before
+        it is stored (a network's projections, a residual), so that no full-size
+        intermediate is held for a large map.
         """
         if distances is None or (torch.is_grad_enabled() and (q is not None and q.requires_grad or k is not None and k.requires_grad)):
             distances = patch_distances(q, k, indices, self.patch_size)
         logits = -distances / self.temperature  # (B, Hq, Wq, k)
         Hq, Wq = indices.shape[1:3]
         rows = Hq if torch.is_grad_enabled() else max(1, self.query_chunk // Wq)
+        if rows < Hq:  # every band gathers rows of v: lay them out once, not once per band
+            v = v.contiguous(memory_format=torch.channels_last)
         halo = self.patch_size // 2 if self.aggregation == "patch" else 0
-        outs = []
+        out = None
         for a in range(0, Hq, rows):
             b = min(Hq, a + rows)
             # Patch votes come from up to r rows away: aggregate with a halo, then crop.
             lo, hi = max(0, a - halo), min(Hq, b + halo)
-            out = self._aggregate(v, indices[:, lo:hi], logits[:, lo:hi])
-            outs.append(out[:, :, a - lo : b - lo])
-        return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+            band = self._aggregate(v, indices[:, lo:hi], logits[:, lo:hi])[:, :, a - lo : b - lo]
+            if finish is not None:
+                band = finish(band, slice(a, b))
+            if rows >= Hq:
+                return band
+            if out is None:
+                out = band.new_empty(*band.shape[:2], Hq, Wq)
+            out[:, :, a:b] = band
+        return out
 
     def _aggregate(self, v: Tensor, indices: Tensor, logits: Tensor) -> Tensor:
         if self.aggregation == "center":
@@ -590,33 +606,85 @@ class PSAL(nn.Module):
         return _aggregate_patch(v, indices, logits, self.patch_size)
 
 
-def exact_knn(query: Tensor, key: Tensor, *, patch_size: int = 3, neighbors: int = 4, key_mask: Tensor | None = None) -> NNF:
+def exact_knn(
+    query: Tensor, key: Tensor, *, patch_size: int = 3, neighbors: int = 4, key_mask: Tensor | None = None,
+    prune: bool = False,
+) -> NNF:
     """Exhaustive k-NN patches: what PatchMatch approximates, by matrix products over query chunks.
 
     O(Nq·Nk·C·p²) time but O(chunk·Nk) memory: on small maps (training crops) it is faster
     than PatchMatch and exact. Candidates are ranked with ‖q‖² − 2q·k + ‖k‖² and the
     returned distances recomputed as exact sums of squared differences.
+
+    `prune` skips, for each block of queries, the keys that the patch means alone rule out
+    (`_pruned_scan`): just as exact, and much faster for patches of few channels (gray
+    pixels), whose means tell patches apart; feature patches gain nothing from it.
     """
     _check_inputs(query, key, patch_size, neighbors, key_mask)
-    with full_precision(query):
-        return _exact_knn(query, key, patch_size, neighbors, key_mask)
+    with torch.no_grad(), full_precision(query):
+        return _exact_knn(query, key, patch_size, neighbors, key_mask, prune)
 
 
-def _exact_knn(query: Tensor, key: Tensor, patch_size: int, neighbors: int, key_mask: Tensor | None) -> NNF:
+def _exact_knn(query: Tensor, key: Tensor, patch_size: int, neighbors: int, key_mask: Tensor | None,
+               prune: bool) -> NNF:
     r = patch_size // 2
     B, _, Hq, Wq = query.shape
     dtype = _work_dtype(query)
     padded = F.pad(query.to(dtype), (r, r, r, r), mode="replicate") if r else query.to(dtype)
     qp = F.unfold(padded, patch_size).transpose(1, 2)  # (B, Nq, C·p²)
     kp = F.unfold(key.to(dtype), patch_size, padding=r)  # (B, C·p², Nk); invalid centres masked below
-    valid = valid_key_centres(key.shape, patch_size, key_mask).to(query.device).flatten(1)  # (B, Nk)
+    valid = valid_key_centres(key.shape, patch_size, key_mask, query.device).to(query.device).flatten(1)  # (B, Nk)
     if int(valid.sum(1).min()) < neighbors:
         raise ValueError(f"neighbors={neighbors} exceeds the number of valid {patch_size}×{patch_size} key patches")
-    bias = kp.square().sum(1).masked_fill(~valid, math.inf)[:, None]  # (B, 1, Nk)
-    step = max(1, _EXACT_ELEMENTS // kp.shape[-1])
-    indices = torch.cat(
-        [(torch.baddbmm(bias, qp[:, a : a + step], kp, alpha=-2)).topk(neighbors, -1, largest=False).indices
-         for a in range(0, Hq * Wq, step)], 1)  # (B, Nq, k)
+    if prune:
+        indices = torch.stack([_pruned_scan(qp[b], kp[b].T, valid[b], neighbors) for b in range(B)])
+    else:
+        bias = kp.square().sum(1).masked_fill(~valid, math.inf)[:, None]  # (B, 1, Nk)
+        step = max(1, _EXACT_ELEMENTS // kp.shape[-1])
+        indices = torch.cat(
+            [(torch.baddbmm(bias, qp[:, a : a + step], kp, alpha=-2)).topk(neighbors, -1, largest=False).indices
+             for a in range(0, Hq * Wq, step)], 1)  # (B, Nq, k)
     distances = patch_distances(query.to(dtype), key.to(dtype), indices.view(B, Hq, Wq, neighbors), patch_size)
     distances, order = distances.sort(-1)
     return NNF(indices.view(B, Hq, Wq, neighbors).gather(-1, order), distances)
+
+
+def _pruned_scan(q: Tensor, k: Tensor, valid: Tensor, neighbors: int) -> Tensor:
+    """The `neighbors` nearest valid keys (flat positions, (Nq, k)) of queries q (Nq, D) among k (Nk, D).
+
+    With D values per patch, ‖q − k‖² ≥ D·(mean q − mean k)². Keys are sorted by mean; a
+    first pass bounds each query's k-th distance with the keys of about its own mean, a
+    second scans, for blocks of queries with similar bounds and means, only the keys whose
+    mean can still beat those bounds.
+    """
+    D, Nq = q.shape[1], q.shape[0]
+    keys = valid.nonzero()[:, 0]
+    k_mean, order = k[keys].mean(1).sort()
+    keys = keys[order]
+    k = k[keys]
+    k_norm, Nv = k.square().sum(1), keys.numel()
+    q_mean = q.mean(1)
+
+    def scan(rows: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """k best (distances, sorted key rows) among the keys with mean in [lo, hi], at least k of them."""
+        a = int(torch.searchsorted(k_mean, lo.view(1)))
+        b = max(int(torch.searchsorted(k_mean, hi.view(1), right=True)), a + neighbors)
+        a, b = max(0, min(a, Nv - neighbors)), min(Nv, b)
+        qb = q[rows]
+        dist, idx = torch.addmm(k_norm[a:b][None], qb, k[a:b].T, alpha=-2).topk(neighbors, 1, largest=False)
+        return (dist + qb.square().sum(1, keepdim=True)).clamp(min=0), idx + a
+
+    by_mean = q_mean.argsort()
+    bound = torch.empty_like(q_mean)
+    for a in range(0, Nq, _PRUNE_BLOCK):
+        rows = by_mean[a : a + _PRUNE_BLOCK]
+        bound[rows] = scan(rows, q_mean[rows].min(), q_mean[rows].max())[0].amax(1)
+    radius = (bound * (1 + 1e-5) / D).sqrt() + 1e-6  # a little wide: the bound is rounded
+    tier = torch.log2(radius).floor()
+    found = torch.empty(Nq, neighbors, dtype=torch.int64, device=q.device)
+    order = by_mean[tier[by_mean].argsort(stable=True)]  # by tier, then by mean
+    for a in range(0, Nq, _PRUNE_BLOCK):
+        rows = order[a : a + _PRUNE_BLOCK]
+        _, idx = scan(rows, (q_mean[rows] - radius[rows]).min(), (q_mean[rows] + radius[rows]).max())
+        found[rows] = keys[idx]
+    return found

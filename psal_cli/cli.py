@@ -1,9 +1,9 @@
 """The `psal` command line: parse, call the library, report.
 
-`inpaint`, `colorize` and `upscale` share one pipeline (`batch_command`): the same
-input/output/device options, batch loop, progress, JSON summary and exit statuses
-(0 all done, 1 some inputs failed, 2 usage error). Each command only says how to load
-its model and edit one image.
+`inpaint`, `colorize` and `upscale` share one pipeline (`_run`): the same
+input/output/device options (declared once, as Annotated types), batch loop, progress,
+JSON summary and exit statuses (0 all done, 1 some inputs failed, 2 usage error). Each
+command only says how to load its model and edit one image.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from psal_cli import __version__
+from psal_cli.tasks.choices import LOSSES, MASK_FAMILIES
 
 log = logging.getLogger("psal")
 
@@ -43,110 +43,86 @@ class Task(str, Enum):
     upscale = "upscale"
 
 
-class Masks(str, Enum):
-    """The mask families of psal_cli.tasks.inpaint.FAMILIES (here: `--help` must not import torch)."""
-
-    thin = "thin"
-    thick = "thick"
-    box = "box"
+# The choices of psal_cli.tasks, from the module that lets `--help` stay free of torch.
+Masks = Enum("Masks", {name: name for name in MASK_FAMILIES}, type=str)
+Loss = Enum("Loss", {name: name for name in LOSSES}, type=str)
+Precision = Enum("Precision", {name: name for name in ("auto", "fp32", "bf16")}, type=str)  # engine.PRECISIONS
 
 
-class Precision(str, Enum):
-    """engine.PRECISIONS (here: `--help` must not import torch)."""
+# -- shared options: each declared once, as an Annotated type the commands' signatures use ----
 
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
+IO, BATCH, RUN, CLUSTER = "Input and output", "Batches", "Device and tiling", "Many machines"
+DEVICE_HELP, THREADS_HELP, DEBUG_HELP = ("auto, cpu, cuda, cuda:N or mps.", "CPU threads. Default: the idle cores.",
+                                         "Show tracebacks and debug messages.")
 
-
-class Loss(str, Enum):
-    """The names of psal_cli.tasks.upscale.LOSSES (here: `--help` must not import torch)."""
-
-    l1 = "l1"
-    l2 = "l2"
-
-
-# -- shared options -----------------------------------------------------------------------
-
-IO, BATCH, RUN = "Input and output", "Batches", "Device and tiling"
-
-
-def _opt(*names: str, help: str, panel: str, **kw: Any) -> typer.models.OptionInfo:
-    return typer.Option(*names, help=help, rich_help_panel=panel, **kw)
-
-
-# (name, annotation, default) of the options every image command takes, after its own.
-COMMON: list[tuple[str, Any, Any]] = [
-    ("output", Annotated[str | None, _opt(
-        "--output", "-o", metavar="PATH", panel=IO,
-        help="Output file (one input), folder (several inputs; their relative layout is kept) "
-        "or [bold]-[/] for standard output. Default: beside each input, with --suffix.")], None),
-    ("model", Annotated[Path | None, _opt(
-        "--model", "-m", metavar="FILE", panel=IO,
-        help="Model file (.safetensors). Default: the installed one in weights/ "
-        "(see [bold]psal models[/]).")], None),
-    ("quality", Annotated[int | None, _opt(
-        "--quality", min=1, max=100, panel=IO,
-        help="JPEG/WebP quality, 1-100.  [dim]\\[default: 95][/]")], None),
-    ("recursive", Annotated[bool, _opt(
-        "--recursive", "-r", panel=BATCH, help="Descend into sub-folders of folder inputs.")], False),
-    ("suffix", Annotated[str | None, _opt(
-        "--suffix", panel=BATCH,
-        help="Added to each output file name's stem. Default: none with -o DIR, else _upscaled, _colorized or _inpainted.")],
-     None),
-    ("ext", Annotated[str | None, _opt(
-        "--ext", panel=BATCH, help="Output format for -o DIR or standard output (png, jpg, webp, tif, "
-        "bmp). Default: the input's (PNG for a format psal cannot write).")], None),
-    ("overwrite", Annotated[bool, _opt(
-        "--overwrite", panel=BATCH, help="Replace existing outputs (inputs are never replaced).")],
-     False),
-    ("skip_existing", Annotated[bool, _opt(
-        "--skip-existing", panel=BATCH, help="Skip inputs whose output exists: resumes a batch.")],
-     False),
-    ("shard", Annotated[str | None, _opt(
-        "--shard", metavar="I/N", panel=BATCH,
-        help="Process only the I-th (1..N) of N deterministic slices of the inputs.")], None),
-    ("json_summary", Annotated[bool, _opt(
-        "--json", panel=BATCH,
-        help="Print one JSON summary on standard output (per input: output, seconds, status, error).")],
-     False),
-    ("quiet", Annotated[bool, _opt(
-        "--quiet", "-q", panel=BATCH, help="Print errors only: no progress, no per-file lines.")],
-     False),
-    ("debug", Annotated[bool, _opt(
-        "--debug", panel=BATCH, help="Show tracebacks and debug messages.")], False),
-    ("device", Annotated[str, _opt(
-        "--device", "-d", panel=RUN, help="auto, cpu, cuda, cuda:N or mps.")], "auto"),
-    ("half", Annotated[bool, _opt(
-        "--half", panel=RUN, help="Run the convolutions in float16 on a GPU (patch searches stay float32).")], False),
-    ("precision", Annotated[Precision, _opt(
-        "--precision", panel=RUN, case_sensitive=False,
-        help="The convolutions on the CPU: bf16 (bfloat16, several times faster where the CPU has it natively), "
-        "fp32, or auto: bf16 where native (patch searches stay float32).")], Precision.auto),
-    ("threads", Annotated[int | None, _opt(
-        "--threads", min=1, panel=RUN,
-        help="CPU threads. Default: the cores this process may use, less the machine's load.")], None),
-    ("seed", Annotated[int, _opt(
-        "--seed", panel=RUN,
-        help="Random seed (PSAL's patch search is stochastic): same seed, device and input, "
-        "same output.")], 0),
-    ("tile", Annotated[int | None, _opt(
-        "--tile", min=0, metavar="PIXELS", panel=RUN,
-        help="Tile size for local stages; 0 = whole image.  [dim]\\[default: auto, from memory][/]")],
-     None),
-    ("tile_overlap", Annotated[int | None, _opt(
-        "--tile-overlap", min=0, metavar="PIXELS", panel=RUN,
-        help="Tile overlap.  [dim]\\[default: each stage's receptive field: seamless][/]")], None),
-]
-
-INPUTS = ("inputs", Annotated[list[str], typer.Argument(
+Inputs = Annotated[list[str], typer.Argument(
     metavar="INPUT", show_default=False,
-    help="Image files, folders or glob patterns; [bold]-[/] reads standard input.")])
+    help="Image files, folders or glob patterns; [bold]-[/] reads standard input.")]
+Output = Annotated[str | None, typer.Option(
+    "--output", "-o", metavar="PATH", rich_help_panel=IO,
+    help="Output file (one input), folder (several inputs; their relative layout is kept) "
+    "or [bold]-[/] for standard output. Default: beside each input, with --suffix.")]
+Model = Annotated[Path | None, typer.Option(
+    "--model", "-m", metavar="FILE", rich_help_panel=IO,
+    help="Model file (.safetensors). Default: the installed one in weights/ (see [bold]psal models[/]).")]
+Quality = Annotated[int | None, typer.Option(
+    "--quality", min=1, max=100, rich_help_panel=IO, help="JPEG/WebP quality, 1-100.  [dim]\\[default: 95][/]")]
+Recursive = Annotated[bool, typer.Option(
+    "--recursive", "-r", rich_help_panel=BATCH, help="Descend into sub-folders of folder inputs.")]
+Suffix = Annotated[str | None, typer.Option(
+    "--suffix", rich_help_panel=BATCH,
+    help="Added to each output file name's stem. Default: none with -o DIR, else _upscaled, _colorized or _inpainted.")]
+Ext = Annotated[str | None, typer.Option(
+    "--ext", rich_help_panel=BATCH, help="Output format for -o DIR or standard output (png, jpg, webp, tif, "
+    "bmp). Default: the input's (PNG for a format psal cannot write).")]
+Overwrite = Annotated[bool, typer.Option(
+    "--overwrite", rich_help_panel=BATCH, help="Replace existing outputs (inputs are never replaced).")]
+SkipExisting = Annotated[bool, typer.Option(
+    "--skip-existing", rich_help_panel=BATCH, help="Skip inputs whose output exists: resumes a batch.")]
+Shard = Annotated[str | None, typer.Option(
+    "--shard", metavar="I/N|auto", rich_help_panel=BATCH,
+    help="Process only the I-th (1..N) of N deterministic slices of the inputs. [bold]auto[/]: this task's "
+    "slice of a SLURM job array or Kubernetes Indexed Job (auto/N: of N slices).")]
+JsonSummary = Annotated[bool, typer.Option(
+    "--json", rich_help_panel=BATCH,
+    help="Print one JSON summary on standard output (per input: output, seconds, status, error).")]
+Quiet = Annotated[bool, typer.Option(
+    "--quiet", "-q", rich_help_panel=BATCH, help="Print errors only: no progress, no per-file lines.")]
+Debug = Annotated[bool, typer.Option("--debug", rich_help_panel=BATCH, help=DEBUG_HELP)]
+Device = Annotated[str, typer.Option("--device", "-d", rich_help_panel=RUN, help=DEVICE_HELP)]
+Half = Annotated[bool, typer.Option(
+    "--half", rich_help_panel=RUN, help="Run the convolutions in float16 on a GPU (patch searches stay float32).")]
+Threads = Annotated[int | None, typer.Option("--threads", min=1, rich_help_panel=RUN, help=THREADS_HELP)]
+PRECISION_HELP = ("The convolutions on the CPU: bf16 (bfloat16, several times faster where the CPU has it "
+                  "natively), fp32, or auto: bf16 where native (patch searches stay float32).")
+PrecisionOption = Annotated[Precision, typer.Option(
+    "--precision", case_sensitive=False, rich_help_panel=RUN, help=PRECISION_HELP)]
+Seed = Annotated[int, typer.Option(
+    "--seed", rich_help_panel=RUN,
+    help="Random seed (PSAL's patch search is stochastic): same seed, device and input, same output.")]
+Tile = Annotated[int | None, typer.Option(
+    "--tile", min=0, metavar="PIXELS", rich_help_panel=RUN,
+    help="Tile size for local stages; 0 = whole image.  [dim]\\[default: auto, from memory][/]")]
+TileOverlap = Annotated[int | None, typer.Option(
+    "--tile-overlap", min=0, metavar="PIXELS", rich_help_panel=RUN,
+    help="Tile overlap.  [dim]\\[default: each stage's receptive field: seamless][/]")]
+Ray = Annotated[bool, typer.Option(
+    "--ray", rich_help_panel=CLUSTER,
+    help="Run the batch on a Ray cluster: the one RAY_ADDRESS names (as [bold]ray job submit[/] sets it), "
+    "else a local one started for the run. Needs [bold]pip install \"psal-cli\\[ray]\"[/].")]
+RayAddress = Annotated[str | None, typer.Option(
+    "--ray-address", metavar="ADDRESS", rich_help_panel=CLUSTER,
+    help="--ray on this cluster: [bold]auto[/] (the one running on this machine), HOST:PORT or "
+    "ray://HOST:PORT.")]
+Workers = Annotated[int | None, typer.Option(
+    "--workers", min=1, metavar="N", rich_help_panel=CLUSTER,
+    help="Ray workers, each loading the model once, with one CPU (one GPU with --device cuda). "
+    "[dim]\\[default: the cluster's CPUs (GPUs)][/]")]
 
 
 @dataclass
 class Common:
-    """The parsed shared options."""
+    """The options every image command takes (the parameters of the same names)."""
 
     inputs: list[str]
     output: str | None
@@ -168,10 +144,18 @@ class Common:
     seed: int
     tile: int | None
     tile_overlap: int | None
+    ray: bool
+    ray_address: str | None
+    workers: int | None
+
+    @classmethod
+    def of(cls, arguments: dict[str, Any]) -> Common:
+        """The shared options among a command's arguments (its `locals()`)."""
+        return cls(**{f.name: arguments[f.name] for f in fields(cls)})
 
 
 @dataclass
-class Session:
+class Invocation:
     """What a command's body gets: the options, and how to load its model and report tiles."""
 
     task: str
@@ -207,33 +191,6 @@ def _usage(message: str) -> Exception:
     return UsageError(message)
 
 
-def batch_command(task: str, help_examples: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register `fn` as the `task` command, with INPUT... first and COMMON options after its own.
-
-    `fn(session, **own_options)` checks its options, loads its model and returns the
-    per-image function `(item, image) -> image`; everything else is shared.
-    """
-
-    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)  # drop `session`
-               for p in list(inspect.signature(fn, eval_str=True).parameters.values())[1:]]
-        kw = inspect.Parameter.KEYWORD_ONLY
-        params = ([inspect.Parameter(INPUTS[0], kw, annotation=INPUTS[1])] + own
-                  + [inspect.Parameter(n, kw, default=d, annotation=a) for n, a, d in COMMON])
-
-        def command(**kwargs: Any) -> None:
-            common = Common(**{n: kwargs.pop(n) for n in ["inputs"] + [c[0] for c in COMMON]})
-            raise typer.Exit(_run(task, common, lambda session: fn(session, **kwargs)))
-
-        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        command.__doc__ = f"{inspect.getdoc(fn)}\n\n{help_examples}"
-        app.command(task)(command)
-        return fn
-
-    return register
-
-
 # -- the shared pipeline ------------------------------------------------------------------
 
 
@@ -256,7 +213,7 @@ def _message(e: Exception) -> str:
     return f"internal error: {type(e).__name__}: {e} (run with --debug for details)"
 
 
-def _run(task: str, c: Common, body: Callable[[Session], Callable[..., Any]]) -> int:
+def _run(task: str, c: Common, body: Callable[[Invocation], Callable[..., Any]]) -> int:
     """Run the batch and report: per-file lines, JSON summary; returns the exit status."""
     _setup_logging(c.quiet, c.debug)
     from psal_cli.batch import UsageError
@@ -285,7 +242,7 @@ def _run(task: str, c: Common, body: Callable[[Session], Callable[..., Any]]) ->
     return code
 
 
-def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
+def _batch(task: str, c: Common, body: Callable[[Invocation], Callable[..., Any]],
            results: list[Any]) -> None:
     """Plan the outputs, load the model, process every input; appends to `results` as it goes."""
     from psal_cli import batch
@@ -297,9 +254,13 @@ def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
     items = batch.plan_outputs(items, c.output, batch=batch.is_batch(c.inputs), suffix=c.suffix,
                                ext=c.ext, default_suffix=f"_{task.removesuffix('e')}ed")
     items = batch.shard(items, c.shard)
-    if any(i.output is None for i in items) and click.get_binary_stream("stdout").isatty():
+    if c.ray or c.ray_address:
+        return _ray_batch(task, c, body, items, results)
+    if c.workers is not None:
+        raise batch.UsageError("--workers is the number of Ray workers: give --ray too")
+    if any(i.output is None for i in items) and _binary(sys.stdout).isatty():
         raise batch.UsageError("refusing to write an image to the terminal; give -o FILE")
-    if any(i.source is None for i in items) and click.get_binary_stream("stdin").isatty():
+    if any(i.source is None for i in items) and _binary(sys.stdin).isatty():
         raise batch.UsageError("- reads an image from standard input, but it is a terminal; pipe one in")
     try:
         device = resolve_device(c.device)
@@ -314,15 +275,43 @@ def _batch(task: str, c: Common, body: Callable[[Session], Callable[..., Any]],
                       precision=c.precision.value, seed=c.seed)
     # --ext names every output that goes to standard output (-o -, or - in without -o).
     stdout_format = batch.FORMATS[batch.normalise_ext(c.ext)] if c.ext else None
-    with Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
-        process = body(Session(task, c, options, reporter.tile))
+    from psal_cli.imageio import large_images
+
+    with large_images(), Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
+        process = body(Invocation(task, c, options, reporter.tile))
         for result in batch.run_batch(
-                items, process, stdin=click.get_binary_stream("stdin"),
-                stdout=click.get_binary_stream("stdout"), quality=c.quality,
+                items, process, stdin=_binary(sys.stdin),
+                stdout=_binary(sys.stdout), quality=c.quality,
                 overwrite=c.overwrite, skip_existing=c.skip_existing,
                 stdout_format=stdout_format, debug=c.debug):
             reporter.done(result)
             results.append(result)
+
+
+def _ray_batch(task: str, c: Common, body: Callable[[Invocation], Callable[..., Any]], items: list[Any],
+               results: list[Any]) -> None:
+    """`_batch` on a Ray cluster: the model is loaded here, once, and shipped to the workers
+    (which need no weights of their own); results are reported as they come, then listed
+    in input order."""
+    from psal_cli import ray
+    from psal_cli.engine import Options
+
+    options = Options(device=c.device, tile=c.tile, tile_overlap=c.tile_overlap, half=c.half,
+                      precision=c.precision.value, seed=c.seed)
+    edit = body(Invocation(task, c, options, on_tile=None))
+    order = {item.name: k for k, item in enumerate(items)}
+    with Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
+        for result in ray.run_batch(items, edit, address=c.ray_address, workers=c.workers,
+                                    gpus=c.device.startswith("cuda"), quality=c.quality, overwrite=c.overwrite,
+                                    skip_existing=c.skip_existing, threads=c.threads):
+            reporter.done(result)
+            results.append(result)
+    results.sort(key=lambda r: order[r.input])
+
+
+def _binary(stream: Any) -> Any:
+    """The byte stream under a text stream (images are bytes); test runners may pass a byte stream."""
+    return getattr(stream, "buffer", stream)
 
 
 class Reporter:
@@ -369,16 +358,14 @@ class Reporter:
 # -- commands -----------------------------------------------------------------------------
 
 
-@batch_command("inpaint", """[bold]Examples[/]
+# Each command checks its own options and loads its model in `body`, which returns the
+# per-image function `(item, image) -> image`; `_run` does everything else.
 
-  psal inpaint photo.png --mask hole.png -o filled.png
 
-  psal inpaint photos/ --mask masks/ --dilate 4 -o filled/   [dim](masks matched by file name)[/]
-
-  psal inpaint cutout.png --mask-from-alpha -o filled.png""")
+@app.command("inpaint")
 def inpaint(
-    session: Session,
-    mask: Annotated[Path | None, typer.Option(
+    inputs: Inputs,
+    mask: Annotated[str | None, typer.Option(
         "--mask", "-M", metavar="FILE|DIR",
         help="Mask image, non-zero = hole: one for all inputs, or a folder matched by file stem.")] = None,
     invert_mask: Annotated[bool, typer.Option(
@@ -387,73 +374,106 @@ def inpaint(
         "--mask-from-alpha", help="The hole is the input's transparent (alpha < max) pixels.")] = False,
     dilate: Annotated[int, typer.Option(
         "--dilate", min=0, metavar="PIXELS", help="Grow the hole by this many pixels.")] = 0,
-) -> Callable[..., Any]:
-    """Fill the holes a mask marks; known pixels are kept exactly."""
-    from psal_cli import batch, edit
+    output: Output = None, model: Model = None, quality: Quality = None, recursive: Recursive = False,
+    suffix: Suffix = None, ext: Ext = None, overwrite: Overwrite = False, skip_existing: SkipExisting = False,
+    shard: Shard = None, json_summary: JsonSummary = False, quiet: Quiet = False, debug: Debug = False,
+    device: Device = "auto", half: Half = False, precision: PrecisionOption = Precision.auto, threads: Threads = None, seed: Seed = 0, tile: Tile = None,
+    tile_overlap: TileOverlap = None, ray: Ray = False,
+    ray_address: RayAddress = None, workers: Workers = None,
+) -> None:
+    """Fill the holes a mask marks; known pixels are kept exactly.
 
-    if (mask is None) == (not mask_from_alpha):
-        raise _usage("give either --mask FILE|DIR or --mask-from-alpha")
-    masks = batch.Companions(mask, "mask") if mask else None
+    [bold]Examples[/]
 
-    model = session.load_model()
+      psal inpaint photo.png --mask hole.png -o filled.png
 
-    def process(item: Any, image: Any) -> Any:
-        try:
-            hole = edit.hole_mask(image, masks.for_item(item) if masks else None, invert=invert_mask,
-                                  from_alpha=mask_from_alpha, dilate=dilate)
-        except ValueError as e:
-            if mask_from_alpha:  # the library's message, with the option it comes from
-                raise ValueError(f"--mask-from-alpha: {e}") from None
-            raise
-        return edit.inpaint(model, image, hole, session.options, session.on_tile)
+      psal inpaint photos/ --mask masks/ --dilate 4 -o filled/   [dim](masks matched by file name)[/]
 
-    return process
+      psal inpaint cutout.png --mask-from-alpha -o filled.png
+    """
+    common = Common.of(locals())
+
+    def body(call: Invocation) -> Callable[..., Any]:
+        from psal_cli import batch, edit
+
+        if (mask is None) == (not mask_from_alpha):
+            raise _usage("give either --mask FILE|DIR or --mask-from-alpha")
+        masks = batch.Companions(mask, "mask") if mask else None
+        return edit.Inpainter(call.load_model(), call.options, masks, invert_mask, dilate, call.on_tile)
+
+    raise typer.Exit(_run("inpaint", common, body))
 
 
-@batch_command("colorize", """[bold]Examples[/]
-
-  psal colorize gray.png --reference colour.jpg -o out.png
-
-  psal colorize scans/ --reference refs/ -o coloured/   [dim](refs matched by file name)[/]""")
+@app.command("colorize")
 def colorize(
-    session: Session,
-    reference: Annotated[Path, typer.Option(
+    inputs: Inputs,
+    reference: Annotated[str, typer.Option(
         "--reference", "-R", metavar="FILE|DIR", show_default=False,
         help="Colour reference: one image for all inputs, or a folder matched by file stem.")],
-) -> Callable[..., Any]:
-    """Colour gray images after a colour reference; colour inputs are reduced to gray first."""
-    from psal_cli import batch, edit
+    output: Output = None, model: Model = None, quality: Quality = None, recursive: Recursive = False,
+    suffix: Suffix = None, ext: Ext = None, overwrite: Overwrite = False, skip_existing: SkipExisting = False,
+    shard: Shard = None, json_summary: JsonSummary = False, quiet: Quiet = False, debug: Debug = False,
+    device: Device = "auto", half: Half = False, precision: PrecisionOption = Precision.auto, threads: Threads = None, seed: Seed = 0, tile: Tile = None,
+    tile_overlap: TileOverlap = None, ray: Ray = False,
+    ray_address: RayAddress = None, workers: Workers = None,
+) -> None:
+    """Colour gray images after a colour reference; colour inputs are reduced to gray first.
 
-    refs = batch.Companions(reference, "reference")
-    model = session.load_model()
-    return lambda item, image: edit.colorize(model, image, refs.for_item(item), session.options,
-                                             session.on_tile)
+    [bold]Examples[/]
+
+      psal colorize gray.png --reference colour.jpg -o out.png
+
+      psal colorize scans/ --reference refs/ -o coloured/   [dim](refs matched by file name)[/]
+    """
+    common = Common.of(locals())
+
+    def body(call: Invocation) -> Callable[..., Any]:
+        from psal_cli import batch, edit
+
+        refs = batch.Companions(reference, "reference")
+        return edit.Colorizer(call.load_model(), call.options, refs, call.on_tile)
+
+    raise typer.Exit(_run("colorize", common, body))
 
 
-@batch_command("upscale", """[bold]Examples[/]
-
-  psal upscale photo.jpg --scale 4 -o photo_x4.png
-
-  psal upscale photos/ -r -o big/ --ext webp --quality 90
-
-  cat small.png | psal upscale - -o - > big.png""")
+@app.command("upscale")
 def upscale(
-    session: Session,
+    inputs: Inputs,
     scale: Annotated[int | None, typer.Option(
         "--scale", "-s", min=2, max=4, help="Enlargement factor; picks weights/upscale-x<scale>.safetensors. "
         "[dim]\\[default: 4, or the --model's][/]")] = None,
     ensemble: Annotated[bool, typer.Option(
         "--ensemble", help="Average 8 flipped/rotated runs (self-ensemble): a little more accurate, 8× slower.")] = False,
-) -> Callable[..., Any]:
-    """Enlarge images by 2, 3 or 4; alpha is enlarged alongside."""
-    from psal_cli import edit
+    output: Output = None, model: Model = None, quality: Quality = None, recursive: Recursive = False,
+    suffix: Suffix = None, ext: Ext = None, overwrite: Overwrite = False, skip_existing: SkipExisting = False,
+    shard: Shard = None, json_summary: JsonSummary = False, quiet: Quiet = False, debug: Debug = False,
+    device: Device = "auto", half: Half = False, precision: PrecisionOption = Precision.auto, threads: Threads = None, seed: Seed = 0, tile: Tile = None,
+    tile_overlap: TileOverlap = None, ray: Ray = False,
+    ray_address: RayAddress = None, workers: Workers = None,
+) -> None:
+    """Enlarge images by 2, 3 or 4; alpha is enlarged alongside.
 
-    if ensemble:
-        session.options.views = 8
-    model = session.load_model(scale=scale or 4)  # the scale picks the default file only
-    if scale and model.config.scale != scale:
-        raise _usage(f"--scale {scale}, but {session.common.model} is a ×{model.config.scale} model")
-    return lambda item, image: edit.upscale(model, image, session.options, session.on_tile)
+    [bold]Examples[/]
+
+      psal upscale photo.jpg --scale 4 -o photo_x4.png
+
+      psal upscale photos/ -r -o big/ --ext webp --quality 90
+
+      cat small.png | psal upscale - -o - > big.png
+    """
+    common = Common.of(locals())
+
+    def body(call: Invocation) -> Callable[..., Any]:
+        from psal_cli import edit
+
+        if ensemble:
+            call.options.views = 8
+        model = call.load_model(scale=scale or 4)  # the scale picks the default file only
+        if scale and model.config.scale != scale:
+            raise _usage(f"--scale {scale}, but {call.common.model} is a ×{model.config.scale} model")
+        return edit.Upscaler(model, call.options, call.on_tile)
+
+    raise typer.Exit(_run("upscale", common, body))
 
 
 @app.command()
@@ -467,36 +487,42 @@ def models(
 
     A damaged or foreign file is listed with its problem (exit status 1).
     """
-    from psal_cli.modelfile import ModelFileError, default_model_path, read_info, weights_dir
+    from psal_cli.modelfile import ModelFileError, default_model_path, read_info, weights_dir, weights_source
 
-    wdir = weights_dir()
-    paths = sorted(wdir.glob("*.safetensors")) if wdir.is_dir() else []
-    paths += [p for p in files or [] if p not in paths]
+    wdir, source = weights_dir(), weights_source()
+    installed = sorted(wdir.glob("*.safetensors")) if wdir.is_dir() else []
+    paths = installed + [p for p in files or [] if p not in installed]
     rows, bad = [], 0
     for path in paths:
+        found = source if path in installed else "given"  # where the file was found
         try:
             info = read_info(path)
-            rows.append({"file": str(path), "architecture": info.architecture, "task": info.task,
-                         "scale": info.scale, "parameters": info.parameters, "size": info.size,
-                         "metrics": info.metrics, "training": info.training, "error": None})
+            rows.append({"file": str(path), "found": found, "architecture": info.architecture,
+                         "task": info.task, "scale": info.scale, "parameters": info.parameters,
+                         "size": info.size, "metrics": info.metrics, "training": info.training,
+                         "error": None})
         except ModelFileError as e:
             bad += 1
-            rows.append({"file": str(path), "error": e.problem})
+            rows.append({"file": str(path), "found": found, "error": e.problem})
     defaults = [default_model_path(t.value, s) for t in Task for s in ((2, 3, 4) if t == Task.upscale else (None,))]
     missing = [str(p) for p in defaults if not p.exists()]
     if json_summary:
-        typer.echo(json.dumps({"models": rows, "not_installed": missing}, indent=2))
+        typer.echo(json.dumps({"weights": str(wdir), "found": source, "models": rows,
+                               "not_installed": missing}, indent=2))
     else:
-        _print_models(rows, missing, wdir)
+        _print_models(rows, missing, wdir, source)
     raise typer.Exit(1 if bad else 0)
 
+
+_SOURCES = {"$PSAL_WEIGHTS": "$PSAL_WEIGHTS", "package": "the installed package",
+            "checkout": "the source checkout"}
 
 # The classical methods `psal eval` measures beside each model (psal_cli/tasks): their
 # figures stay in the file and in `psal models --json`, out of the table.
 _BASELINES = ("bicubic", "lanczos", "mean", "telea", "reinhard", "nearest")
 
 
-def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path) -> None:
+def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path, source: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -506,7 +532,7 @@ def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path) ->
 
     good = [r for r in rows if not r["error"]]
     table = Table(box=None, header_style="bold", title_justify="left",
-                  title=f"[bold]models[/] (installed ones in {wdir})")
+                  title=f"[bold]models[/] (installed ones in {wdir}, found by {_SOURCES[source]})")
     table.add_column("model", overflow="fold")
     for column in ("architecture", "task", "scale", "params", "size"):
         table.add_column(column, no_wrap=True)
@@ -570,7 +596,7 @@ def _task_call(task: Task, function: str, given: dict[str, Any]) -> Any:
         if name not in accepted:
             raise typer.BadParameter(f"does not apply to {task.value}",
                                      param_hint=f"--{name.replace('_', '-')}")
-    return fn(**given, **({"log": log.info} if "log" in accepted else {}))
+    return fn(**given)
 
 
 @contextmanager
@@ -581,7 +607,7 @@ def _reported(debug: bool) -> Iterator[None]:
     except KeyboardInterrupt:
         log.error("interrupted")
         raise typer.Exit(130) from None
-    except (typer.TyperException, typer.Exit, typer.Abort):
+    except (typer.BadParameter, typer.Exit, typer.Abort):
         raise  # usage errors (BadParameter) and exit statuses: Typer reports them
     except Exception as e:  # noqa: BLE001 - a user never sees a traceback without --debug
         if debug:
@@ -649,8 +675,8 @@ def train(
     lr: Annotated[float | None, typer.Option("--lr", min=0, help="Peak learning rate.")] = None,
     loss: Annotated[Loss | None, typer.Option(
         "--loss", help="upscale: l1 (default) or l2, the squared error PSNR measures (a last fine-tune).")] = None,
-    device: Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads. Default: the idle cores.")] = None,
+    device: Annotated[str, typer.Option("--device", "-d", help=DEVICE_HELP)] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help=THREADS_HELP)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     attention: Annotated[bool | None, typer.Option(
         "--attention/--no-attention", help="upscale: --no-attention trains the ablation without the PSAL block.")] = None,
@@ -667,7 +693,7 @@ def train(
     colors: Annotated[bool, typer.Option(
         "--shuffle-colors", help="upscale: permute each crop's RGB channels at random (more variety).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug messages.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
 ) -> None:
     """Train a network on a folder of photos and write its model file.
 
@@ -714,15 +740,16 @@ def evaluate(
         "--nearest/--no-nearest", help="colorize: also measure the exhaustive nearest-patch baseline (slow).")] = None,
     ensemble: Annotated[bool | None, typer.Option(
         "--ensemble", help="upscale: mean over 8 flipped/rotated views, as `psal upscale --ensemble`.")] = None,
-    device: Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Annotated[str, typer.Option("--device", "-d", help=DEVICE_HELP)] = "auto",
     precision: Annotated[Precision, typer.Option(
-        "--precision", case_sensitive=False, help="The convolutions on the CPU, as the image commands' --precision.")] = Precision.auto,
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads. Default: the idle cores.")] = None,
+        "--precision", case_sensitive=False, help="The convolutions on the CPU, as the image commands' --precision.")
+    ] = Precision.auto,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help=THREADS_HELP)] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     json_report: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
     save_metrics: Annotated[bool, typer.Option(
         "--save-metrics", help="Record the mean figures in the model file (shown by psal models).")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug messages.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
 ) -> None:
     """Measure a model with the task's published protocol, beside classical baselines.
 
@@ -752,14 +779,12 @@ def evaluate(
     with _reported(debug):
         from psal_cli.engine import autocast, resolve_device
 
-        with autocast(resolve_device(given["device"] or "auto"), precision.value):
+        with autocast(resolve_device(given["device"]), precision.value):
             report = _task_call(task, "evaluate", given)
         module = sys.modules[f"psal_cli.tasks.{task.value}"]
-        typer.echo(json.dumps(report, indent=2, default=str) if json_report else module.format_report(report))
+        typer.echo(json.dumps(asdict(report), indent=2, default=str) if json_report else module.format_report(report))
         if save_metrics:  # kept per data set, beside what the file already records
-            figures = (module.metrics_for_file(report) if hasattr(module, "metrics_for_file")
-                       else report["mean"])
-            write_metrics(model, {**read_info(model).metrics, data.name: figures})
+            write_metrics(model, {**read_info(model).metrics, data.name: module.metrics_for_file(report)})
             log.info("metrics on %s recorded in %s", data.name, model)
 
 

@@ -13,13 +13,15 @@ back gray, 16-bit stays 16-bit, ICC profile and EXIF are carried over.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from psal_cli.engine import OnTile, Options, run_network
+from psal_cli.engine import OnTile, Options, check_memory, run_network
 from psal_cli.color import rgb_to_luma
 from psal_cli.imageio import from_tensor, is_gray, to_rgb, to_tensor
 
@@ -41,10 +43,36 @@ def check_size(model: nn.Module, image: Image.Image, input_name: str = "image", 
     raise ValueError(f"{what} too small ({w}×{h} px): {model.architecture} needs at least {side}×{side}")
 
 
+# An edit's peak memory beyond the loaded network, in bytes per input pixel, from the
+# resident-memory slopes benchmarks/memory.py measures on the whole command (reading,
+# the network's full-resolution maps and search tables, writing), with a margin for
+# photo-to-photo variation. Upscaling grows with the output: a + b·scale².
+_MARGIN = 1.3
+
+
+def memory_needed(model: nn.Module, image: Image.Image, reference: Image.Image | None = None) -> int:
+    """Bytes an edit of `image` (with `reference`, for colorize) needs beyond the loaded model."""
+    pixels = image.width * image.height
+    task = getattr(model, "task", None)
+    if task == "upscale":
+        need = (400 + 40 * model.config.scale**2) * pixels
+    elif task == "colorize":
+        need = 250 * pixels + 250 * (reference.width * reference.height if reference else 0)
+    else:
+        need = 300 * pixels
+    return int(_MARGIN * need)
+
+
+def ensure_memory(model: nn.Module, image: Image.Image, reference: Image.Image | None = None) -> None:
+    """engine.NotEnoughMemory (a ValueError: one line) before an edit that would not fit in memory."""
+    check_memory(memory_needed(model, image, reference), f"{image.width}×{image.height} px")
+
+
 def upscale(model: nn.Module, image: Image.Image, options: Options | None = None,
             on_tile: OnTile | None = None) -> Image.Image:
     """Enlarge by the model's scale; alpha is resized bicubically to the same size."""
     check_size(model, image)
+    ensure_memory(model, image)
     color, alpha = to_tensor(image)
     out = run_network(model, {"image": to_rgb(color)}, options or Options(), on_tile)
     if is_gray(image):
@@ -59,6 +87,7 @@ def colorize(model: nn.Module, image: Image.Image, reference: Image.Image,
     """Colour a gray image after a colour reference; a colour input is reduced to luminance first."""
     check_size(model, image, "gray")
     check_size(model, reference, "reference", "reference")
+    ensure_memory(model, image, reference)
     color, alpha = to_tensor(image)
     gray = color if color.shape[1] == 1 else rgb_to_luma(color)
     ref = to_rgb(to_tensor(reference)[0])
@@ -104,6 +133,7 @@ def inpaint(model: nn.Module, image: Image.Image, hole: Tensor, options: Options
     pixel is an error, since there is nothing to fill it from.
     """
     check_size(model, image)
+    ensure_memory(model, image)
     color, alpha = to_tensor(image)
     if hole.shape[-2:] != color.shape[-2:]:
         raise ValueError(f"hole is {hole.shape[-1]}x{hole.shape[-2]}, the image {image.width}x{image.height}")
@@ -121,3 +151,58 @@ def inpaint(model: nn.Module, image: Image.Image, hole: Tensor, options: Options
     if alpha is not None:
         alpha = torch.where(filled, 1.0, alpha)  # filled pixels are opaque
     return from_tensor(out, alpha, like=image)
+
+
+# -- the edits as a batch's per-file step ----------------------------------------------------
+# `(item, image) -> image` callables, which run_batch (psal_cli.batch) and the Ray actors
+# (psal_cli.ray) call for each file. Plain data (a model, options, companions): they
+# pickle, so a Ray driver can hand one, model inside, to every worker.
+
+
+class Companions(Protocol):
+    """The mask or reference of each batch item (psal_cli.batch.Companions)."""
+
+    def for_item(self, item: Any) -> Image.Image: ...
+
+
+@dataclass
+class Upscaler:
+    model: nn.Module
+    options: Options
+    on_tile: OnTile | None = None
+
+    def __call__(self, item: Any, image: Image.Image) -> Image.Image:
+        return upscale(self.model, image, self.options, self.on_tile)
+
+
+@dataclass
+class Colorizer:
+    model: nn.Module
+    options: Options
+    references: Companions
+    on_tile: OnTile | None = None
+
+    def __call__(self, item: Any, image: Image.Image) -> Image.Image:
+        return colorize(self.model, image, self.references.for_item(item), self.options, self.on_tile)
+
+
+@dataclass
+class Inpainter:
+    model: nn.Module
+    options: Options
+    masks: Companions | None  # None: the hole is the image's transparency
+    invert: bool = False
+    dilate: int = 0
+    on_tile: OnTile | None = None
+
+    def __call__(self, item: Any, image: Image.Image) -> Image.Image:
+        from_alpha = self.masks is None
+        ensure_memory(self.model, image)  # before the full-size mask is built
+        try:
+            hole = hole_mask(image, None if from_alpha else self.masks.for_item(item), invert=self.invert,
+                             from_alpha=from_alpha, dilate=self.dilate)
+        except ValueError as e:
+            if from_alpha:  # the library's message, with the option it comes from
+                raise ValueError(f"--mask-from-alpha: {e}") from None
+            raise
+        return inpaint(self.model, image, hole, self.options, self.on_tile)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from fractions import Fraction
@@ -99,6 +100,95 @@ def autocast(device: torch.device, precision: str) -> ContextManager:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+class NotEnoughMemory(ValueError):
+    """An image whose edit would need more memory than this process may use (one line)."""
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate, or None where that cannot be read.
+
+    The least of: the machine's available memory, the headroom of this process's cgroup
+    (containers, batch schedulers), and of its own address-space and data limits
+    (`ulimit -v`, `resource.setrlimit`).
+    """
+    limits = []
+    meminfo = _read_kb("/proc/meminfo", "MemAvailable:")
+    if meminfo is not None:
+        limits.append(meminfo)
+    limits += _cgroup_headroom()
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        resource = None
+    if resource is not None:
+        for limit, used in ((resource.RLIMIT_AS, "VmSize:"), (resource.RLIMIT_DATA, "VmData:")):
+            soft = resource.getrlimit(limit)[0]
+            current = _read_kb("/proc/self/status", used)
+            if soft != resource.RLIM_INFINITY and current is not None:
+                limits.append(soft - current)
+    if not limits:
+        try:  # other Unix systems
+            limits.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):
+            return None
+    return max(0, min(limits))
+
+
+def _read_kb(path: str, key: str) -> int | None:
+    """A `key: N kB` line of a /proc file, in bytes."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_headroom() -> list[int]:
+    """Limit minus usage of this process's memory cgroup (v2, else v1), where limited."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            entries = [line.strip().split(":", 2) for line in f]
+    except OSError:
+        return []
+    found = []
+    for _, controllers, path in entries:
+        if controllers == "":  # v2
+            base = f"/sys/fs/cgroup{path}"
+            files = (f"{base}/memory.max", f"{base}/memory.current")
+        elif "memory" in controllers.split(","):
+            base = f"/sys/fs/cgroup/memory{path}"
+            files = (f"{base}/memory.limit_in_bytes", f"{base}/memory.usage_in_bytes")
+        else:
+            continue
+        try:
+            with open(files[0]) as f:
+                limit = f.read().strip()
+            with open(files[1]) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's huge "unlimited"
+            found.append(int(limit) - usage)
+    return found
+
+
+def check_memory(need: int, what: str) -> None:
+    """NotEnoughMemory naming `what`, the memory it needs and what is available, if it does not fit."""
+    available = available_memory()
+    log.debug("%s: needs about %s, %s available", what, _size(need),
+              "unknown" if available is None else _size(available))
+    if available is not None and need > available:
+        raise NotEnoughMemory(f"{what} needs about {_size(need)} of memory, "
+                              f"{_size(available)} is available")
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
 def auto_tile(device: torch.device) -> int:
     """A tile side that keeps one tile's activations well inside the device's free memory."""
     if device.type == "cuda":
@@ -125,12 +215,18 @@ class Tiled:
         on_tile: OnTile | None = None,
         storage: torch.device = torch.device("cpu"),
         precision: str = "fp32",
+        generator: torch.Generator | None = None,
     ) -> None:
         self.device, self.tile, self.overlap, self.on_tile, self.storage = device, tile, overlap, on_tile, storage
+        self.generator = generator
         self.half = half and device.type in ("cuda", "mps")
         self.dtype = torch.float16 if self.half else resolve_precision(precision, device)
-        # Channels-last on the CPU: its convolutions run faster so, and PSAL gathers pixel rows.
-        self.layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        self.layout = self.layout_for(device)
+
+    @staticmethod
+    def layout_for(device: torch.device) -> torch.memory_format:
+        """Channels-last on the CPU: its convolutions run faster so, and PSAL gathers pixel rows."""
+        return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
     def _precision(self) -> ContextManager:
         if self.dtype is not None:
@@ -191,8 +287,9 @@ def run_network(
 ) -> Tensor:
     """Run `model.run` on host-memory inputs with tiling; returns the output on the CPU, float32.
 
-    The same seed, device and inputs give the same output (PSAL's random search draws
-    from the global generator, seeded here for every call). With `options.views` > 1 the
+    The same seed, device and inputs give the same output: each view's patch searches
+    draw from a generator of their own, seeded with `options.seed` (torch's global
+    generator is left alone). With `options.views` > 1 the
     output is the mean over that many mirrored/transposed copies of the inputs, each
     brought back (EDSR's self-ensemble): a network's errors differ between views and
     partly cancel, for `views`× the time. Only for networks whose output should follow
@@ -208,12 +305,13 @@ def run_network(
         raise ValueError(f"tile must be >= 0 (0 = whole image), got {tile}")
     if options.views not in (1, 2, 4, 8):  # the first 2 and 4 views are mirror images, 8 adds transposes
         raise ValueError(f"views must be 1, 2, 4 or 8, got {options.views}")
-    executor = Tiled(device, tile, options.tile_overlap, options.half, on_tile, precision=options.precision)
-    model = model.to(device, memory_format=executor.layout).eval()
+    model = model.to(device, memory_format=Tiled.layout_for(device)).eval()
     total = None
     with torch.inference_mode():
         for which in range(options.views):
-            torch.manual_seed(options.seed)
+            generator = torch.Generator().manual_seed(options.seed)
+            executor = Tiled(device, tile, options.tile_overlap, options.half, on_tile, generator=generator,
+                             precision=options.precision)
             out = model.run(executor, **{name: view(x.float().cpu(), which) for name, x in inputs.items()})
             out = view(out.float().cpu(), which, undo=True)
             total = out if total is None else total.add_(out)

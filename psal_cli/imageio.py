@@ -14,6 +14,8 @@ import io
 import logging
 import os
 from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import BinaryIO
 
 import numpy as np
@@ -22,11 +24,24 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from psal_cli.files import WriteError, atomic_write
+from psal_cli.storage import Remote
 
 log = logging.getLogger("psal")
 # Against decompression bombs Pillow warns above MAX_IMAGE_PIXELS (89 Mpixel) and refuses
 # above twice that. psal is for large photos: warn above 0.5 Gpixel, refuse above 1 Gpixel.
-Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, 2**29)
+LARGE_IMAGE_PIXELS = 2**29
+
+
+@contextmanager
+def large_images() -> Iterator[None]:
+    """Pillow's decompression-bomb limit raised to `LARGE_IMAGE_PIXELS` while the block runs
+    (Pillow keeps it process-wide: the `psal` commands raise it for their own run)."""
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(before or 0, LARGE_IMAGE_PIXELS)
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
 
 # Format name (Pillow's) for each extension we read and write.
 FORMATS = {
@@ -61,13 +76,19 @@ def format_for(path: str | Path) -> str:
 # -- reading ----------------------------------------------------------------------------
 
 
-def read_image(source: str | Path | BinaryIO | bytes, name: str | None = None) -> Image.Image:
-    """Open an image (path, bytes or binary stream), apply its EXIF orientation, load it.
+def read_image(source: str | Path | Remote | BinaryIO | bytes, name: str | None = None) -> Image.Image:
+    """Open an image (path, object in storage, bytes or binary stream), apply its EXIF
+    orientation, load it.
 
     The result is in one of the modes L, LA, I;16, RGB, RGBA; its `info` keeps the ICC
     profile and EXIF (orientation removed, since it has been applied).
     """
-    name = name or (str(source) if isinstance(source, (str, Path)) else "<stdin>")
+    name = name or (str(source) if isinstance(source, (str, Path, Remote)) else "<stdin>")
+    if isinstance(source, Remote):
+        try:
+            source = source.read_bytes()
+        except FileNotFoundError:
+            raise ImageError(f"{name}: no such file") from None
     empty = source == b"" or isinstance(source, (str, Path)) and os.path.isfile(source) and not os.path.getsize(source)
     if empty:
         raise ImageError(f"{name}: empty, no image in it")
@@ -232,16 +253,17 @@ def encode_image(img: Image.Image, fmt: str, *, quality: int | None = None, name
 
 def write_image(
     img: Image.Image,
-    path: str | Path,
+    path: str | Path | Remote,
     *,
     quality: int | None = None,
     overwrite: bool = False,
-) -> Path:
+) -> Path | Remote:
     """Write atomically; the format follows the extension; `quality` (1-100) for JPEG/WebP."""
-    path = Path(path)
-    data = encode_image(img, format_for(path), quality=quality, name=str(path))
+    path = path if isinstance(path, Remote) else Path(path)
+    data = encode_image(img, format_for(str(path)), quality=quality, name=str(path))
     try:
-        with atomic_write(path, overwrite=overwrite) as f:
+        with (path.atomic_write(overwrite=overwrite) if isinstance(path, Remote)
+              else atomic_write(path, overwrite=overwrite)) as f:
             f.write(data)
     except WriteError as e:
         raise ImageError(str(e)) from None

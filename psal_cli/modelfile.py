@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
@@ -39,9 +38,6 @@ from psal_cli.networks import create_model, model_config
 FORMAT = "psal-model"
 FORMAT_VERSION = "1"
 TASKS = ("upscale", "colorize", "inpaint")
-_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header size
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class ModelFileError(ValueError):
@@ -74,9 +70,28 @@ class ModelInfo:
 
 
 def weights_dir() -> Path:
-    """Where default models live: $PSAL_WEIGHTS, else `weights/` next to the package."""
+    """Where the installed models live (the first that applies):
+
+    `$PSAL_WEIGHTS`; `psal_cli/weights/` inside an installed package (a wheel carries the
+    repository's `weights/` there); `weights/` at the top of a source checkout (an editable
+    install, or a run from the repository).
+    """
+    return _weights()[0]
+
+
+def weights_source() -> str:
+    """Which rule of `weights_dir` found the models: "$PSAL_WEIGHTS", "package" or "checkout"."""
+    return _weights()[1]
+
+
+def _weights() -> tuple[Path, str]:
     env = os.environ.get("PSAL_WEIGHTS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "weights"
+    if env:
+        return Path(env), "$PSAL_WEIGHTS"
+    package = Path(__file__).resolve().parent
+    if (package / "weights").is_dir():
+        return package / "weights", "package"
+    return package.parent / "weights", "checkout"
 
 
 def default_model_path(task: str, scale: int | None = None) -> Path:
@@ -143,57 +158,40 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Parse and check the safetensors header without trusting it; returns (header, file size)."""
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, list[int]], int]:
+    """The file's metadata, tensor shapes and size, parsed (and checked) by safetensors;
+    every problem becomes one ModelFileError that names it."""
     if not path.exists():
         raise ModelFileError(path, "no such file")
     if path.is_dir():
         raise ModelFileError(path, "is a folder, not a model file")
     size = path.stat().st_size
     not_st = "not a safetensors model file"
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ModelFileError(path, f"{not_st} (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER:
-            raise ModelFileError(path, f"{not_st} (no valid header)")
-        raw = f.read(n)
-    if len(raw) < n:
-        raise ModelFileError(path, f"truncated: the header needs {n} bytes, the file has {size - 8}")
+    if size < 8:
+        raise ModelFileError(path, f"{not_st} (only {size} bytes)")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelFileError(path, f"{not_st} (the header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise ModelFileError(path, f"{not_st} (the header is not a JSON object)")
-    meta = header.get("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise ModelFileError(path, "damaged: __metadata__ is not a map of strings")
-    end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if not _valid_entry(entry):
-            raise ModelFileError(path, f"damaged: bad header entry for tensor {name!r}")
-        start, stop = entry["data_offsets"]
-        if stop - start != math.prod(entry["shape"]) * _DTYPE_BYTES[entry["dtype"]]:
-            raise ModelFileError(path, f"damaged: tensor {name!r} has inconsistent offsets")
-        end = max(end, stop)
-    if 8 + n + end > size:
-        raise ModelFileError(path, f"truncated: {size} bytes, the header promises {8 + n + end}")
-    return header, size
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
+    except SafetensorError as e:
+        raise ModelFileError(path, _header_problem(str(e), size)) from None
+    except OSError as e:
+        raise ModelFileError(path, f"cannot read ({e.strerror or e})") from None
+    return meta, shapes, size
 
 
-def _valid_entry(entry: Any) -> bool:
-    """A tensor entry of known dtype, a shape of sizes and two offsets start <= stop (all ints >= 0)."""
-
-    def sizes(values: Any, n: int | None = None) -> bool:  # JSON true/false are not sizes
-        return (isinstance(values, list) and (n is None or len(values) == n)
-                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values))
-
-    return (isinstance(entry, dict) and entry.get("dtype") in _DTYPE_BYTES and sizes(entry.get("shape"))
-            and sizes(entry.get("data_offsets"), 2) and entry["data_offsets"][0] <= entry["data_offsets"][1])
+def _header_problem(error: str, size: int) -> str:
+    """safetensors' complaint about a header, as the problem a user reads."""
+    reason = error.removeprefix("Error while deserializing header: ")
+    # Older safetensors releases name the same errors by their Rust variants (HeaderTooLarge...).
+    if (reason.startswith(("header too large", "header too small", "HeaderTooLarge", "HeaderTooSmall"))
+            or "expected value" in reason):
+        return f"not a safetensors model file ({reason})"
+    if reason.startswith(("invalid header length", "InvalidHeaderLength")):  # the header runs past the end
+        return f"truncated: the file ends inside its header ({size} bytes)"
+    if reason.startswith(("incomplete metadata", "MetadataIncompleteBuffer")):
+        return f"truncated: its {size} bytes do not match the tensors its header lists"
+    return f"damaged: {reason}"
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -202,8 +200,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return _psal_metadata(path, _read_header(path)[0])
 
 
-def _psal_metadata(path: Path, header: dict[str, Any]) -> dict[str, str]:
-    meta = header.get("__metadata__", {})  # a map of strings: checked by _read_header
+def _psal_metadata(path: Path, meta: dict[str, str]) -> dict[str, str]:
     if meta.get("format") != FORMAT:
         raise ModelFileError(path, "a safetensors file, but not a psal model (no psal metadata)")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -216,8 +213,8 @@ def _psal_metadata(path: Path, header: dict[str, Any]) -> dict[str, str]:
 def read_info(path: str | os.PathLike[str]) -> ModelInfo:
     """Decode a model file's metadata (no weights are loaded)."""
     path = Path(path)
-    header, size = _read_header(path)
-    meta = _psal_metadata(path, header)
+    meta, shapes, size = _read_header(path)
+    meta = _psal_metadata(path, meta)
 
     def field_json(key: str) -> dict[str, Any]:
         try:
@@ -228,7 +225,7 @@ def read_info(path: str | os.PathLike[str]) -> ModelInfo:
             raise ModelFileError(path, f"damaged: metadata {key!r} is not a JSON object")
         return value
 
-    parameters = sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
+    parameters = sum(math.prod(shape) for shape in shapes.values())
     return ModelInfo(
         path=path,
         architecture=meta.get("architecture", "?"),

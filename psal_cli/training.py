@@ -8,6 +8,7 @@ any of them with `--init` and a shipped weights file is a checkpoint.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -25,6 +26,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from psal_cli.imageio import FORMATS
+
+log = logging.getLogger("psal")
 
 SHARED_TRAIN = "BSDS500 train+test (shared/data/train, 400 photos)"
 
@@ -138,7 +141,6 @@ def fit(
     training_meta: dict,
     done_steps: int = 0,
     validate: Callable[[nn.Module], dict[str, float]] | None = None,
-    log: Callable[[str], None] = print,
 ) -> None:
     """Train `model` for `options.steps` more steps or `options.minutes`, whichever ends first,
     writing `out` every checkpoint_every steps and at the end.
@@ -146,7 +148,7 @@ def fit(
     `sample(rng)` returns one batch (inputs and "target", on the CPU); `loss_fn(model, batch)`
     the scalar loss. `done_steps` counts earlier runs, so the metadata keeps the total, and
     `training_meta["runs"]` (the resumed file's) gets this run appended: a model file that
-    several sessions improved in turn says how every one of its steps was trained.
+    several runs improved in turn says how every one of its steps was trained.
     """
     from psal_cli.modelfile import save_model  # checkpoints are ordinary model files (psal_cli.modelfile)
 
@@ -191,14 +193,14 @@ def fit(
             last = step == options.steps or time.time() - start >= budget
             if step % options.log_every == 0 or last:
                 rate = step / (time.time() - start)
-                log(f"step {done_steps + step} loss {float(seen_loss) / seen:.5f} lr {lr:.2e} {rate:.2f} steps/s")
+                log.info(f"step {done_steps + step} loss {float(seen_loss) / seen:.5f} lr {lr:.2e} {rate:.2f} steps/s")
                 seen_loss, seen = 0.0, 0
             if validate is not None and (step % options.validate_every == 0 or last):
                 model.eval()
                 with torch.no_grad():
                     metrics = validate(model)
                 model.train()
-                log(f"step {done_steps + step} validation " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                log.info(f"step {done_steps + step} validation " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if step % options.checkpoint_every == 0 or last:
                 checkpoint(step, last)
             if last:

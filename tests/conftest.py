@@ -66,8 +66,12 @@ def psal_command(*args: str) -> list[str]:
 
 
 def psal_env() -> dict[str, str]:
-    """Environment for `psal` subprocesses: this checkout and the tests importable, one thread."""
-    path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
+    """Environment for `psal` subprocesses: the psal_cli this process tested (a checkout's or
+    an installed one) and the tests importable, one thread."""
+    import psal_cli
+
+    package_root = Path(psal_cli.__file__).resolve().parent.parent
+    path = os.pathsep.join([str(TESTS), str(package_root), os.environ.get("PYTHONPATH", "")])
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
 
 

@@ -116,13 +116,14 @@ def naive_knn(query: torch.Tensor, key: torch.Tensor, p: int, k: int, mask: torc
     return indices, distances
 
 
-def test_exact_knn_matches_a_python_loop() -> None:
+@pytest.mark.parametrize("prune", [False, True])
+def test_exact_knn_matches_a_python_loop(prune: bool) -> None:
     g = seeded(2)
     query, key = torch.randn(1, 2, 5, 6, generator=g), torch.randn(1, 2, 7, 6, generator=g)
     mask = torch.zeros(1, 7, 6, dtype=torch.bool)
     mask[0, 0, 0] = mask[0, 5, 4] = True
     indices, distances = naive_knn(query, key, 3, 2, mask)
-    nnf = exact_knn(query, key, patch_size=3, neighbors=2, key_mask=mask)
+    nnf = exact_knn(query, key, patch_size=3, neighbors=2, key_mask=mask, prune=prune)
     assert nnf.indices.flatten(0, 2).tolist() == indices
     assert torch.allclose(nnf.distances.flatten(0, 2), torch.tensor(distances), rtol=1e-5)
 
@@ -152,14 +153,17 @@ def test_valid_key_centres_stay_inside_and_off_the_mask() -> None:
 
 @pytest.mark.parametrize("exact_pairs", [0, 1 << 30], ids=["patchmatch", "exhaustive"])
 @pytest.mark.parametrize("key_size", [(24, 20), (80, 72)], ids=["smaller key", "larger key"])
-def test_cross_attention_between_maps_of_different_sizes(key_size: tuple[int, int], exact_pairs: int) -> None:
+def test_cross_attention_between_maps_of_different_sizes(key_size: tuple[int, int], exact_pairs: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "EXACT_PAIRS", exact_pairs)
     g = seeded(3)
     Hk, Wk = key_size
     q, k, v = torch.randn(2, 6, 40, 40, generator=g), torch.randn(2, 6, Hk, Wk, generator=g), torch.randn(2, 5, Hk, Wk, generator=g)
-    layer = PSAL(neighbors=3, exact_pairs=exact_pairs)
+    layer = PSAL(neighbors=3)
     out = layer(q, k, v, generator=seeded())
     assert out.shape == (2, 5, 40, 40) and out.isfinite().all()
-    nnf = layer.last_nnf
+    nnf = layer.search(q, k, generator=seeded())
+    assert torch.equal(out, layer.attend(q, k, v, nnf.indices, nnf.distances))  # what forward attended with
     assert nnf.indices.shape == nnf.distances.shape == (2, 40, 40, 3)
     assert nnf.indices.dtype == torch.int64 and nnf.distances.dtype == torch.float32
     y, x = nnf.indices // Wk, nnf.indices % Wk
@@ -167,6 +171,48 @@ def test_cross_attention_between_maps_of_different_sizes(key_size: tuple[int, in
     assert (nnf.distances.diff(dim=-1) >= 0).all()
     assert (nnf.indices.sort(-1).values.diff(dim=-1) != 0).all()  # no repeated match
     assert torch.allclose(nnf.distances, patch_distances(q, k, nnf.indices, 3), rtol=1e-4)
+
+
+@pytest.mark.parametrize("patch_size", [1, 3, 5])
+def test_pruned_exact_knn_equals_the_full_scan(patch_size: int) -> None:
+    """Pruning by patch mean skips keys, never a neighbour: gray photos (where it prunes most)
+    and a batch of random features with masked keys."""
+    gray = torch.stack([crop(name)[0, :1, :40, :48] for name in ("chelsea", "coffee")])
+    feats = torch.randn(2, 3, 20, 23, generator=seeded(10))
+    mask = torch.rand(2, 20, 23, generator=seeded(11)) < 0.1
+    for query, key, key_mask in ((gray, gray.flip(-1), None), (feats, feats.flip(-2), mask)):
+        full = exact_knn(query, key, patch_size=patch_size, neighbors=3, key_mask=key_mask)
+        pruned = exact_knn(query, key, patch_size=patch_size, neighbors=3, key_mask=key_mask, prune=True)
+        # Equal but where near-ties rank differently with the rounding of a shorter scan.
+        assert torch.allclose(pruned.distances, full.distances, rtol=1e-5, atol=1e-7)
+
+
+SEARCHES = {
+    "patchmatch": lambda q, k, mask: patchmatch(q, k, neighbors=3, key_mask=mask, generator=seeded()),
+    "exact": lambda q, k, mask: exact_knn(q, k, neighbors=3, key_mask=mask),
+    "exact, pruned": lambda q, k, mask: exact_knn(q, k, neighbors=3, key_mask=mask, prune=True),
+    "exact, no mask": lambda q, k, mask: exact_knn(q, k, neighbors=3),
+    "patchmatch, no mask": lambda q, k, mask: patchmatch(q, k, neighbors=3, generator=seeded()),
+}
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_searches_make_every_tensor_on_the_inputs_device(search: str) -> None:
+    """Under torch's default device `meta`, a tensor a search makes without naming its inputs'
+    device lands there, and the first operation mixing it with them fails: the device mix-ups
+    a GPU run would hit, caught on a CPU-only machine."""
+    g = seeded(9)
+    q, k = torch.randn(2, 4, 12, 10, generator=g), torch.randn(2, 4, 9, 11, generator=g)
+    mask = torch.zeros(2, 9, 11, dtype=torch.bool)
+    mask[:, 3:5, 4] = True
+    expected = SEARCHES[search](q, k, mask)
+    with torch.device("meta"):
+        found = SEARCHES[search](q, k, mask)
+        layer = PSAL(neighbors=3, aggregation="patch", query_chunk=20)  # banded aggregation too
+        with torch.no_grad():
+            out = layer.attend(None, None, k, found.indices, found.distances)
+    assert found.indices.device == found.distances.device == out.device == q.device
+    assert torch.equal(found.indices, expected.indices) and torch.equal(found.distances, expected.distances)
 
 
 @pytest.mark.parametrize("rows", [7, 512, 10**6])
@@ -201,13 +247,13 @@ def test_forward_gradients_reach_q_k_and_v() -> None:
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
 
 
-def test_same_seed_gives_identical_output() -> None:
+def test_same_seed_gives_identical_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "EXACT_PAIRS", 0)
     q, k = features(crop("astronaut"), 8), features(crop("chelsea"), 8)
-    layer = PSAL(aggregation="patch", exact_pairs=0)
-    first, nnf = layer(q, k, k, generator=seeded(7)), layer.last_nnf
-    second = layer(q, k, k, generator=seeded(7))
-    assert torch.equal(first, second)
-    assert torch.equal(nnf.indices, layer.last_nnf.indices) and torch.equal(nnf.distances, layer.last_nnf.distances)
+    layer = PSAL(aggregation="patch")
+    assert torch.equal(layer(q, k, k, generator=seeded(7)), layer(q, k, k, generator=seeded(7)))
+    nnf, again = layer.search(q, k, generator=seeded(7)), layer.search(q, k, generator=seeded(7))
+    assert torch.equal(nnf.indices, again.indices) and torch.equal(nnf.distances, again.distances)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -221,14 +267,13 @@ def test_half_precision_inputs(dtype: torch.dtype) -> None:
     assert ratio <= 1.05
 
 
-def test_small_maps_use_the_exhaustive_search() -> None:
+def test_small_maps_use_the_exhaustive_search(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k = features(crop("coffee"), 8)[..., :24, :24], features(crop("astronaut"), 8)[..., :30, :30]
-    layer = PSAL(exact_pairs=24 * 24 * 30 * 30)
-    layer(q, k, k)
-    assert torch.equal(layer.last_nnf.indices, exact_knn(q, k).indices)
-    layer.exact_pairs -= 1  # one pair more than the threshold: PatchMatch
-    layer(q, k, k, generator=seeded())
-    assert not torch.equal(layer.last_nnf.indices, exact_knn(q, k).indices)
+    layer = PSAL()
+    monkeypatch.setattr(attention, "EXACT_PAIRS", 24 * 24 * 30 * 30)
+    assert torch.equal(layer.search(q, k).indices, exact_knn(q, k).indices)
+    monkeypatch.setattr(attention, "EXACT_PAIRS", 24 * 24 * 30 * 30 - 1)  # one pair more than the rule: PatchMatch
+    assert not torch.equal(layer.search(q, k, generator=seeded()).indices, exact_knn(q, k).indices)
 
 
 def test_init_from_an_exact_nnf_is_kept() -> None:
@@ -267,7 +312,7 @@ def test_aggregation_equals_the_formula_in_a_loop(aggregation: str) -> None:
     q, k, v = torch.randn(1, 3, 6, 7, generator=g), torch.randn(1, 3, 8, 9, generator=g), torch.randn(1, 2, 8, 9, generator=g)
     layer = PSAL(neighbors=3, temperature=5.0, aggregation=aggregation)
     out = layer(q, k, v, generator=seeded())
-    expected = naive_attention(q, k, v, layer.last_nnf, 3, 5.0, aggregation)
+    expected = naive_attention(q, k, v, layer.search(q, k, generator=seeded()), 3, 5.0, aggregation)
     assert torch.allclose(out, expected, atol=1e-5)
 
 

@@ -58,6 +58,26 @@ def test_help_lists_commands_and_version() -> None:
         assert "Examples" in text and "--output" in text and "--tile" in text
 
 
+def test_help_imports_no_torch() -> None:
+    """`psal COMMAND --help` answers without importing torch (seconds saved on every look)."""
+    code = ("import sys; from psal_cli.cli import main; sys.argv = ['psal', 'eval', '--help']\n"
+            "try: main()\nexcept SystemExit: pass\nassert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, env=psal_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert b"--masks" in result.stdout
+
+
+def test_choices_are_the_tasks_lists() -> None:
+    from psal_cli.cli import Loss, Masks
+    from psal_cli.tasks import inpaint, upscale
+
+    assert [m.value for m in Masks] == list(inpaint.FAMILIES)
+    assert [loss.value for loss in Loss] == list(upscale.LOSSES)
+    for name in upscale.LOSSES:  # every name the CLI offers is a loss the task computes
+        batch = {"image": torch.rand(1, 3, 4, 4), "target": torch.rand(1, 3, 4, 4)}
+        assert upscale.loss_function(name)(lambda image: image, batch) > 0
+
+
 def test_python_m_runs_the_cli() -> None:
     result = subprocess.run([sys.executable, "-m", "psal_cli", "--version"], capture_output=True,
                             env=psal_env(), timeout=120)
@@ -351,21 +371,29 @@ def test_interrupted_write_leaves_no_file(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_killed_batch_leaves_only_complete_files() -> None:
-    for i in range(150):
-        make_image(f"in/{i:03}.png", size=(48, 48), seed=i)
+    """SIGTERM mid-batch (after the first output, well before the last: each 800-px PNG
+    takes a while to write): status 143, the finished outputs whole, no partial file."""
+    for i in range(40):
+        make_image(f"in/{i:03}.png", size=(200, 200), seed=i)
     proc = subprocess.Popen(psal_command("upscale", "in", "--scale", "4", "-o", "out"),
                             env=psal_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not list(Path("out").glob("*.png")) and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) in (0, 128 + signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert not stray_files(".")
-    for out in Path("out").iterdir():
+    written = list(Path("out").iterdir())
+    assert 0 < len(written) < 40  # the kill landed mid-batch
+    for out in written:
         Image.open(out).load()  # every file there is whole
 
 
 # -- errors --------------------------------------------------------------------------------
+
+
+# Click words a range error by version: "less than or equal to 4" or "in the range 2<=x<=4".
+RANGE = ("less than or equal to 4", "2<=x<=4")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -378,22 +406,22 @@ def test_killed_batch_leaves_only_complete_files() -> None:
     (["upscale", "a.png", "--model", "nope.safetensors"], "--model nope.safetensors: no such file"),
     (["upscale", "a.png", "--device", "tpu"], "--device: unknown device 'tpu'"),
     (["upscale", "a.png", "--device", "cuda:7"], "--device: device 'cuda:7'"),
-    (["upscale", "a.png", "--scale", "5"], "less than or equal to 4"),
+    (["upscale", "a.png", "--scale", "5"], RANGE),
     (["upscale", "a.png", "--bogus"], "No such option"),
     (["colorize", "a.png"], "Missing option '--reference'"),
     (["colorize", "a.png", "--reference", "none.png"], "reference none.png: no such file"),
     (["upscale", "a.png", "-o", "b.png/x.png"], "cannot write in b.png: b.png is not a folder"),
-    (["eval", "upscale", "--scale", "5", "--data", "."], "less than or equal to 4"),
-    (["train", "upscale", "--scale", "5", "-o", "m.safetensors"], "less than or equal to 4"),
+    (["eval", "upscale", "--scale", "5", "--data", "."], RANGE),
+    (["train", "upscale", "--scale", "5", "-o", "m.safetensors"], RANGE),
     (["eval", "inpaint", "--masks", "bogus", "--data", "."], "'bogus' is not one of"),
     (["eval", "upscale", "--data", "a.png"], "a.png: not a folder"),
     (["eval", "upscale", "--data", ".", "--limit", "1", "--save-metrics"], "no --limit"),
 ])
-def test_usage_errors_exit_2(args: list[str], message: str) -> None:
+def test_usage_errors_exit_2(args: list[str], message: str | tuple[str, ...]) -> None:
     make_image("a.png")
     make_image("b.png")
     result = psal(*args, code=2)
-    assert message in result.stderr
+    assert any(m in result.stderr for m in ((message,) if isinstance(message, str) else message))
     assert sorted(p.name for p in Path(".").iterdir()) == ["a.png", "b.png"]
 
 
@@ -434,7 +462,6 @@ def test_damaged_and_wrong_task_model(weights: Path) -> None:
 
 @pytest.mark.parametrize("task", ["upscale", "colorize", "inpaint"])
 def test_real_network_end_to_end(task: str) -> None:
-    pytest.importorskip(f"psal_cli.networks.{task}")
     model = create_model(f"psal-{task}", **({"scale": 2} if task == "upscale" else {}))
     save_model(model, "model.safetensors")
     make_image("in.png", "RGBA", size=(24, 16))

@@ -12,12 +12,11 @@ import torch
 from conftest import random_image
 from PIL import Image
 
-from psal_cli import edit
-from psal_cli.attention import exact_knn
+from psal_cli import attention, edit
 from psal_cli.color import rgb_to_lab, rgb_to_luma
 from psal_cli.engine import Options, run_network
 from psal_cli.modelfile import load_model, read_info
-from psal_cli.networks.colorize import PSALColorize, exhaustive_knn
+from psal_cli.networks.colorize import PSALColorize
 from psal_cli.tasks import colorize as task
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -35,9 +34,10 @@ def example(name: str, size: int) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
 
 
-@pytest.mark.parametrize("exact_pairs", [0, 1 << 30])  # PatchMatch, exhaustive search
-def test_output_shape_range_and_exact_luminance(exact_pairs: int) -> None:
-    model = tiny(exact_pairs=exact_pairs)
+@pytest.mark.parametrize("exact_pairs", [0, attention.EXACT_PAIRS])  # PatchMatch, exhaustive search
+def test_output_shape_range_and_exact_luminance(exact_pairs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "EXACT_PAIRS", exact_pairs)
+    model = tiny()
     gray = rgb_to_luma(example("chelsea.png", 27))  # odd sizes: padding and cropping back
     ref = example("coffee.png", 33)
     with torch.no_grad():
@@ -49,12 +49,14 @@ def test_output_shape_range_and_exact_luminance(exact_pairs: int) -> None:
     assert (rgb_to_luma(out) - gray)[inside].abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("exact_pairs", [0, 1 << 30])  # PatchMatch, exhaustive search
+@pytest.mark.parametrize("exact_pairs", [0, attention.EXACT_PAIRS])  # PatchMatch, exhaustive search
 @pytest.mark.parametrize("config, side", [({}, 5), ({"mirror": False}, 7), ({"neighbors": 9}, 7)])
-def test_smallest_reference_runs_and_a_pixel_less_is_a_clear_error(config: dict, side: int, exact_pairs: int) -> None:
+def test_smallest_reference_runs_and_a_pixel_less_is_a_clear_error(config: dict, side: int, exact_pairs: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The reference's minimum follows patch size, neighbours, the half resolution and the
     mirror, whatever the image's size; it is exact: a pixel less fails inside the network too."""
-    model = tiny(exact_pairs=exact_pairs, **config)
+    monkeypatch.setattr(attention, "EXACT_PAIRS", exact_pairs)
+    model = tiny(**config)
     gray = random_image("L", (300, 200))
     assert edit.colorize(model, gray, random_image(size=(side, side))).size == (300, 200)
     for w, h in [(side - 1, side), (side, side - 1)]:
@@ -65,30 +67,22 @@ def test_smallest_reference_runs_and_a_pixel_less_is_a_clear_error(config: dict,
 
 
 @pytest.mark.parametrize("size", [(1, 1), (2, 3), (3, 200), (200, 3)])
-def test_image_of_any_size_with_the_smallest_reference(size: tuple[int, int]) -> None:
-    """Even where PatchMatch would search (exact_pairs=0): a target thinner than a patch at
-    half resolution goes to the exhaustive search, which pads query patches."""
-    model = tiny(exact_pairs=0)
+def test_image_of_any_size_with_the_smallest_reference(size: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even where PatchMatch searches (EXACT_PAIRS = 0): a target thinner than a patch at
+    half resolution is searched replicate-padded."""
+    monkeypatch.setattr(attention, "EXACT_PAIRS", 0)
+    model = tiny()
     assert edit.colorize(model, random_image("L", size), random_image(size=(5, 5))).size == size
 
 
-@pytest.mark.parametrize("exact_pairs", [0, 1 << 30])
-def test_tiled_engine_equals_whole_image(exact_pairs: int) -> None:
-    model = tiny(exact_pairs=exact_pairs)
+@pytest.mark.parametrize("exact_pairs", [0, attention.EXACT_PAIRS])
+def test_tiled_engine_equals_whole_image(exact_pairs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "EXACT_PAIRS", exact_pairs)
+    model = tiny()
     gray, ref = rgb_to_luma(example("chelsea.png", 50)), example("coffee.png", 40)
     whole = run_network(model, {"gray": gray, "reference": ref}, Options(device="cpu", precision="fp32", tile=0))
     tiled = run_network(model, {"gray": gray, "reference": ref}, Options(device="cpu", precision="fp32", tile=16))
     assert torch.allclose(whole, tiled, atol=1e-5)
-
-
-@pytest.mark.parametrize("patch_size", [3, 5])
-def test_exhaustive_knn_agrees_with_brute_force(patch_size: int) -> None:
-    g = torch.Generator().manual_seed(1)
-    q, k = torch.rand(2, 3, 13, 11, generator=g), torch.rand(2, 3, 12, 17, generator=g)
-    ours = exhaustive_knn(q, k, patch_size, 3)
-    truth = exact_knn(q, k, patch_size=patch_size, neighbors=3)
-    assert torch.equal(ours.indices, truth.indices)
-    assert torch.allclose(ours.distances, truth.distances, atol=1e-4)
 
 
 def test_gradient_reaches_psal_queries_and_keys() -> None:
@@ -161,15 +155,15 @@ def test_evaluate_protocol_on_two_images(tmp_path: Path) -> None:
     Image.fromarray((example("chelsea.png", 30)[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(data / "b.png")
     model = tiny()
     report = task.evaluate(data, model, size=None)
-    assert [r["image"] for r in report["images"]] == ["a_flat", "b"]
-    assert report["images"][0]["size"] == [20, 21]  # 70 % of 30 columns
-    flat = report["images"][0]
+    assert [r["image"] for r in report.images] == ["a_flat", "b"]
+    assert report.images[0]["size"] == [20, 21]  # 70 % of 30 columns
+    flat = report.images[0]
     for variant in ("plain", "flipped"):
         for method in ("psal", "reinhard", "nearest"):
             assert flat[variant][method]["ab_mae"] < 0.5, (variant, method)
-    means = report["mean"]["plain"]
-    assert means["psnr"] == pytest.approx(np.mean([r["plain"]["psal"]["psnr"] for r in report["images"]]))
-    assert set(report["baselines"]) == {"reinhard", "nearest"}
+    means = report.mean["plain"]
+    assert means["psnr"] == pytest.approx(np.mean([r["plain"]["psal"]["psnr"] for r in report.images]))
+    assert set(report.baselines) == {"reinhard", "nearest"}
     text = task.format_report(report)
     assert "reinhard" in text and "nearest" in text
     assert set(task.metrics_for_file(report)) >= {"bsd100_full_plain_psnr", "bsd100_full_flipped_ab_mae"}
@@ -181,8 +175,8 @@ def test_train_writes_and_resumes(tmp_path: Path) -> None:
     for i, name in enumerate(("chelsea.png", "coffee.png")):
         Image.open(EXAMPLES / name).convert("RGB").resize((48, 40)).save(data / f"{i}.png")
     out = tmp_path / "m.safetensors"
-    task.train(data, out, steps=2, batch=2, patch=24, log=lambda s: None)
-    task.train(data, out, init=out, steps=1, batch=2, patch=24, log=lambda s: None)
+    task.train(data, out, steps=2, batch=2, patch=24)
+    task.train(data, out, init=out, steps=1, batch=2, patch=24)
     assert read_info(out).training["steps"] == 3
     assert [run["steps"] for run in read_info(out).training["runs"]] == ["0-2", "2-3"]
     model, info = load_model(out, task="colorize")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from psal_cli import attention
 from psal_cli.attention import PSAL
 from psal_cli.engine import Options, Tiled, resolve_device, run_network
 from psal_cli.networks.stages import Direct, LocalStage, conv_radius, pad_to_multiple
@@ -267,23 +268,25 @@ def test_every_network_tiled_equals_untiled(name: str, size: tuple[int, int]) ->
         assert agreement(seamy) < 0.97
 
 
-HALF_CASES = {  # each search path under float16: PatchMatch, the exhaustive searches
-    "upscale, PatchMatch": ("psal-upscale", {**TINY_NETWORKS["upscale-x3"][1], "exact_keys": 16}),
-    "upscale, exact": TINY_NETWORKS["upscale-x3"],
-    "colorize, exhaustive": TINY_NETWORKS["colorize"],
-    "colorize, PatchMatch": ("psal-colorize", {**TINY_NETWORKS["colorize"][1], "exact_pairs": 1}),
-    "inpaint": TINY_NETWORKS["inpaint"],
+SEARCH_CASES = {  # each network with each search (PatchMatch: EXACT_PAIRS = 0): (network, EXACT_PAIRS)
+    "upscale, PatchMatch": (TINY_NETWORKS["upscale-x3"], 0),
+    "upscale, exact": (TINY_NETWORKS["upscale-x3"], attention.EXACT_PAIRS),
+    "colorize, exact": (TINY_NETWORKS["colorize"], attention.EXACT_PAIRS),
+    "colorize, PatchMatch": (TINY_NETWORKS["colorize"], 0),
+    "inpaint, PatchMatch": (TINY_NETWORKS["inpaint"], 0),
+    "inpaint, exact": (TINY_NETWORKS["inpaint"], attention.EXACT_PAIRS),
 }
 
 
-@pytest.mark.parametrize("name", list(HALF_CASES))
+@pytest.mark.parametrize("name", list(SEARCH_CASES))
 def test_every_network_runs_in_half_precision(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """`--half` on a GPU runs the stages under float16 autocast; the CPU's float16 autocast
     stands in for it. The searches must keep to float32 (a float16 query map once met the
     float32 search tables in one matrix product on CUDA), and the output stay close."""
     from psal_cli.networks import create_model
 
-    architecture, config = HALF_CASES[name]
+    (architecture, config), exact_pairs = SEARCH_CASES[name]
+    monkeypatch.setattr(attention, "EXACT_PAIRS", exact_pairs)
     torch.manual_seed(0)
     model = create_model(architecture, **config).eval()
     inputs = tiny_inputs(architecture, 40, 40)
@@ -294,13 +297,14 @@ def test_every_network_runs_in_half_precision(name: str, monkeypatch: pytest.Mon
     assert ((half - full).abs().amax(1) <= 2 / 255).float().mean().item() >= 0.95
 
 
-@pytest.mark.parametrize("name", list(HALF_CASES))
-def test_every_network_runs_in_bfloat16_on_the_cpu(name: str) -> None:
+@pytest.mark.parametrize("name", list(SEARCH_CASES))
+def test_every_network_runs_in_bfloat16_on_the_cpu(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """`--precision bf16`: the convolutions under bfloat16 autocast, the searches in float32;
     the output stays close to float32's (8× float16's tolerance: bfloat16 keeps 3 fewer mantissa bits)."""
     from psal_cli.networks import create_model
 
-    architecture, config = HALF_CASES[name]
+    (architecture, config), exact_pairs = SEARCH_CASES[name]
+    monkeypatch.setattr(attention, "EXACT_PAIRS", exact_pairs)
     torch.manual_seed(0)
     model = create_model(architecture, **config).eval()
     inputs = tiny_inputs(architecture, 40, 40)
@@ -323,3 +327,41 @@ def test_precision_resolves_from_the_device(monkeypatch: pytest.MonkeyPatch) -> 
         assert engine.resolve_precision("auto", cpu) is (torch.bfloat16 if native else None)
     with pytest.raises(ValueError, match="precision must be one of"):
         engine.resolve_precision("fp16", cpu)
+
+
+@pytest.mark.parametrize("name", list(SEARCH_CASES))
+def test_every_network_makes_its_tensors_on_the_inputs_device(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch's default device `meta`, a tensor made without naming the inputs' device
+    lands there and the first operation mixing it with them fails: what a GPU run would hit
+    (results on the CPU indexed with GPU tensors), caught on a CPU-only machine."""
+    from psal_cli.networks import create_model
+
+    (architecture, config), exact_pairs = SEARCH_CASES[name]
+    monkeypatch.setattr(attention, "EXACT_PAIRS", exact_pairs)
+    torch.manual_seed(0)
+    model = create_model(architecture, **config).eval()
+    inputs = tiny_inputs(architecture, 24, 28)
+    expected = run_network(model, inputs, Options(device="cpu", tile=0, seed=1))
+    with torch.device("meta"):
+        out = run_network(model, inputs, Options(device="cpu", tile=0, seed=1))
+    assert out.device == expected.device and torch.equal(out, expected)
+
+
+def test_runs_leave_torch_global_generator_alone() -> None:
+    """The engine seeds each run's searches with a generator of its own: the global one is
+    neither reseeded nor drawn from, and the output is what the global generator seeded
+    with the same seed gives (so seeds keep their outputs)."""
+    from psal_cli.networks import create_model
+
+    architecture, config = TINY_NETWORKS["inpaint"]
+    torch.manual_seed(0)
+    model = create_model(architecture, **config).eval()
+    inputs = tiny_inputs(architecture, 40, 40)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    out = run_network(model, inputs, Options(device="cpu", precision="fp32", tile=0, seed=7))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(7)
+    with torch.inference_mode():  # the same executor drawing from the global generator
+        assert torch.equal(out, model.run(Tiled(torch.device("cpu"), 0), **inputs))
+    assert not torch.equal(out, run_network(model, inputs, Options(device="cpu", precision="fp32", tile=0, seed=8)))

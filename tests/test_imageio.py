@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from conftest import make_image
+from conftest import make_image, psal_env
 from psal_cli import imageio
 from psal_cli.imageio import ImageError, from_tensor, read_image, to_tensor, write_image
 
@@ -126,3 +128,17 @@ def test_encoding_a_format_psal_cannot_write() -> None:
         imageio.encode_image(Image.new("RGB", (2, 2)), "GIF", name="x.gif")
     assert [imageio.output_format(f) for f in ("MPO", "GIF", "PPM", None, "WEBP")] == \
         ["JPEG", "PNG", "PNG", "PNG", "WEBP"]
+
+
+def test_pillow_limit_is_raised_only_while_a_command_runs() -> None:
+    """Importing the library leaves Pillow's process-wide decompression-bomb limit alone;
+    `large_images` raises it for a block and puts it back."""
+    code = ("from PIL import Image; before = Image.MAX_IMAGE_PIXELS\n"
+            "import psal_cli.imageio, psal_cli.cli\n"
+            "assert Image.MAX_IMAGE_PIXELS == before, Image.MAX_IMAGE_PIXELS")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, env=psal_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    before = Image.MAX_IMAGE_PIXELS
+    with imageio.large_images():
+        assert Image.MAX_IMAGE_PIXELS == imageio.LARGE_IMAGE_PIXELS > before
+    assert Image.MAX_IMAGE_PIXELS == before

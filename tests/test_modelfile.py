@@ -159,8 +159,8 @@ def _nan(p: Path, d: Path) -> Path:
 
 
 @pytest.mark.parametrize("make, problem", [
-    (_truncated, "truncated"),
-    (_header_cut, "truncated"),
+    (_truncated, "truncated: its .* bytes do not match the tensors its header lists"),
+    (_header_cut, "truncated: the file ends inside its header"),
     (_junk, "not a safetensors model file"),
     (_empty, r"not a safetensors model file \(only 0 bytes\)"),
     (_foreign, "not a psal model"),
@@ -168,13 +168,14 @@ def _nan(p: Path, d: Path) -> Path:
     (_mismatch, "weights do not match architecture 'test-tiny-upscale'"),
     (_bad_config, "config does not fit architecture"),
     (_constructor_fails, "config does not fit architecture 'psal-upscale'"),
-    (_metadata_list, "damaged: __metadata__ is not a map of strings"),
-    (_metadata_not_strings, "damaged: __metadata__ is not a map of strings"),
-    (_tensor_entry(data_offsets=lambda o: [str(o[0]), str(o[1])]), "bad header entry"),
-    (_tensor_entry(data_offsets=lambda o: [o[1], o[0]]), "bad header entry"),
-    (_tensor_entry(data_offsets=lambda o: [o[0], o[1], 0]), "bad header entry"),
-    (_tensor_entry(shape=lambda s: [-d for d in s]), "bad header entry"),  # 4 dims: same size
-    (_tensor_entry(shape=lambda s: [float(d) for d in s]), "bad header entry"),
+    (_metadata_list, "damaged: invalid JSON in header"),
+    (_metadata_not_strings, "damaged: invalid JSON in header"),
+    (_tensor_entry(data_offsets=lambda o: [str(o[0]), str(o[1])]), "damaged: invalid JSON in header"),
+    (_tensor_entry(data_offsets=lambda o: [o[1], o[0]]), "damaged: invalid"),
+    (_tensor_entry(data_offsets=lambda o: [o[0], o[1], 0]), "damaged: invalid JSON in header"),
+    (_tensor_entry(shape=lambda s: [-d for d in s]), "damaged: invalid JSON in header"),  # 4 dims: same size
+    (_tensor_entry(shape=lambda s: [float(d) for d in s]), "damaged: invalid JSON in header"),
+    (_tensor_entry(shape=lambda s: [s[0] + 1, *s[1:]]), "damaged: invalid shape, data type, or offset"),
     (_future, "format version '99' is not supported"),
     (_nan, "NaN"),
 ])
@@ -184,6 +185,20 @@ def test_bad_files_name_the_file_and_problem(tmp_path: Path, saved: tuple[TinyUp
     with pytest.raises(ModelFileError, match=problem) as err:
         load_model(bad)
     assert str(err.value).startswith(f"{bad}: ")
+
+
+def test_every_safetensors_dtype_is_read(tmp_path: Path, saved: tuple[TinyUpscale, Path]) -> None:
+    """A valid file with tensors of any type safetensors defines (8-bit floats, unsigned
+    integers) is read, not called damaged: safetensors parses the header."""
+    dtypes = [getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64")
+              if hasattr(torch, name)]
+    tensors = {f"t{i}": torch.zeros(2, 3).to(dtype) for i, dtype in enumerate(dtypes)}
+    path = tmp_path / "dtypes.safetensors"
+    save_file(tensors, path, metadata=read_metadata(saved[1]))
+    info = read_info(path)
+    assert len(dtypes) >= 3 and info.parameters == 6 * len(dtypes) and info.task == "upscale"
+    with pytest.raises(ModelFileError, match="weights do not match architecture"):  # read, then found foreign
+        load_model(path)
 
 
 def test_wrong_task_and_missing_file(tmp_path: Path, saved: tuple[TinyUpscale, Path]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -28,12 +29,11 @@ def test_data_description_names_only_the_shared_set(tmp_path: Path) -> None:
 
 def test_inpaint_records_the_data_it_trained_on(tmp_path: Path) -> None:
     make_image(tmp_path / "photos" / "a.png", size=(40, 40))
-    inpaint.train(tmp_path / "photos", tmp_path / "m.safetensors", steps=1, batch=1, patch=32,
-                  log=lambda line: None)
+    inpaint.train(tmp_path / "photos", tmp_path / "m.safetensors", steps=1, batch=1, patch=32)
     assert read_info(tmp_path / "m.safetensors").training["data"] == f"{tmp_path / 'photos'} (1 photos)"
 
 
-def test_a_time_budget_ends_the_schedule_and_the_run(tmp_path: Path, monkeypatch) -> None:
+def test_a_time_budget_ends_the_schedule_and_the_run(tmp_path: Path, monkeypatch, caplog) -> None:
     """--minutes: the learning rate reaches its final value as the clock runs out, training
     stops there, and the file records a finished run of that budget and no step count (the
     CLI's --minutes without --steps)."""
@@ -43,10 +43,11 @@ def test_a_time_budget_ends_the_schedule_and_the_run(tmp_path: Path, monkeypatch
     clock = iter(range(0, 10**6, 2))  # every reading of the clock is 2 s later
     monkeypatch.setattr(training.time, "time", lambda: float(next(clock)))
     make_image(tmp_path / "photos" / "a.png", size=(40, 40))
-    logs: list[str] = []
     out = tmp_path / "m.safetensors"
-    upscale.train(tmp_path / "photos", out, 2, steps=training.UNTIL_THE_CLOCK, batch=1, patch=16, minutes=0.5, val=tmp_path / "none",
-                  config={"channels": 4, "blocks_before": 1, "blocks_after": 1, "qk_channels": 4}, log=logs.append)
+    with caplog.at_level(logging.INFO, logger="psal"):
+        upscale.train(tmp_path / "photos", out, 2, steps=training.UNTIL_THE_CLOCK, batch=1, patch=16, minutes=0.5,
+                      val=tmp_path / "none", config={"channels": 4, "blocks_before": 1, "blocks_after": 1, "qk_channels": 4})
+    logs = [r.getMessage() for r in caplog.records]
     info = read_info(out).training
     assert 5 <= info["steps"] < 20  # 30 s of a clock read a few times per step
     assert info["runs"][-1]["minutes"] == 0.5 and "stopped_of" not in info["runs"][-1]

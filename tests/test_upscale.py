@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
+import logging
 import math
 import random
 from pathlib import Path
@@ -13,8 +15,8 @@ import torch
 from conftest import random_image
 from PIL import Image
 
-from psal_cli import edit
-from psal_cli.attention import exact_knn, patch_distances
+from psal_cli import attention, edit
+from psal_cli.attention import exact_knn
 from psal_cli.modelfile import read_info, save_model
 from psal_cli.networks.upscale import PSALUpscale
 from psal_cli.tasks import upscale as task
@@ -30,10 +32,11 @@ def tiny(scale: int = 2, **overrides) -> PSALUpscale:
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
-@pytest.mark.parametrize("exact_keys", [0, 1 << 17])  # PatchMatch and exact search
-def test_output_shape_and_range(scale: int, exact_keys: int) -> None:
+@pytest.mark.parametrize("exact_pairs", [0, attention.EXACT_PAIRS])  # PatchMatch and exact search
+def test_output_shape_and_range(scale: int, exact_pairs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "EXACT_PAIRS", exact_pairs)
     with torch.no_grad():
-        out = tiny(scale, exact_keys=exact_keys)(image=torch.rand(2, 3, 9, 13))
+        out = tiny(scale)(image=torch.rand(2, 3, 9, 13))
     assert out.shape == (2, 3, 9 * scale, 13 * scale)
     assert out.min() >= 0 and out.max() <= 1
 
@@ -78,17 +81,18 @@ def test_stage_radii_bound_the_receptive_field() -> None:
         assert xs.min() >= (15 - r) * scale and xs.max() < (16 + r) * scale
 
 
-def test_attention_uses_exact_neighbours_on_small_maps_and_patchmatch_above() -> None:
-    model = tiny(2, exact_keys=12 * 12)
+def test_attention_uses_exact_neighbours_on_small_maps_and_patchmatch_above(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny(2)
+    monkeypatch.setattr(attention, "EXACT_PAIRS", 12**4)
+    block = model.attention
     for side, exact in [(12, True), (13, False)]:
-        torch.manual_seed(0)
-        feat = torch.randn(1, 8, side, side)
+        feat = torch.randn(1, 8, side, side, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            model.attention(feat)
-            q, k = model.attention.query(feat), model.attention.key(feat)
-        found, truth = model.attention.psal.last_nnf, exact_knn(q, k, patch_size=3, neighbors=4)
-        assert torch.equal(found.indices, truth.indices) == exact
-        assert torch.allclose(found.distances, patch_distances(q, k, found.indices, 3), atol=1e-5)
+            out = block(feat, generator=torch.Generator().manual_seed(0))
+            q, k = block.query(feat), block.key(feat)
+            truth = exact_knn(q, k, patch_size=3, neighbors=4)
+            with_truth = feat + block.gamma * block.out(block.value(block.psal.attend(q, k, feat, truth.indices)))
+        assert torch.allclose(out, with_truth, atol=1e-6) == exact
 
 
 def test_gradient_reaches_attention_inputs() -> None:
@@ -174,8 +178,8 @@ def test_evaluate_protocol(tmp_path: Path) -> None:
         Image.open(EXAMPLES / f"{name}.png").convert("RGB").crop((0, 0, 50, 38)).save(tmp_path / f"{name}.png")
     model = tiny(3)
     report = task.evaluate(tmp_path, 3, model)
-    assert [r["name"] for r in report["images"]] == ["chelsea", "coffee"]
-    for row in report["images"]:
+    assert [r["name"] for r in report.images] == ["chelsea", "coffee"]
+    for row in report.images:
         hr = np.array(Image.open(tmp_path / f"{row['name']}.png"))[:36, :48]  # 38×50 → multiples of 3
         lr = Image.fromarray(hr).resize((16, 12), Image.Resampling.BICUBIC)
         bicubic = np.array(lr.resize((48, 36), Image.Resampling.BICUBIC))
@@ -184,12 +188,12 @@ def test_evaluate_protocol(tmp_path: Path) -> None:
             sr = model(image=to_float(lr))[0].permute(1, 2, 0).mul(255).round().byte().numpy()
         assert row["psnr"] == pytest.approx(_y_psnr_by_hand(sr, hr, 3), abs=1e-6)
         assert 0 < row["ssim"] <= 1 and 0 < row["lanczos_ssim"] <= 1
-    assert report["mean"]["psnr"] == pytest.approx(sum(r["psnr"] for r in report["images"]) / 2)
+    assert report.mean["psnr"] == pytest.approx(sum(r["psnr"] for r in report.images) / 2)
     assert "bicubic" in task.format_report(report) and "mean" in task.format_report(report)
     figures = task.metrics_for_file(report)
-    assert figures["psnr"] == pytest.approx(report["mean"]["psnr"], abs=1e-3)
-    assert figures["bicubic_psnr"] == pytest.approx(report["baselines"]["bicubic"]["psnr"], abs=1e-3)
-    json.dumps(report)
+    assert figures["psnr"] == pytest.approx(report.mean["psnr"], abs=1e-3)
+    assert figures["bicubic_psnr"] == pytest.approx(report.baselines["bicubic"]["psnr"], abs=1e-3)
+    json.dumps(asdict(report))
 
 
 def test_evaluate_with_self_ensemble_records_beside_the_plain_figures(tmp_path: Path) -> None:
@@ -203,12 +207,12 @@ def test_evaluate_with_self_ensemble_records_beside_the_plain_figures(tmp_path: 
     plain = task.evaluate(data, 3, path)
     write_metrics(path, {"set": task.metrics_for_file(plain)})
     both = task.evaluate(data, 3, path, ensemble=True)
-    assert both["ensemble"] and "self-ensemble" in task.format_report(both)
-    assert both["images"][0]["psnr"] != plain["images"][0]["psnr"]
-    assert both["baselines"] == plain["baselines"]
+    assert both.settings["ensemble"] and "self-ensemble" in task.format_report(both)
+    assert both.images[0]["psnr"] != plain.images[0]["psnr"]
+    assert both.baselines == plain.baselines
     figures = task.metrics_for_file(both)
-    assert figures["psnr"] == round(plain["mean"]["psnr"], 3)  # kept
-    assert figures["ensemble_psnr"] == round(both["mean"]["psnr"], 3)
+    assert figures["psnr"] == round(plain.mean["psnr"], 3)  # kept
+    assert figures["ensemble_psnr"] == round(both.mean["psnr"], 3)
 
 
 def test_evaluate_refuses_another_scale(tmp_path: Path) -> None:
@@ -230,30 +234,31 @@ def test_train_refuses_crops_too_small_for_psal_and_photos_smaller_than_the_crop
     Image.new("RGB", (64, 48)).save(data / "big.png")
     out = tmp_path / "x4.safetensors"
     with pytest.raises(ValueError, match="--patch 8 makes 2×2-px inputs at ×4"):
-        task.train(data, out, 4, steps=1, batch=1, patch=8, log=lambda s: None)
+        task.train(data, out, 4, steps=1, batch=1, patch=8)
     Image.new("RGB", (30, 30)).save(data / "small.png")
     with pytest.raises(ValueError, match="small.png is smaller than the 32-px training crop"):
-        task.train(data, out, 4, steps=1, batch=1, patch=32, log=lambda s: None)
+        task.train(data, out, 4, steps=1, batch=1, patch=32)
     assert not out.exists()
 
 
-def test_train_resumes_and_changes_scale(tmp_path: Path) -> None:
+def test_train_resumes_and_changes_scale(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data = tmp_path / "train"
     data.mkdir()
     for name in ("chelsea", "coffee"):
         Image.open(EXAMPLES / f"{name}.png").convert("RGB").resize((64, 48)).save(data / f"{name}.png")
-    out, logs = tmp_path / "x2.safetensors", []
-    task.train(data, out, 2, steps=2, batch=2, patch=24, config={"channels": 8, "blocks_after": 1}, log=logs.append)
+    out = tmp_path / "x2.safetensors"
+    task.train(data, out, 2, steps=2, batch=2, patch=24, config={"channels": 8, "blocks_after": 1})
     assert read_info(out).training["steps"] == 2
-    task.train(data, out, 2, init=out, steps=3, batch=2, patch=24, loss="l2", log=logs.append)
+    task.train(data, out, 2, init=out, steps=3, batch=2, patch=24, loss="l2")
     assert read_info(out).training["steps"] == 5
     runs = read_info(out).training["runs"]
     assert [(run["steps"], run["loss"]) for run in runs] == [("0-2", "l1"), ("2-5", "l2")]
     x4 = tmp_path / "x4.safetensors"
-    task.train(data, x4, 4, init=out, steps=1, batch=2, patch=24, log=logs.append)
+    with caplog.at_level(logging.INFO, logger="psal"):
+        task.train(data, x4, 4, init=out, steps=1, batch=2, patch=24)
     info = read_info(x4)
     assert info.config["scale"] == 4 and info.training["steps"] == 1 and "x2" in info.training["init_from"]
-    assert any("initialised" in line for line in logs)
+    assert any("initialised" in r.getMessage() for r in caplog.records)
 
 
 def trained_looking(model: PSALUpscale) -> PSALUpscale:
@@ -280,7 +285,7 @@ def one_step_x2(tmp_path: Path) -> tuple[Path, Path]:
     data.mkdir()
     Image.open(EXAMPLES / "chelsea.png").convert("RGB").resize((64, 48)).save(data / "a.png")
     out = tmp_path / "x2.safetensors"
-    task.train(data, out, 2, steps=1, batch=1, patch=24, config={"channels": 8, "blocks_after": 1}, log=lambda s: None)
+    task.train(data, out, 2, steps=1, batch=1, patch=24, config={"channels": 8, "blocks_after": 1})
     return data, out
 
 
@@ -292,11 +297,11 @@ def test_deepen_keeps_the_function_and_adds_trainable_blocks(tmp_path: Path) -> 
     assert deeper.tail.body[0].conv2.weight.grad.abs().sum() > 0  # the new blocks learn
 
     data, out = one_step_x2(tmp_path)
-    task.train(data, out, 2, init=out, deepen=2, steps=1, batch=1, patch=24, log=lambda s: None)
+    task.train(data, out, 2, init=out, deepen=2, steps=1, batch=1, patch=24)
     info = read_info(out)
     assert info.config["blocks_after"] == 3 and info.training["steps"] == 2 and "+2" in info.training["grown"][0]
     with pytest.raises(ValueError, match="deepen"):
-        task.train(data, tmp_path / "x4.safetensors", 4, init=out, deepen=1, steps=1, log=lambda s: None)
+        task.train(data, tmp_path / "x4.safetensors", 4, init=out, deepen=1, steps=1)
 
 
 def test_widen_keeps_the_function_and_trains_the_added_channels(tmp_path: Path) -> None:
@@ -310,7 +315,7 @@ def test_widen_keeps_the_function_and_trains_the_added_channels(tmp_path: Path) 
         wider.widen(13)
 
     data, out = one_step_x2(tmp_path)
-    task.train(data, out, 2, init=out, widen=12, steps=1, batch=1, patch=24, log=lambda s: None)
+    task.train(data, out, 2, init=out, widen=12, steps=1, batch=1, patch=24)
     info = read_info(out)
     assert info.config["inner_channels"] == 12 and "12 channels" in info.training["grown"][-1]
 
@@ -327,20 +332,18 @@ def test_model_file_round_trip(tmp_path: Path) -> None:
     assert info.scale == 4
 
 
-@pytest.mark.parametrize("exact_keys", [0, 1 << 17])  # PatchMatch and exact search
-def test_banded_inference_attention_equals_the_training_formula(exact_keys: int) -> None:
+@pytest.mark.parametrize("exact_pairs", [0, attention.EXACT_PAIRS])  # PatchMatch and exact search
+def test_banded_inference_attention_equals_the_training_formula(exact_pairs: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """At inference the attention aggregates features in bands and projects values after
     aggregating; it must equal feat + γ·out(attend(q, k, value(feat))) computed whole."""
-    model = tiny(2, exact_keys=exact_keys)
-    attention = model.attention
-    attention.psal.query_chunk = 40  # bands of 2–3 rows on a 17-wide map
-    torch.manual_seed(3)
-    feat = torch.randn(2, 8, 23, 17)
-    torch.manual_seed(0)
+    monkeypatch.setattr(attention, "EXACT_PAIRS", exact_pairs)
+    block = tiny(2).attention
+    block.psal.query_chunk = 40  # bands of 2–3 rows on a 17-wide map
+    feat = torch.randn(2, 8, 23, 17, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        banded = attention(feat)
-    indices = attention.psal.last_nnf.indices
-    q, k, v = attention.query(feat), attention.key(feat), attention.value(feat)
+        banded = block(feat, generator=torch.Generator().manual_seed(0))
+    q, k, v = block.query(feat), block.key(feat), block.value(feat)
+    indices = block.psal.search(q, k, generator=torch.Generator().manual_seed(0)).indices
     with torch.no_grad():
-        whole = feat + attention.gamma * attention.out(attention.psal.attend(q, k, v, indices))
+        whole = feat + block.gamma * block.out(block.psal.attend(q, k, v, indices))
     assert torch.allclose(banded, whole, atol=1e-5)

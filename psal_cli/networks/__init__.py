@@ -31,12 +31,14 @@ def _load_all() -> None:
 
 
 def create_model(name: str, **config: Any) -> nn.Module:
-    """Build a registered network from its config; unknown keys are an error."""
+    """Build a registered network from its config; unknown keys are an error, the keys a
+    network lists in `retired_config` (settings older files record) are ignored."""
     _load_all()
     if name not in _REGISTRY:
         raise KeyError(f"unknown architecture {name!r} (known: {', '.join(sorted(_REGISTRY))})")
     cls = _REGISTRY[name]
-    return cls(cls.Config(**config))
+    retired = getattr(cls, "retired_config", ())
+    return cls(cls.Config(**{k: v for k, v in config.items() if k not in retired}))
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import partial
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from psal_cli.attention import NNF, PSAL, full_precision
+from psal_cli.attention import PSAL
 from psal_cli.color import rgb_to_ycbcr, ycbcr_to_rgb
 from psal_cli.networks import register_model
 from psal_cli.networks.stages import (
@@ -39,65 +39,6 @@ from psal_cli.networks.stages import (
     holds_patches,
     pad_to_multiple,
 )
-
-# Queries per block of the exhaustive search.
-_BLOCK = 64
-
-
-def exhaustive_knn(query: Tensor, key: Tensor, patch_size: int, neighbors: int) -> NNF:
-    """Exact k nearest key patches of every query patch (what PatchMatch approximates).
-
-    Same conventions as PSAL's PatchMatch: replicate-padded query patches, key centres r
-    pixels inside the key map, squared L2 distances in float32. Exact but pruned: with D
-    values per patch, ‖q − k‖² ≥ D·(mean q − mean k)². Keys are sorted by mean; a first
-    pass bounds each query's k-th distance by the keys of about its own mean, a second
-    scans, for blocks of queries with similar bounds and means, only the keys whose mean
-    can still beat those bounds.
-    """
-    r = patch_size // 2
-    B, _, Hq, Wq = query.shape
-    Wk = key.shape[-1]
-    qp = F.unfold(F.pad(query.float(), (r, r, r, r), mode="replicate"), patch_size)  # (B, D, Nq)
-    kp = F.unfold(key.float(), patch_size)  # (B, D, Nv): valid centres only
-    D, Nq, Nv, wv = qp.shape[1], qp.shape[2], kp.shape[2], Wk - 2 * r
-    if Nv < neighbors:
-        raise ValueError(f"neighbors={neighbors} exceeds the {Nv} key patches")
-    indices = torch.empty(B, Nq, neighbors, dtype=torch.long)
-    distances = torch.empty(B, Nq, neighbors)
-
-    def scan(rows: Tensor, lo: float, hi: float, at_least: int = 0) -> tuple[Tensor, Tensor]:
-        """k best among the keys with mean in [lo, hi] (at least `at_least` keys): (n, k) each."""
-        a = int(torch.searchsorted(k_mean, torch.tensor(lo)))
-        b = max(int(torch.searchsorted(k_mean, torch.tensor(hi), right=True)), a + at_least)
-        a, b = max(0, min(a, Nv - at_least)), min(Nv, b)
-        qb, kb = q[rows], k[a:b]  # (n, D), (m, D)
-        d = torch.addmm(kb.square().sum(1)[None], qb, kb.T, alpha=-2).add_(qb.square().sum(1, keepdim=True))
-        dist, idx = d.clamp_(min=0).topk(neighbors, 1, largest=False, sorted=True)
-        return dist, k_order[idx + a]
-
-    for b in range(B):
-        q, k = qp[b].T, kp[b].T  # (Nq, D), (Nv, D)
-        k_mean, k_order = k.mean(1).sort()
-        k = k[k_order]
-        q_mean = q.mean(1)
-        by_mean = q_mean.argsort()
-        bound = torch.empty(Nq)
-        for a in range(0, Nq, _BLOCK):
-            rows = by_mean[a : a + _BLOCK]
-            dist, _ = scan(rows, q_mean[rows].min().item(), q_mean[rows].max().item(), neighbors)
-            bound[rows] = dist[:, -1]
-        radius = (bound / D).sqrt()
-        tier = torch.log2(radius + 1e-6).floor()
-        order = torch.from_numpy(np.lexsort((q_mean.numpy(), tier.numpy())))  # by tier, then mean
-        for a in range(0, Nq, _BLOCK):
-            rows = order[a : a + _BLOCK]
-            lo, hi = (q_mean[rows] - radius[rows]).min().item(), (q_mean[rows] + radius[rows]).max().item()
-            dist, idx = scan(rows, lo, hi, neighbors)
-            indices[b, rows] = (idx // wv + r) * Wk + idx % wv + r  # valid-centre index → flat key position
-            distances[b, rows] = dist
-    device = query.device
-    return NNF(indices.view(B, Hq, Wq, neighbors).to(device), distances.view(B, Hq, Wq, neighbors).to(device))
-
 
 def quantize8(x: Tensor) -> Tensor:
     """Round to 8-bit levels, so that the same scene gives the same luminance in both images
@@ -157,6 +98,7 @@ class PSALColorize(nn.Module):
     """Reference-guided colorization; `run(ex, gray=(B,1,H,W), reference=(B,3,Hr,Wr)) -> (B,3,H,W)`."""
 
     task = "colorize"
+    retired_config = ("exact_pairs",)  # older files' search threshold: now the layer's EXACT_PAIRS
 
     @dataclass
     class Config:
@@ -171,15 +113,13 @@ class PSALColorize(nn.Module):
         mirror: bool = True  # also search the mirror image of the reference
         decoder_width: int = 32
         dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 4, 2, 1])
-        # Exhaustive k-NN instead of PatchMatch while Hq·Wq·Hk·Wk (half-res maps) stays below
-        # this: the small training crops, where it is cheap and gives exact neighbours.
-        exact_pairs: int = 1 << 24
 
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = c = config
         self.encoder = Encoder(c.encoder_width, c.qk_channels, c.feat_channels)
-        self.psal = PSAL(c.patch_size, c.neighbors, c.iterations, c.temperature, c.aggregation)
+        self.psal = PSAL(patch_size=c.patch_size, neighbors=c.neighbors, iterations=c.iterations,
+                         temperature=c.temperature, aggregation=c.aggregation)
         self.decoder = Decoder(1 + 2 + c.feat_channels + 1, c.decoder_width, c.dilations)
 
     def accepts_size(self, input_name: str, height: int, width: int) -> bool:
@@ -192,7 +132,7 @@ class PSALColorize(nn.Module):
         h, w = -(-height // down), -(-width // down) * (2 if c.mirror else 1)
         return holds_patches(h, w, c.patch_size, c.neighbors)
 
-    def attend(self, target: Tensor, reference: Tensor) -> Tensor:
+    def attend(self, target: Tensor, reference: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Whole-map stage: PSAL from target to reference features, back to full resolution.
 
         target (B, qk+feat, h, w), reference (B, qk+feat+8, hr, wr) → (B, 2+feat+1, 2h, 2w):
@@ -206,14 +146,8 @@ class PSALColorize(nn.Module):
             # PatchMatch needs whole query patches: a target thinner than one is searched
             # replicate-padded (its own patches are already replicate-padded: none changes).
             q = F.pad(q, (0, max(0, c.patch_size - w), 0, max(0, c.patch_size - h)), mode="replicate")
-        if q.shape[-2] * q.shape[-1] * k.shape[-2] * k.shape[-1] <= c.exact_pairs:
-            with full_precision(q):  # float32 distances under --half too
-                nnf = exhaustive_knn(q.detach(), k.detach(), c.patch_size, c.neighbors)
-            out = self.psal.attend(q, k, v, nnf.indices)
-        else:
-            out = self.psal(q, k, v)
-            nnf = self.psal.last_nnf
-        out = out[..., :h, :w]
+        nnf = self.psal.search(q, k, generator=generator)
+        out = self.psal.attend(q, k, v, nnf.indices, nnf.distances)[..., :h, :w]
         feat, chroma = out[:, : c.feat_channels], out[:, c.feat_channels :]  # (B, feat, h, w), (B, 8, h, w)
         distance = torch.log1p(nnf.distances[:, :h, :w, :1].permute(0, 3, 1, 2))  # (B, 1, h, w)
         up = lambda x: F.interpolate(x, scale_factor=2, mode="nearest")
@@ -229,7 +163,7 @@ class PSALColorize(nn.Module):
         y = quantize8(gray)
         target = ex.local(self.encoder, pad_to_multiple(y, 2))  # (B, qk+feat, H'/2, W'/2)
         keys = ex.local(self.encoder, quantize8(ycc[:, :1]), ycc[:, 1:] - 0.5)  # (B, qk+feat+8, Hr/2, Wr/2)
-        attended = ex.whole(self.attend, target, keys)[..., :H, :W]  # (B, 2+feat+1, H, W)
+        attended = ex.whole(partial(self.attend, generator=ex.generator), target, keys)[..., :H, :W]  # (B, 2+feat+1, H, W)
         return attended[:, :2] + ex.local(self.decoder, y, attended)
 
     def run(self, ex: Executor, gray: Tensor, reference: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from psal_cli.attention import PSAL, patch_distances, patchmatch, valid_key_centres
+from psal_cli.blur import gaussian_blur
 from psal_cli.networks import register_model
 from psal_cli.networks.stages import VIEWS, Direct, LocalStage, conv_radius, holds_patches, pad_to_multiple, view
 
@@ -105,15 +106,6 @@ class Refine(LocalStage):
         return (comp + self.body(torch.cat([comp, mask], 1))).clamp(0, 1)
 
 
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur (radius 3σ, replicate padding), per channel."""
-    r = max(1, math.ceil(3 * sigma))
-    g = torch.exp(-(torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) ** 2) / (2 * sigma**2))
-    g = (g / g.sum()).view(1, 1, 1, -1).repeat(x.shape[1], 1, 1, 1)  # (C, 1, 1, 2r+1)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), g, groups=x.shape[1])
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), g.transpose(2, 3), groups=x.shape[1])
-
-
 def masked_blur(x: Tensor, known: Tensor, sigma: float) -> Tensor:
     """Gaussian blur of x using only known pixels (normalised convolution), so the hole never leaks in."""
     return gaussian_blur(x * known, sigma) / gaussian_blur(known, sigma).clamp(min=1e-6)
@@ -166,10 +158,14 @@ class PSALInpaint(nn.Module):
         self.to_q = nn.Conv2d(c.width, c.attn_channels, 1)
         self.to_k = nn.Conv2d(c.width, c.attn_channels, 1)
         self.to_v = nn.Conv2d(c.width, c.width, 1)
-        self.attn = PSAL(c.attn_patch, c.attn_neighbors, c.attn_iterations, aggregation="center")
+        self.attn = PSAL(patch_size=c.attn_patch, neighbors=c.attn_neighbors, iterations=c.attn_iterations,
+                         aggregation="center")
         self.decoder = Decoder(c.width, tuple(c.decoder_dilations))
         self.refine = Refine(c.refine_width)
-        self.transfer = PSAL(3, 1, 0, temperature=c.detail_temperature, aggregation="patch")
+        # Attends with the NNF transfer_detail builds (it never searches): only its
+        # aggregation settings matter.
+        self.transfer = PSAL(patch_size=3, neighbors=1, iterations=0, temperature=c.detail_temperature,
+                             aggregation="patch")
 
     def forward(self, image: Tensor, mask: Tensor) -> Tensor:
         return self.run(Direct(), image=image, mask=mask)
@@ -188,7 +184,7 @@ class PSALInpaint(nn.Module):
         else:
             out = self.fill_ensemble(ex, image, mask)
         if self.config.detail:
-            out = ex.whole(self.add_detail, out, mask)
+            out = ex.whole(partial(self.add_detail, generator=ex.generator), out, mask)
         return out
 
     def working_size(self, height: int, width: int) -> tuple[int, int]:
@@ -231,22 +227,22 @@ class PSALInpaint(nn.Module):
         base = ex.whole(lambda x, m: pyramid_fill(x, m, self.config.prefill_iterations), image, mask)  # (B, 3, H, W)
         x, m = pad_to_multiple(base, 4), pad_to_multiple(mask, 4)
         feat = ex.local(self.encoder, x, m)  # (B, width, H/4, W/4)
-        attended = ex.whole(self.attend, feat, m)
+        attended = ex.whole(partial(self.attend, generator=ex.generator), feat, m)
         coarse = (base + ex.local(self.decoder, feat, attended)[..., :H, :W]).clamp(0, 1)  # (B, 3, H, W)
         comp = image + mask * coarse
         return image + mask * ex.local(self.refine, comp, mask)
 
-    def attend(self, feat: Tensor, mask: Tensor) -> Tensor:
+    def attend(self, feat: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """PSAL over the 1/4-size features: hole positions copy features of similar known patches."""
         hole = F.max_pool2d(mask, 4)  # (B, 1, h, w): any hole pixel in the cell
         key_mask = hole[:, 0] > 0
         # Where too few known key patches remain (a nearly full hole), let the hole be keys too.
         valid = valid_key_centres(feat.shape, self.attn.patch_size, key_mask).flatten(1).sum(1)
         key_mask = key_mask & (valid >= self.attn.neighbors)[:, None, None]
-        out = self.attn(self.to_q(feat), self.to_k(feat), self.to_v(feat), key_mask=key_mask)
+        out = self.attn(self.to_q(feat), self.to_k(feat), self.to_v(feat), key_mask=key_mask, generator=generator)
         return out * hole
 
-    def add_detail(self, fill: Tensor, mask: Tensor) -> Tensor:
+    def add_detail(self, fill: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Copy the high frequencies of matching known full-resolution patches into the hole.
 
         Works on the hole's box grown by the search margin; the low-pass that separates
@@ -258,10 +254,10 @@ class PSALInpaint(nn.Module):
         sigma = c.detail_sigma * max(1.0, max(H, W) / c.work_size)
         y0, y1, x0, x1 = hole_box(mask, c.detail_search + math.ceil(3 * sigma))
         out = fill.clone()
-        out[..., y0:y1, x0:x1] = self.transfer_detail(fill[..., y0:y1, x0:x1], mask[..., y0:y1, x0:x1], sigma)
+        out[..., y0:y1, x0:x1] = self.transfer_detail(fill[..., y0:y1, x0:x1], mask[..., y0:y1, x0:x1], sigma, generator)
         return out
 
-    def transfer_detail(self, fill: Tensor, mask: Tensor, sigma: float) -> Tensor:
+    def transfer_detail(self, fill: Tensor, mask: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
         """`add_detail` on a crop holding the hole.
 
         Queries and keys: the low-pass (σ) of the composite, in which the fill and the
@@ -316,7 +312,7 @@ class PSALInpaint(nn.Module):
         fq = torch.cat([F.avg_pool2d(q, f), w * eq], 1)  # (B, 4, hq, wq)
         fk = torch.cat([F.avg_pool2d(k, f), w * ek], 1)  # (B, 4, hk, wk)
         nnf = patchmatch(fq, fk, patch_size=c.detail_patch, neighbors=1,
-                         iterations=c.detail_iterations, key_mask=forbid).indices  # (B, hq, wq, 1)
+                         iterations=c.detail_iterations, key_mask=forbid, generator=generator).indices  # (B, hq, wq, 1)
         if c.detail_coherence > 0:
             valid = valid_key_centres(fk.shape, c.detail_patch, forbid)
             nnf = coherent_nnf(fq, fk, nnf[..., 0], valid, c.detail_patch, c.detail_coherence, c.detail_coherence_sweeps)[..., None]
@@ -331,8 +327,8 @@ class PSALInpaint(nn.Module):
         # the network's fill is already informed (thin scratches), and uncorrelated texture there
         # costs more accuracy than it adds; deep inside a large hole it is what makes it look real.
         # The ramp stays this narrow on a reduced photo: its fill holds none of the copied band
-        # even next to the seam, and a ramp widened with the reduction showed as a blurred strip
-        # along the hole's edge (12 MP: 8 px wide).
+        # even next to the seam, and a ramp widened with the reduction shows as a blurred strip
+        # along the hole's edge.
         weight = (2 * gaussian_blur(mask, c.detail_ramp) - 1).clamp(0, 1) * mask if c.detail_ramp > 0 else mask
         # The gain makes up for the fine contrast that a narrow (σ < 1 px) high-pass leaves out
         # at native size; on a reduced photo the band is wide and holds all the texture that the

@@ -34,7 +34,12 @@ class LocalStage(nn.Module):
 
 
 class Executor(Protocol):
-    """Runs the stages of a network; `Direct` or the engine's tiled executor."""
+    """Runs the stages of a network; `Direct` or the engine's tiled executor.
+
+    `generator` seeds the network's patch searches (None: torch's global generator).
+    """
+
+    generator: torch.Generator | None
 
     def local(self, stage: LocalStage, *inputs: Tensor) -> Tensor: ...
 
@@ -43,6 +48,9 @@ class Executor(Protocol):
 
 class Direct:
     """Calls every stage on whole tensors where they are: training and small images."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
 
     def local(self, stage: LocalStage, *inputs: Tensor) -> Tensor:
         return stage(*inputs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -98,19 +99,13 @@ class Attention(nn.Module):
         self.gamma = nn.Parameter(torch.tensor(0.1))
         self.psal = psal
 
-    def forward(self, feat: Tensor) -> Tensor:
+    def forward(self, feat: Tensor, generator: torch.Generator | None = None) -> Tensor:
         q, k = self.query(feat), self.key(feat)
-        nnf = self.psal.search(q, k)
-        if torch.is_grad_enabled():
-            return feat + self.gamma * self.out(self.value(self.psal.attend(q, k, feat, nnf.indices, nnf.distances)))
-        del q, k
-        values = feat.contiguous(memory_format=torch.channels_last)  # rows to gather: a copy only if not already so
-        out = torch.empty_like(feat)
-        rows = max(1, self.psal.query_chunk // feat.shape[-1])
-        for a in range(0, feat.shape[-2], rows):
-            band = self.psal.attend(None, None, values, nnf.indices[:, a : a + rows], nnf.distances[:, a : a + rows])
-            out[:, :, a : a + rows] = feat[:, :, a : a + rows] + self.gamma * self.out(self.value(band))
-        return out
+        nnf = self.psal.search(q, k, generator=generator)
+        if not torch.is_grad_enabled():
+            q = k = None  # freed: the NNF's distances are all that attending needs
+        return self.psal.attend(q, k, feat, nnf.indices, nnf.distances,
+                                finish=lambda band, rows: feat[:, :, rows] + self.gamma * self.out(self.value(band)))
 
 
 @register_model("psal-upscale")
@@ -118,6 +113,7 @@ class PSALUpscale(nn.Module):
     """EDSR-style ×2/×3/×4 super-resolution with a PSAL block between two residual bodies."""
 
     task = "upscale"
+    retired_config = ("exact_keys",)  # older files' search threshold: now the layer's EXACT_PAIRS
 
     @dataclass
     class Config:
@@ -130,13 +126,10 @@ class PSALUpscale(nn.Module):
         qk_channels: int = 16
         patch_size: int = 3
         neighbors: int = 4
-        # PatchMatch iterations (inference on maps above exact_keys). 3 is as good as 6 end to
-        # end, at 1 MP too (its extra matches are closer, not more useful), for 2/3 of the time.
+        # PatchMatch iterations (maps above attention.EXACT_PAIRS): more find closer matches,
+        # not more useful ones end to end.
         iterations: int = 3
         temperature: float = 1.0
-        # Maps of up to this many positions use the exhaustive search (training crops, small
-        # images: exact, and faster there), larger ones PatchMatch (3× faster at 250 k).
-        exact_keys: int = 1 << 14
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -145,7 +138,8 @@ class PSALUpscale(nn.Module):
         self.config = config
         c = config
         self.head = Head(c.channels, c.blocks_before, c.inner_channels)
-        psal = PSAL(c.patch_size, c.neighbors, c.iterations, c.temperature, aggregation="center", exact_pairs=c.exact_keys**2)
+        psal = PSAL(patch_size=c.patch_size, neighbors=c.neighbors, iterations=c.iterations,
+                    temperature=c.temperature, aggregation="center")
         self.attention = Attention(c.channels, c.qk_channels, psal) if c.attention else None
         self.tail = Tail(c.channels, c.blocks_after, c.scale, c.inner_channels)
 
@@ -202,7 +196,7 @@ class PSALUpscale(nn.Module):
         """image (B, 3, H, W) in [0, 1] → (B, 3, s·H, s·W) in [0, 1]."""
         feat = ex.local(self.head, image)
         if self.attention is not None:
-            feat = ex.whole(self.attention, feat)
+            feat = ex.whole(partial(self.attention, generator=ex.generator), feat)
         return ex.local(self.tail, feat, image).clamp(0, 1)
 
     def forward(self, image: Tensor) -> Tensor:

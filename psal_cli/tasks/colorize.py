@@ -15,6 +15,7 @@ exhaustive nearest 5×5 luminance patch of the reference.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -27,11 +28,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from psal_cli.attention import exact_knn
 from psal_cli.color import lab_to_rgb, rgb_to_lab, rgb_to_ycbcr, ycbcr_to_rgb
 from psal_cli.metrics import psnr, to_uint8_levels
-from psal_cli.networks.colorize import PSALColorize, exhaustive_knn, quantize8
+from psal_cli.networks.colorize import PSALColorize, quantize8
 from psal_cli.networks.stages import Direct
+from psal_cli.tasks.common import Report, model_to_evaluate, resume
 from psal_cli.training import TrainOptions, data_description, fit, image_files, load_photos
+
+log = logging.getLogger("psal")
 
 CROP = 0.7  # target and reference each take 70 % of the width
 
@@ -105,7 +110,6 @@ def train(
     seed: int = 0,
     limit: int | None = None,
     minutes: float | None = None,
-    log: Callable[[str], None] = print,
 ) -> Path:
     """Train (or, with `init`, resume) a colorization network on the photos in `data`.
 
@@ -113,22 +117,19 @@ def train(
     photos (quick runs). A resumed run keeps the init file's config and step count.
     Checkpoints go to `out` every 250 steps; returns `out`.
     """
-    from psal_cli.modelfile import load_model
-
     earlier = {}
     if init is not None:
-        model, info = load_model(init, task="colorize")
-        done, earlier = int(info.training.get("steps", 0)), dict(info.training)
+        model, done, earlier = resume(init, "colorize")
     else:
         torch.manual_seed(seed)
         model, done = PSALColorize(PSALColorize.Config()), 0
     photos = load_photos(Path(data), limit)
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device, minutes=minutes)
-    log(f"colorize: {sum(p.numel() for p in model.parameters())} parameters, {len(photos)} photos, "
+    log.info(f"colorize: {sum(p.numel() for p in model.parameters())} parameters, {len(photos)} photos, "
         f"from step {done}")
     meta = {**earlier, "data": data_description(data, len(photos), limit), "init": str(init or "")}
     fit(model, make_sampler(photos, batch, patch), chroma_l1, options, Path(out),
-        training_meta=meta, done_steps=done, log=log)
+        training_meta=meta, done_steps=done)
     return Path(out)
 
 
@@ -148,7 +149,7 @@ def reinhard(gray: Tensor, reference: Tensor) -> Tensor:
 def nearest_patch(gray: Tensor, reference: Tensor, patch_size: int = 5) -> Tensor:
     """Copy the CbCr of the centre of the exhaustive nearest luminance patch, keep the target Y."""
     ycc = rgb_to_ycbcr(reference)
-    nnf = exhaustive_knn(quantize8(gray), quantize8(ycc[:, :1]), patch_size, 1)
+    nnf = exact_knn(quantize8(gray), quantize8(ycc[:, :1]), patch_size=patch_size, neighbors=1, prune=True)
     B = reference.shape[0]
     chroma = ycc[:, 1:].flatten(2)  # (B, 2, Hr·Wr)
     index = nnf.indices.view(B, 1, -1).expand(-1, 2, -1)  # (B, 2, H·W)
@@ -192,26 +193,21 @@ def evaluate(
     nearest: bool = True,
     device: str = "cpu",
     seed: int = 0,
-    log: Callable[[str], None] | None = None,
 ) -> dict:
     """The guided-colorization protocol on the photos of `data` (BSD100: shared/data/val).
 
     `size` resizes every photo so its longest side is that many pixels first (None: full
     size); `limit` takes the first photos only; `nearest` also runs the exhaustive
     nearest-patch baseline (O(N²), pruned: a few seconds per 320-px image). `model` is a model
-    file, a loaded network, or None for the installed default. Returns
-    {"task", "size", "images": [rows], "mean": {...}, "baselines": {...}} where
-    mean/baselines hold {"plain": {psnr, ab_mae, y_err}, "flipped": {...}}.
+    file, a loaded network, or None for the installed default. The report's mean and
+    baselines hold {"plain": {psnr, ab_mae, y_err, seconds}, "flipped": {...}}.
     """
-    from psal_cli.modelfile import default_model_path, load_model
-
-    if not isinstance(model, nn.Module):
-        model = load_model(model or default_model_path("colorize"), task="colorize")[0]
+    model, name = model_to_evaluate(model, "colorize", device)
     dev = torch.device(device)
-    model = model.to(dev).eval()
-    files = image_files(data, limit)
+    files, start = image_files(data, limit), time.time()
     methods: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-        "psal": lambda g, r: model.run(Direct(), gray=g.to(dev), reference=r.to(dev)).cpu(),
+        "psal": lambda g, r: model.run(Direct(torch.Generator().manual_seed(seed)), gray=g.to(dev),
+                                       reference=r.to(dev)).cpu(),
         "reinhard": reinhard,
     }
     if nearest:
@@ -223,14 +219,12 @@ def evaluate(
         for variant, ref in (("plain", reference), ("flipped", reference.flip(-1))):
             row[variant] = {}
             for name, method in methods.items():
-                torch.manual_seed(seed)
                 start = time.time()
                 with torch.no_grad():
                     out = method(gray, ref)
                 row[variant][name] = {**scores(out, target, gray), "seconds": time.time() - start}
         rows.append(row)
-        if log:
-            log(f"[{i + 1}/{len(files)}] {path.stem}: " + "  ".join(
+        log.info(f"[{i + 1}/{len(files)}] {path.stem}: " + "  ".join(
                 f"{v} " + " ".join(f"{n} {row[v][n]['psnr']:.2f}/{row[v][n]['ab_mae']:.2f}" for n in methods)
                 for v in ("plain", "flipped")))
 
@@ -238,27 +232,28 @@ def evaluate(
         return {v: {m: float(np.mean([r[v][name][m] for r in rows])) for m in ("psnr", "ab_mae", "y_err", "seconds")}
                 for v in ("plain", "flipped")}
 
-    return {"task": "colorize", "size": size, "images": rows, "mean": mean("psal"),
-            "baselines": {name: mean(name) for name in methods if name != "psal"}}
+    return Report(task="colorize", data=str(data), model=name, settings={"size": size, "seed": seed}, images=rows,
+                  mean=mean("psal"), baselines={m: mean(m) for m in methods if m != "psal"},
+                  seconds=time.time() - start)
 
 
-def format_report(report: dict) -> str:
+def format_report(report: Report) -> str:
     """A readable table: PSNR (dB) / a,b MAE per method and reference variant, then y_err and time."""
-    size = f"longest side {report['size']} px" if report["size"] else "full size"
-    lines = [f"guided colorization, {len(report['images'])} images, {size} (PSNR dB / Lab a,b MAE; higher / lower is better)",
+    size = f"longest side {report.settings['size']} px" if report.settings["size"] else "full size"
+    lines = [f"guided colorization, {len(report.images)} images, {size} (PSNR dB / Lab a,b MAE; higher / lower is better)",
              f"{'method':<10} {'plain':>15} {'flipped':>15} {'|dY|':>8} {'s/image':>8}"]
-    for name, m in {"psal": report["mean"], **report["baselines"]}.items():
+    for name, m in {"psal": report.mean, **report.baselines}.items():
         cells = [f"{m[v]['psnr']:6.2f} / {m[v]['ab_mae']:5.2f}" for v in ("plain", "flipped")]
         lines.append(f"{name:<10} {cells[0]:>15} {cells[1]:>15} {max(m['plain']['y_err'], m['flipped']['y_err']):8.2f} "
                      f"{m['plain']['seconds'] + m['flipped']['seconds']:8.2f}")
     return "\n".join(lines)
 
 
-def metrics_for_file(report: dict) -> dict[str, float]:
+def metrics_for_file(report: Report) -> dict[str, float]:
     """Flat figures for the model file's metadata (what `psal models` shows)."""
-    tag = f"bsd100_{report['size'] or 'full'}"
+    tag = f"bsd100_{report.settings['size'] or 'full'}"
     flat = {}
-    for name, m in {"psal": report["mean"], **report["baselines"]}.items():
+    for name, m in {"psal": report.mean, **report.baselines}.items():
         for v in ("plain", "flipped"):
             prefix = tag if name == "psal" else f"{tag}_{name}"
             flat[f"{prefix}_{v}_psnr"] = round(m[v]["psnr"], 3)

@@ -9,6 +9,7 @@ random state, so the network practises exactly the kinds of holes it is judged o
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -24,11 +25,13 @@ from torch import Tensor, nn
 from psal_cli.color import rgb_to_luma
 from psal_cli.metrics import psnr, ssim, to_uint8_levels
 from psal_cli.networks.stages import Direct
+from psal_cli.tasks.choices import MASK_FAMILIES as FAMILIES
+from psal_cli.tasks.common import Report, model_to_evaluate, resume
 from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos, random_crop,
                                to_float)
 
-# family: (fraction of pixels low, high), (stroke width low, high) in pixels.
-FAMILIES = {"thin": ((0.05, 0.15), (3, 9)), "thick": ((0.25, 0.40), (15, 35)), "box": ((0.20, 0.30), None)}
+log = logging.getLogger("psal")
+
 RING = 8  # width in pixels of the known ring against which hole sharpness is compared
 
 
@@ -133,7 +136,6 @@ def train(
     seed: int = 0,
     checkpoint_every: int = 100,
     minutes: float | None = None,
-    log: Callable[[str], None] = print,
 ) -> None:
     """Train a `psal-inpaint` network (hole L1, Adam with cosine decay) and write it to `out`.
 
@@ -141,13 +143,11 @@ def train(
     `init` resumes from a model file: its config and step count carry on. Only the learned
     fill is trained; the full-resolution detail transfer has no weights.
     """
-    from psal_cli.modelfile import load_model
     from psal_cli.networks import create_model
 
     done, meta = 0, {}
     if init is not None:
-        model, info = load_model(init, task="inpaint")
-        done, meta = int(info.training.get("steps", 0)), dict(info.training)
+        model, done, meta = resume(init, "inpaint")
     else:
         torch.manual_seed(seed)
         model = create_model("psal-inpaint")
@@ -155,11 +155,11 @@ def train(
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, lr_final=lr / 50, seed=seed,
                            device=device, log_every=25, checkpoint_every=checkpoint_every, minutes=minutes)
     params = sum(p.numel() for p in model.parameters())
-    log(f"psal-inpaint: {params} parameters, {len(photos)} photos, {options.length} from step {done}")
+    log.info(f"psal-inpaint: {params} parameters, {len(photos)} photos, {options.length} from step {done}")
     fit(model, make_sampler(photos, batch, patch), hole_l1, options, Path(out),
         training_meta={**meta, "data": data_description(data, len(photos)), "loss": "L1 over hole pixels",
                        "masks": "thin/thick/box as in evaluation"},
-        done_steps=done, log=log)
+        done_steps=done)
 
 
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
@@ -214,10 +214,10 @@ def telea(image: Tensor, hole: Tensor) -> Tensor | None:
 
 def inpaint_tensor(model: nn.Module, image: Tensor, hole: Tensor, seed: int = 0) -> Tensor:
     """The model on one image (1, 3, H, W) with hole pixels zeroed, untiled; known pixels kept."""
-    torch.manual_seed(seed)  # PatchMatch's random init: reproducible figures
     device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model(image=(image * (1 - hole)).to(device), mask=hole.to(device)).cpu()
+    with torch.no_grad():  # the searches seeded: reproducible figures
+        out = model.run(Direct(torch.Generator().manual_seed(seed)), image=(image * (1 - hole)).to(device),
+                        mask=hole.to(device)).cpu()
     return torch.where(hole.bool(), out, image)
 
 
@@ -232,7 +232,6 @@ def evaluate(
     limit: int | None = None,
     seed: int = 0,
     device: str = "cpu",
-    log: Callable[[str], None] | None = None,
 ) -> dict:
     """The inpainting protocol on every image of `data` with the `masks` family; baselines alongside.
 
@@ -244,16 +243,9 @@ def evaluate(
     and OpenCV Telea (when opencv is installed). `model` is a model file (default: the
     shipped weights/inpaint) or a network.
     """
-    from psal_cli.modelfile import default_model_path, load_model
-
     if masks not in FAMILIES:
         raise ValueError(f"unknown mask family {masks!r} (known: {', '.join(FAMILIES)})")
-    if model is None:
-        model = default_model_path("inpaint")
-    name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
-    if isinstance(model, (str, Path)):
-        model = load_model(model, task="inpaint")[0]
-    model.to(device).eval()
+    model, name = model_to_evaluate(model, "inpaint", device)
     rows, start = [], time.time()
     for index, path in enumerate(image_files(data, limit)):
         truth = to_float(Image.open(path).convert("RGB"))
@@ -270,8 +262,7 @@ def evaluate(
             got["sharpness_rel"] = got["sharpness"] / row["true_sharpness"]
             row.update({(k if method == "model" else f"{method}_{k}"): v for k, v in got.items()})
         rows.append(row)
-        if log:
-            log(f"{row['name']}: {row['psnr']:.2f} dB, MAE {row['mae']:.1f}, sharpness {row['sharpness_rel']:.0%}"
+        log.info(f"{row['name']}: {row['psnr']:.2f} dB, MAE {row['mae']:.1f}, sharpness {row['sharpness_rel']:.0%}"
                 + (f" (telea {row['telea_psnr']:.2f} dB, MAE {row['telea_mae']:.1f})" if "telea_psnr" in row else ""))
 
     def mean(key: str) -> float:
@@ -279,43 +270,38 @@ def evaluate(
         return sum(values) / len(values) if values else math.nan
 
     keys = (*METRICS, "sharpness_rel")
-    return {
-        "task": "inpaint",
-        "masks": masks,
-        "seed": seed,
-        "data": str(data),
-        "model": name,
-        "images": rows,
-        "mean": {**{k: mean(k) for k in keys}, "true_sharpness": mean("true_sharpness"), "hole": mean("hole")},
-        "baselines": {b: {k: mean(f"{b}_{k}") for k in keys} for b in ("mean", "telea") if f"{b}_psnr" in rows[0]},
-        "seconds": time.time() - start,
-    }
+    return Report(
+        task="inpaint", data=str(data), model=name, settings={"masks": masks, "seed": seed}, images=rows,
+        mean={**{k: mean(k) for k in keys}, "true_sharpness": mean("true_sharpness"), "hole": mean("hole")},
+        baselines={b: {k: mean(f"{b}_{k}") for k in keys} for b in ("mean", "telea") if f"{b}_psnr" in rows[0]},
+        seconds=time.time() - start,
+    )
 
 
-def format_report(report: dict) -> str:
+def format_report(report: Report) -> str:
     """A per-image table (PSNR dB / hole MAE / sharpness % of the truth's) with the means, model beside the baselines."""
-    methods = ["model", *report["baselines"]]
+    methods = ["model", *report.baselines]
     head = f"{'image':<14} {'hole':>5}" + "".join(f" {m:>22}" for m in methods)
-    title = (f"inpaint, {report['masks']} masks on {report['data']} ({report['model']}): "
+    title = (f"inpaint, {report.settings['masks']} masks on {report.data} ({report.model}): "
              "PSNR dB / hole MAE 0-255 / sharpness % of the true image's")
     lines = [title, head, "-" * len(head)]
 
     def cell(values: dict, prefix: str = "") -> str:
         return f"{values[prefix + 'psnr']:6.2f} /{values[prefix + 'mae']:5.1f} /{100 * values[prefix + 'sharpness_rel']:4.0f}%"
 
-    for r in report["images"]:
+    for r in report.images:
         lines.append(f"{r['name'][:14]:<14} {100 * r['hole']:4.1f}%" + f" {cell(r):>22}"
-                     + "".join(f" {cell(r, b + '_'):>22}" for b in report["baselines"]))
-    m = report["mean"]
+                     + "".join(f" {cell(r, b + '_'):>22}" for b in report.baselines))
+    m = report.mean
     lines.append("-" * len(head))
     lines.append(f"{'mean':<14} {100 * m['hole']:4.1f}%" + f" {cell(m):>22}"
-                 + "".join(f" {cell(report['baselines'][b]):>22}" for b in report["baselines"]))
-    lines.append(f"SSIM: model {m['ssim']:.4f}" + "".join(f", {b} {v['ssim']:.4f}" for b, v in report["baselines"].items())
+                 + "".join(f" {cell(report.baselines[b]):>22}" for b in report.baselines))
+    lines.append(f"SSIM: model {m['ssim']:.4f}" + "".join(f", {b} {v['ssim']:.4f}" for b, v in report.baselines.items())
                  + f"; true image sharpness ratio {m['true_sharpness']:.3f}")
     return "\n".join(lines)
 
 
-def metrics_for_file(report: dict) -> dict:
+def metrics_for_file(report: Report) -> dict:
     """What `psal eval --save-metrics` records for this data set: every mask family measured so far.
 
     The CLI stores the result under the data set's name, so the figures of the families
@@ -327,8 +313,8 @@ def metrics_for_file(report: dict) -> dict:
         return {k: round(v, 4) for k, v in values.items()}
 
     earlier = {}
-    if Path(report["model"]).is_file():
-        earlier = read_info(report["model"]).metrics.get(Path(report["data"]).name, {})
-    figures = {**rounded(report["mean"]), **{name: rounded(v) for name, v in report["baselines"].items()},
-               "images": len(report["images"]), "seed": report["seed"]}
-    return {**earlier, report["masks"]: figures}
+    if Path(report.model).is_file():
+        earlier = read_info(report.model).metrics.get(Path(report.data).name, {})
+    figures = {**rounded(report.mean), **{name: rounded(v) for name, v in report.baselines.items()},
+               "images": len(report.images), "seed": report.settings["seed"]}
+    return {**earlier, report.settings["masks"]: figures}

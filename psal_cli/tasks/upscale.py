@@ -8,6 +8,7 @@ run, so every figure compares with published ×2/×3/×4 results.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from pathlib import Path
@@ -21,8 +22,12 @@ from torch import Tensor, nn
 from psal_cli.edit import check_size
 from psal_cli.engine import Options, run_network
 from psal_cli.metrics import psnr, rgb_to_y, shave, ssim, to_uint8_levels
+from psal_cli.tasks.choices import LOSSES
+from psal_cli.tasks.common import Report, model_to_evaluate, resume
 from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos, random_crop,
                                to_float)
+
+log = logging.getLogger("psal")
 
 BASELINES = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 
@@ -74,16 +79,15 @@ def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int, *, re
     return sample
 
 
-# L1 is the usual super-resolution loss (it trains faster and sharper than L2); a last
-# fine-tune with L2, the mean squared error that PSNR measures, still gains some PSNR.
-LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}
-
-
 def loss_function(name: str = "l1") -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
-    """The training loss `name` (`LOSSES`) of the network's output against the HR crop."""
+    """The training loss `name` (`LOSSES`) of the network's output against the HR crop.
+
+    L1 is the usual super-resolution loss (it trains faster and sharper than L2); a last
+    fine-tune with L2, the mean squared error that PSNR measures, still gains some PSNR.
+    """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r} (use {' or '.join(LOSSES)})")
-    pixel_loss = LOSSES[name]
+    pixel_loss = getattr(F, LOSSES[name])
 
     def loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         return pixel_loss(model(image=batch["image"]), batch["target"])
@@ -110,26 +114,17 @@ def evaluate(
     device: str = "cpu",
     seed: int = 0,
     ensemble: bool = False,
-    log: Callable[[str], None] | None = None,
 ) -> dict:
     """The super-resolution protocol on every image of `data`; bicubic and Lanczos alongside.
 
     `model` is a model file (default: the shipped weights/upscale-x<scale>) or a network;
     `seed` seeds PatchMatch on maps too large for the matrix-product search; `ensemble`
     averages the 8 flipped/transposed views (the engine's self-ensemble, `psal upscale --ensemble`).
-    Returns {"task", "scale", "data", "model", "images": [{name, psnr, ssim, bicubic_psnr, ...}],
-    "mean": {psnr, ssim}, "baselines": {bicubic: {psnr, ssim}, lanczos: {...}}, "seconds"}.
+    The report's rows are {name, psnr, ssim, bicubic_psnr, ...}, its mean {psnr, ssim}.
     """
-    from psal_cli.modelfile import default_model_path, load_model
-
-    if model is None:
-        model = default_model_path("upscale", scale)
-    name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
-    if isinstance(model, (str, Path)):
-        model = load_model(model, task="upscale")[0]
+    model, name = model_to_evaluate(model, "upscale", device, scale)
     if model.config.scale != scale:
         raise ValueError(f"{name} upscales ×{model.config.scale}, not ×{scale}")
-    model.to(device).eval()
     rows, start = [], time.time()
     for path in image_files(data, limit):
         hr_image, lr_image = degrade(Image.open(path).convert("RGB"), scale)
@@ -141,26 +136,20 @@ def evaluate(
             up = to_float(lr_image.resize(hr_image.size, method))
             row[f"{base}_psnr"], row[f"{base}_ssim"] = y_metrics(up, hr, scale)
         rows.append(row)
-        if log:
-            log(f"{row['name']}: {row['psnr']:.2f} dB (bicubic {row['bicubic_psnr']:.2f})")
+        log.info(f"{row['name']}: {row['psnr']:.2f} dB (bicubic {row['bicubic_psnr']:.2f})")
 
     def mean(key: str) -> float:
         return sum(r[key] for r in rows) / len(rows)
 
-    return {
-        "task": "upscale",
-        "scale": scale,
-        "data": str(data),
-        "model": name,
-        "ensemble": ensemble,
-        "images": rows,
-        "mean": {"psnr": mean("psnr"), "ssim": mean("ssim")},
-        "baselines": {b: {"psnr": mean(f"{b}_psnr"), "ssim": mean(f"{b}_ssim")} for b in BASELINES},
-        "seconds": time.time() - start,
-    }
+    return Report(
+        task="upscale", data=str(data), model=name, settings={"scale": scale, "ensemble": ensemble, "seed": seed},
+        images=rows, mean={"psnr": mean("psnr"), "ssim": mean("ssim")},
+        baselines={b: {"psnr": mean(f"{b}_psnr"), "ssim": mean(f"{b}_ssim")} for b in BASELINES},
+        seconds=time.time() - start,
+    )
 
 
-def metrics_for_file(report: dict) -> dict[str, float]:
+def metrics_for_file(report: Report) -> dict[str, float]:
     """The mean figures of a report as a model file records them (`psal eval --save-metrics`).
 
     Added to what the file holds for the data set: a self-ensemble run records
@@ -169,29 +158,29 @@ def metrics_for_file(report: dict) -> dict[str, float]:
     from psal_cli.modelfile import read_info
 
     kept = {}
-    if Path(report["model"]).is_file():
-        kept = read_info(report["model"]).metrics.get(Path(report["data"]).name, {})
-    m, b = report["mean"], report["baselines"]
-    if report.get("ensemble"):
+    if Path(report.model).is_file():
+        kept = read_info(report.model).metrics.get(Path(report.data).name, {})
+    m, b = report.mean, report.baselines
+    if report.settings["ensemble"]:
         return {**kept, "ensemble_psnr": round(m["psnr"], 3), "ensemble_ssim": round(m["ssim"], 4)}
     return {**kept, "psnr": round(m["psnr"], 3), "ssim": round(m["ssim"], 4),
             **{f"{name}_{k}": round(b[name][k], 3 if k == "psnr" else 4) for name in b for k in ("psnr", "ssim")}}
 
 
-def format_report(report: dict) -> str:
+def format_report(report: Report) -> str:
     """A per-image table (Y PSNR dB / SSIM) with the mean, model beside bicubic and Lanczos."""
     head = f"{'image':<20} {'model':>15} {'bicubic':>15} {'lanczos':>15}"
-    how = ", self-ensemble of 8 views" if report.get("ensemble") else ""
-    lines = [f"×{report['scale']} on {report['data']} ({report['model']}{how}), Y-channel PSNR dB / SSIM",
+    how = ", self-ensemble of 8 views" if report.settings["ensemble"] else ""
+    lines = [f"×{report.settings['scale']} on {report.data} ({report.model}{how}), Y-channel PSNR dB / SSIM",
              head, "-" * len(head)]
 
     def cell(psnr_: float, ssim_: float) -> str:
         return f"{psnr_:6.2f} / {ssim_:.4f}"
 
-    for r in report["images"]:
+    for r in report.images:
         lines.append(f"{r['name'][:20]:<20} {cell(r['psnr'], r['ssim']):>15} "
                      f"{cell(r['bicubic_psnr'], r['bicubic_ssim']):>15} {cell(r['lanczos_psnr'], r['lanczos_ssim']):>15}")
-    m, b = report["mean"], report["baselines"]
+    m, b = report.mean, report.baselines
     lines.append("-" * len(head))
     lines.append(f"{'mean':<20} {cell(m['psnr'], m['ssim']):>15} {cell(b['bicubic']['psnr'], b['bicubic']['ssim']):>15} "
                  f"{cell(b['lanczos']['psnr'], b['lanczos']['ssim']):>15}")
@@ -238,7 +227,6 @@ def train(
     val_images: int = 5,
     validate_every: int = 500,
     minutes: float | None = None,
-    log: Callable[[str], None] = print,
 ) -> None:
     """Train a `psal-upscale` network (L1 or `loss`, Adam with cosine decay) and write it to `out`.
 
@@ -254,7 +242,7 @@ def train(
     `validate_every` steps on `val_images` centre crops of `val` (default: `data`/../val
     when it exists), never used for training.
     """
-    from psal_cli.modelfile import load_model
+    from psal_cli.modelfile import load_model, read_info
     from psal_cli.networks import create_model
     from psal_cli.networks.upscale import PSALUpscale
 
@@ -268,27 +256,25 @@ def train(
     done, meta = 0, {}
     if init is None:
         model = PSALUpscale(PSALUpscale.Config(**{**(config or {}), "scale": scale, "attention": attention}))
+    elif read_info(init).config.get("scale") == scale:
+        model, done, meta = resume(init, "upscale")
+        if deepen:
+            model = model.deepen(deepen)
+        if widen:
+            model = model.widen(widen)
+        if grow:
+            meta["grown"] = meta.get("grown", []) + [f"{change} at step {done}" for change in grow]
+            log.info(f"grown ({', '.join(grow)}), the same function to start from")
     else:
         start, info = load_model(init, task="upscale")
-        if info.config["scale"] == scale:
-            model, done = start, int(info.training.get("steps", 0))
-            meta = dict(info.training)
-            if deepen:
-                model = model.deepen(deepen)
-            if widen:
-                model = model.widen(widen)
-            if grow:
-                meta["grown"] = meta.get("grown", []) + [f"{change} at step {done}" for change in grow]
-                log(f"grown ({', '.join(grow)}), the same function to start from")
-        elif grow:
+        if grow:
             raise ValueError(f"deepen/widen resume a ×{scale} network, {init} is ×{info.config['scale']}")
-        else:
-            model = create_model(info.architecture, **{**info.config, "scale": scale})
-            own = model.state_dict()
-            fits = {k: v for k, v in start.state_dict().items() if k in own and own[k].shape == v.shape}
-            model.load_state_dict(fits, strict=False)
-            meta["init_from"] = f"{Path(init).name} (×{info.config['scale']}, {info.training.get('steps', 0)} steps)"
-            log(f"initialised {len(fits)}/{len(own)} tensors from {init}")
+        model = create_model(info.architecture, **{**info.config, "scale": scale})
+        own = model.state_dict()
+        fits = {k: v for k, v in start.state_dict().items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(fits, strict=False)
+        meta["init_from"] = f"{Path(init).name} (×{info.config['scale']}, {info.training.get('steps', 0)} steps)"
+        log.info(f"initialised {len(fits)}/{len(own)} tensors from {init}")
     loss_fn = loss_function(loss)  # an unknown name fails before any photo is read
     if not 0 < rescale <= 1:
         raise ValueError(f"rescale must be in (0, 1], got {rescale:g}")
@@ -305,9 +291,9 @@ def train(
     val = val if val is not None else Path(data).parent / "val"
     validate = _validation(val, scale, val_images, crop=192) if val.is_dir() else None
     params = sum(p.numel() for p in model.parameters())
-    log(f"psal-upscale ×{scale}: {params} parameters, attention {model.config.attention}, "
+    log.info(f"psal-upscale ×{scale}: {params} parameters, attention {model.config.attention}, "
         f"{len(photos)} photos, {options.length} from step {done}")
     if rescale < 1 or colors:
         meta["augmented"] = meta.get("augmented", []) + [f"rescale {rescale:g}, colors {colors} from step {done}"]
     fit(model, make_sampler(photos, scale, batch, patch, rescale=rescale, colors=colors), loss_fn, options, Path(out),
-        training_meta=meta, done_steps=done, validate=validate, log=log)
+        training_meta=meta, done_steps=done, validate=validate)
