@@ -295,6 +295,7 @@ class _Search:
             window //= 2
         self.radii = torch.tensor(radii, device=device, dtype=torch.float32)  # (R,)
         self.near = torch.tensor(_NEAR, device=device, dtype=torch.int32)  # (8, 2)
+        self.sync_free = device.type != "cpu"  # no host synchronisation inside the search (`merge`)
 
     def index(self, rows: slice) -> Tensor:
         return torch.arange(rows.start, min(rows.stop, self.n), device=self.maps.q.device, dtype=torch.int32)
@@ -335,7 +336,12 @@ class _Search:
         improves a lot. The 2·held_n leave room for repeats of a key among them.
         """
         better = fresh < held[:, -1:]
-        width = min(int(better.sum(1).max()), 2 * self.held_n)
+        # The narrowest block that holds every query's improvements; on a GPU the widest
+        # (the same merge: the extra slots are empty and dropped), since reading a width
+        # back would stop the device's queue at every step.
+        width = min(fresh.shape[1], 2 * self.held_n)
+        if not self.sync_free:
+            width = min(int(better.sum(1).max()), width)
         block = torch.where(better, fresh, _EMPTY).topk(width, 1, largest=False, sorted=False).values
         merged = torch.cat([held, block], 1).sort(1).values  # repeats of a key end up side by side
         keys = merged.int()
