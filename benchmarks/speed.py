@@ -115,12 +115,13 @@ def row(command: str, megapixels: float, precision: str, half: bool, device: str
     return {"command": COMMANDS[command], "megapixels": megapixels, "precision": name, **result}
 
 
-# (what, psal eval arguments, the figures compared): what the --precision bound is about.
+# (what, psal eval arguments, the figures compared, as paths into the report's mean):
+# what the --precision bound is about.
 QUALITY = [
-    *((f"upscale x{s} {d}", ["upscale", "--scale", str(s), "--data", str(DATA / d)], ["psnr"])
+    *((f"upscale x{s} {d}", ["upscale", "--scale", str(s), "--data", str(DATA / d)], [("psnr",)])
       for d in ("set5", "set14") for s in (2, 3, 4)),
-    *((f"inpaint {m}", ["inpaint", "--masks", m], ["psnr", "mae"]) for m in ("thin", "thick", "box")),
-    ("colorize", ["colorize"], ["psnr"]),
+    *((f"inpaint {m}", ["inpaint", "--masks", m], [("psnr",), ("mae",)]) for m in ("thin", "thick", "box")),
+    ("colorize", ["colorize", "--no-nearest"], [("plain", "psnr"), ("flipped", "psnr")]),
 ]
 
 
@@ -130,15 +131,18 @@ def quality(threads: int, limit: int | None, only: list[str] | None) -> dict:
     for what, args, figures in QUALITY:
         if only and not any(what.startswith(o) for o in only):
             continue
+        extra = ["--limit", str(limit)] if limit and "--data" not in args else []
         means = {}
         for precision in ("fp32", "auto"):
-            extra = ["--limit", str(limit)] if limit and "--data" not in args else []
             run = subprocess.run([sys.executable, "-m", "psal_cli", "eval", *args, *extra, "--threads", str(threads),
                                   "--precision", precision, "--json"], capture_output=True, text=True, cwd=ROOT, check=True)
             means[precision] = json.loads(run.stdout)["mean"]
-        out[what] = {"limit": extra[1] if extra else None,
-                     **{f: {"fp32": means["fp32"][f], "auto": means["auto"][f],
-                            "delta": means["auto"][f] - means["fp32"][f]} for f in figures if f in means["fp32"]}}
+        out[what] = {"limit": limit if extra else None}
+        for path in figures:
+            value = {p: means[p] for p in means}
+            for key in path:
+                value = {p: v[key] for p, v in value.items()}
+            out[what][" ".join(path)] = {**value, "delta": value["auto"] - value["fp32"]}
         print(what, json.dumps(out[what]), flush=True)
     return out
 
