@@ -778,8 +778,10 @@ def evaluate(
                  ensemble=ensemble, device=_device(device), seed=seed)
     with _reported(debug):
         from psal_cli.engine import autocast, resolve_device
+        from psal_cli.networks import auto_bf16
 
-        with autocast(resolve_device(given["device"]), precision.value):
+        chosen = "fp32" if precision == Precision.auto and not auto_bf16(task.value) else precision.value
+        with autocast(resolve_device(given["device"]), chosen):
             report = _task_call(task, "evaluate", given)
         module = sys.modules[f"psal_cli.tasks.{task.value}"]
         typer.echo(json.dumps(asdict(report), indent=2, default=str) if json_report else module.format_report(report))

@@ -306,12 +306,14 @@ def run_network(
     if options.views not in (1, 2, 4, 8):  # the first 2 and 4 views are mirror images, 8 adds transposes
         raise ValueError(f"views must be 1, 2, 4 or 8, got {options.views}")
     model = model.to(device, memory_format=Tiled.layout_for(device)).eval()
+    # `auto` takes bfloat16 only for networks whose figures it keeps (`auto_bf16`).
+    precision = "fp32" if options.precision == "auto" and not getattr(model, "auto_bf16", False) else options.precision
     total = None
     with torch.inference_mode():
         for which in range(options.views):
             generator = torch.Generator().manual_seed(options.seed)
             executor = Tiled(device, tile, options.tile_overlap, options.half, on_tile, generator=generator,
-                             precision=options.precision)
+                             precision=precision)
             out = model.run(executor, **{name: view(x.float().cpu(), which) for name, x in inputs.items()})
             out = view(out.float().cpu(), which, undo=True)
             total = out if total is None else total.add_(out)

@@ -353,3 +353,18 @@ def test_runs_leave_torch_global_generator_alone() -> None:
     with torch.inference_mode():  # the same executor drawing from the global generator
         assert torch.equal(out, model.run(Tiled(torch.device("cpu"), 0), **inputs))
     assert not torch.equal(out, run_network(model, inputs, Options(device="cpu", precision="fp32", tile=0, seed=8)))
+
+
+@pytest.mark.parametrize("name, auto", [("upscale-x3", "bf16"), ("inpaint", "fp32"), ("colorize", "fp32")])
+def test_auto_precision_takes_bfloat16_only_for_networks_that_keep_their_figures(
+        name: str, auto: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from psal_cli import engine
+    from psal_cli.networks import create_model
+
+    monkeypatch.setattr(engine, "native_bf16", lambda device: True)
+    architecture, config = TINY_NETWORKS[name]
+    torch.manual_seed(0)
+    model = create_model(architecture, **config).eval()
+    inputs = tiny_inputs(architecture, 40, 40)
+    chosen = run_network(model, inputs, Options(device="cpu", precision="auto", seed=1))
+    assert torch.equal(chosen, run_network(model, inputs, Options(device="cpu", precision=auto, seed=1)))
