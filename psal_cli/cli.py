@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -46,12 +47,14 @@ class Task(str, Enum):
 Masks = Enum("Masks", {name: name for name in MASK_FAMILIES}, type=str)
 Loss = Enum("Loss", {name: name for name in LOSSES}, type=str)
 Degradation = Enum("Degradation", {name: name for name in DEGRADATIONS}, type=str)
+# engine.PRECISIONS, written out: importing the engine imports torch (tests/test_cli.py ties the two).
+Precision = Enum("Precision", {name: name for name in ("auto", "fp32", "bf16")}, type=str)
 
 
 # -- shared options: each declared once, as an Annotated type the commands' signatures use ----
 
 IO, BATCH, RUN, CLUSTER = "Input and output", "Batches", "Device and tiling", "Many machines"
-DEVICE_HELP, THREADS_HELP, DEBUG_HELP = ("auto, cpu, cuda, cuda:N or mps.", "CPU threads. Default: torch's choice.",
+DEVICE_HELP, THREADS_HELP, DEBUG_HELP = ("auto, cpu, cuda, cuda:N or mps.", "CPU threads. Default: the idle cores.",
                                          "Show tracebacks and debug messages.")
 
 Inputs = Annotated[list[str], typer.Argument(
@@ -93,6 +96,10 @@ Device = Annotated[str, typer.Option("--device", "-d", rich_help_panel=RUN, help
 Half = Annotated[bool, typer.Option(
     "--half", rich_help_panel=RUN, help="Run the convolutions in float16 on a GPU (patch searches stay float32).")]
 Threads = Annotated[int | None, typer.Option("--threads", min=1, rich_help_panel=RUN, help=THREADS_HELP)]
+PRECISION_HELP = ("The convolutions on the CPU: bf16 (bfloat16, several times faster where the CPU has it "
+                  "natively), fp32, or auto: bf16 where native (patch searches stay float32).")
+PrecisionOption = Annotated[Precision, typer.Option(
+    "--precision", case_sensitive=False, rich_help_panel=RUN, help=PRECISION_HELP)]
 Seed = Annotated[int, typer.Option(
     "--seed", rich_help_panel=RUN,
     help="Random seed (PSAL's patch search is stochastic): same seed, device and input, same output.")]
@@ -135,6 +142,7 @@ class Common:
     debug: bool
     device: str
     half: bool
+    precision: Precision
     threads: int | None
     seed: int
     tile: int | None
@@ -267,7 +275,7 @@ def _batch(task: str, c: Common, body: Callable[[Invocation], Callable[..., Any]
         half = False
     _threads(c.threads)
     options = Options(device=c.device, tile=c.tile, tile_overlap=c.tile_overlap, half=half,
-                      seed=c.seed)
+                      precision=c.precision.value, seed=c.seed)
     # --ext names every output that goes to standard output (-o -, or - in without -o).
     stdout_format = batch.FORMATS[batch.normalise_ext(c.ext)] if c.ext else None
     from psal_cli.imageio import large_images
@@ -291,7 +299,8 @@ def _ray_batch(task: str, c: Common, body: Callable[[Invocation], Callable[..., 
     from psal_cli import ray
     from psal_cli.engine import Options
 
-    options = Options(device=c.device, tile=c.tile, tile_overlap=c.tile_overlap, half=c.half, seed=c.seed)
+    options = Options(device=c.device, tile=c.tile, tile_overlap=c.tile_overlap, half=c.half,
+                      precision=c.precision.value, seed=c.seed)
     edit = body(Invocation(task, c, options, on_tile=None))
     order = {item.name: k for k, item in enumerate(items)}
     with Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
@@ -371,7 +380,7 @@ def inpaint(
     output: Output = None, model: Model = None, quality: Quality = None, recursive: Recursive = False,
     suffix: Suffix = None, ext: Ext = None, overwrite: Overwrite = False, skip_existing: SkipExisting = False,
     shard: Shard = None, json_summary: JsonSummary = False, quiet: Quiet = False, debug: Debug = False,
-    device: Device = "auto", half: Half = False, threads: Threads = None, seed: Seed = 0, tile: Tile = None,
+    device: Device = "auto", half: Half = False, precision: PrecisionOption = Precision.auto, threads: Threads = None, seed: Seed = 0, tile: Tile = None,
     tile_overlap: TileOverlap = None, ray: Ray = False,
     ray_address: RayAddress = None, workers: Workers = None,
 ) -> None:
@@ -407,7 +416,7 @@ def colorize(
     output: Output = None, model: Model = None, quality: Quality = None, recursive: Recursive = False,
     suffix: Suffix = None, ext: Ext = None, overwrite: Overwrite = False, skip_existing: SkipExisting = False,
     shard: Shard = None, json_summary: JsonSummary = False, quiet: Quiet = False, debug: Debug = False,
-    device: Device = "auto", half: Half = False, threads: Threads = None, seed: Seed = 0, tile: Tile = None,
+    device: Device = "auto", half: Half = False, precision: PrecisionOption = Precision.auto, threads: Threads = None, seed: Seed = 0, tile: Tile = None,
     tile_overlap: TileOverlap = None, ray: Ray = False,
     ray_address: RayAddress = None, workers: Workers = None,
 ) -> None:
@@ -441,7 +450,7 @@ def upscale(
     output: Output = None, model: Model = None, quality: Quality = None, recursive: Recursive = False,
     suffix: Suffix = None, ext: Ext = None, overwrite: Overwrite = False, skip_existing: SkipExisting = False,
     shard: Shard = None, json_summary: JsonSummary = False, quiet: Quiet = False, debug: Debug = False,
-    device: Device = "auto", half: Half = False, threads: Threads = None, seed: Seed = 0, tile: Tile = None,
+    device: Device = "auto", half: Half = False, precision: PrecisionOption = Precision.auto, threads: Threads = None, seed: Seed = 0, tile: Tile = None,
     tile_overlap: TileOverlap = None, ray: Ray = False,
     ray_address: RayAddress = None, workers: Workers = None,
 ) -> None:
@@ -660,10 +669,21 @@ def _folder(path: Path, what: str) -> Path:
 
 
 def _threads(threads: int | None) -> None:
-    if threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or default_threads())
+
+
+def default_threads() -> int:
+    """The cores this process may use, less the machine's load (at least one).
+
+    A thread pool larger than the idle cores makes every small tensor operation wait for a
+    descheduled thread; one thread per idle core keeps concurrent runs as fast as
+    sequential ones.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - load)))
 
 
 @app.command()
@@ -767,6 +787,9 @@ def evaluate(
         "(σ 0.3-2 px), reduced by bicubic, bilinear or box, noisy (σ 0-8) and saved as JPEG (quality 40-90), "
         "a draw of its own seeded by --seed.")] = None,
     device: Annotated[str, typer.Option("--device", "-d", help=DEVICE_HELP)] = "auto",
+    precision: Annotated[Precision, typer.Option(
+        "--precision", case_sensitive=False, help="The convolutions on the CPU, as the image commands' --precision.")
+    ] = Precision.auto,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help=THREADS_HELP)] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
     json_report: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
@@ -801,7 +824,12 @@ def evaluate(
                  patchmatch=patchmatch, ensemble=ensemble, degradation=degradation and degradation.value,
                  device=_device(device), seed=seed)
     with _reported(debug):
-        report = _task_call(task, "evaluate", given)
+        from psal_cli.engine import autocast, resolve_device
+        from psal_cli.networks import auto_bf16
+
+        chosen = "fp32" if precision == Precision.auto and not auto_bf16(task.value) else precision.value
+        with autocast(resolve_device(given["device"]), chosen):
+            report = _task_call(task, "evaluate", given)
         module = sys.modules[f"psal_cli.tasks.{task.value}"]
         typer.echo(json.dumps(asdict(report), indent=2, default=str) if json_report else module.format_report(report))
         if save_metrics:  # kept per data set, beside what the file already records
@@ -835,5 +863,8 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main() -> None:
     """Console entry point (`psal`, `python -m psal_cli`)."""
+    # Waiting OpenMP threads sleep instead of spinning, unless the user chose otherwise: on a
+    # busy machine a spinning pool holds cores other processes need. Read when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="psal")

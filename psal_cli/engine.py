@@ -37,6 +37,7 @@ class Options:
     tile: int | None = None  # tile side in pixels (at each stage's larger resolution); 0 = whole; None = auto
     tile_overlap: int | None = None  # context around a tile; None = the stage's receptive radius (exact)
     half: bool = False  # float16 on CUDA/MPS; ignored on CPU
+    precision: str = "auto"  # the convolutions on the CPU: auto | fp32 | bf16 (`resolve_precision`)
     seed: int = 0
     views: int = 1  # geometric self-ensemble: mean output over 1, 2, 4 or 8 flips/transposes (stages.VIEWS)
 
@@ -64,6 +65,39 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"unsupported device {name!r} (use auto, cpu, cuda, cuda:N or mps)")
     return device
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bfloat16 natively (a CPU with AVX-512 BF16 or AMX)."""
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the convolutions on the CPU for `--precision`, or None (float32).
+
+    bfloat16 autocast makes the networks' convolutions several times faster on a CPU that
+    has it natively and emulates it slowly elsewhere, so `auto` takes it only where native.
+    PSAL's searches stay float32 under any precision (`attention.full_precision`). On a
+    GPU the precision is `--half`'s: float16 autocast.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device.type != "cpu" or precision == "fp32":
+        return None
+    if precision == "auto" and not native_bf16(device):
+        return None
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, precision: str) -> ContextManager:
+    """Autocast for `--precision` on `device` (nothing when that is float32)."""
+    dtype = resolve_precision(precision, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 class NotEnoughMemory(ValueError):
@@ -180,20 +214,32 @@ class Tiled:
         half: bool = False,
         on_tile: OnTile | None = None,
         storage: torch.device = torch.device("cpu"),
+        precision: str = "fp32",
         generator: torch.Generator | None = None,
     ) -> None:
         self.device, self.tile, self.overlap, self.on_tile, self.storage = device, tile, overlap, on_tile, storage
         self.generator = generator
         self.half = half and device.type in ("cuda", "mps")
+        self.dtype = torch.float16 if self.half else resolve_precision(precision, device)
+        self.layout = self.layout_for(device)
+
+    @staticmethod
+    def layout_for(device: torch.device) -> torch.memory_format:
+        """Channels-last on the CPU: its convolutions run faster so, and PSAL gathers pixel rows."""
+        return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
     def _precision(self) -> ContextManager:
-        if self.half:
-            return torch.autocast(self.device.type, dtype=torch.float16)
+        if self.dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.dtype)
         return nullcontext()
+
+    def _to_device(self, x: Tensor) -> Tensor:
+        x = x.to(self.device)
+        return x.contiguous(memory_format=self.layout) if x.dim() == 4 else x
 
     def whole(self, fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
         with self._precision():
-            out = fn(*(x.to(self.device) for x in inputs))
+            out = fn(*(self._to_device(x) for x in inputs))
         return out.float().to(self.storage)
 
     def local(self, stage: LocalStage, *inputs: Tensor) -> Tensor:
@@ -214,7 +260,7 @@ class Tiled:
                 y1, x1 = min(H, y0 + side), min(W, x0 + side)
                 cy0, cx0 = max(0, y0 - context), max(0, x0 - context)
                 cy1, cx1 = min(H, y1 + context), min(W, x1 + context)
-                crops = [x[..., cy0:cy1, cx0:cx1].to(self.device) for x in inputs]
+                crops = [self._to_device(x[..., cy0:cy1, cx0:cx1]) for x in inputs]
                 with self._precision():
                     result = stage(*crops)
                 if out is None:
@@ -259,12 +305,15 @@ def run_network(
         raise ValueError(f"tile must be >= 0 (0 = whole image), got {tile}")
     if options.views not in (1, 2, 4, 8):  # the first 2 and 4 views are mirror images, 8 adds transposes
         raise ValueError(f"views must be 1, 2, 4 or 8, got {options.views}")
-    model = model.to(device).eval()
+    model = model.to(device, memory_format=Tiled.layout_for(device)).eval()
+    # `auto` takes bfloat16 only for networks whose figures it keeps (`auto_bf16`).
+    precision = "fp32" if options.precision == "auto" and not getattr(model, "auto_bf16", False) else options.precision
     total = None
     with torch.inference_mode():
         for which in range(options.views):
             generator = torch.Generator().manual_seed(options.seed)
-            executor = Tiled(device, tile, options.tile_overlap, options.half, on_tile, generator=generator)
+            executor = Tiled(device, tile, options.tile_overlap, options.half, on_tile, generator=generator,
+                             precision=precision)
             out = model.run(executor, **{name: view(x.float().cpu(), which) for name, x in inputs.items()})
             out = view(out.float().cpu(), which, undo=True)
             total = out if total is None else total.add_(out)

@@ -89,6 +89,24 @@ def test_a_gpu_keeps_enough_search_steps_per_iteration() -> None:
     assert attention._search_chunk(gpu, 10**7) == attention._GPU_CHUNK
 
 
+@pytest.mark.parametrize("case", NATURAL)
+def test_the_gpus_merge_without_host_synchronisation_finds_the_same_matches(case: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the merge takes a fixed-width block instead of reading the widest
+    improvement back from the device: the same matches, run here on the CPU."""
+    query, key = NATURAL[case]()
+    narrow = patchmatch(query, key, generator=seeded())
+    init = attention._Search.__init__
+
+    def sync_free(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        self.sync_free = True
+
+    monkeypatch.setattr(attention._Search, "__init__", sync_free)
+    wide = patchmatch(query, key, generator=seeded())
+    assert torch.equal(wide.indices, narrow.indices) and torch.equal(wide.distances, narrow.distances)
+
+
 def test_patchmatch_distance_ratio_on_random_maps() -> None:
     g = seeded(1)
     query, key = torch.randn(2, 8, 32, 32, generator=g), torch.randn(2, 8, 40, 36, generator=g)

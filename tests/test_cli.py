@@ -68,10 +68,12 @@ def test_help_imports_no_torch() -> None:
 
 
 def test_choices_are_the_tasks_lists() -> None:
-    from psal_cli.cli import Loss, Masks
+    from psal_cli.cli import Loss, Masks, Precision
+    from psal_cli.engine import PRECISIONS
     from psal_cli.tasks import inpaint, upscale
 
     assert [m.value for m in Masks] == list(inpaint.FAMILIES)
+    assert [p.value for p in Precision] == list(PRECISIONS)
     assert [loss.value for loss in Loss] == list(upscale.LOSSES)
     for name in upscale.LOSSES:  # every name the CLI offers is a loss the task computes
         batch = {"image": torch.rand(1, 3, 4, 4), "target": torch.rand(1, 3, 4, 4)}
@@ -614,3 +616,20 @@ def test_models_lists_installed_and_given_files(weights: Path) -> None:
     write_metrics(Path("mine.safetensors"), {"Set5": {"psnr": 30.1, "ssim": 0.91, "bicubic_psnr": 28.4}})
     table = psal("models", "mine.safetensors").stdout  # the model's own PSNR; baselines only in --json
     assert "Set5.psnr=30.10" in table and "bicubic" not in table and "0.91" not in table
+
+
+@pytest.mark.parametrize("cores, load, threads", [({0, 1}, 0.1, 2), ({0, 1}, 1.2, 1), ({0, 1}, 7.0, 1), ({3}, 0.0, 1),
+                                                   (set(range(8)), 2.6, 5)])
+def test_default_threads_are_the_idle_cores(cores: set[int], load: float, threads: int,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from psal_cli import cli
+
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: cores, raising=False)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, load, load), raising=False)
+    assert cli.default_threads() == threads
+
+
+def test_unknown_precision_is_a_usage_error() -> None:
+    make_image("in.png")
+    result = psal("upscale", "in.png", "--precision", "fp16", code=2)
+    assert "fp16" in result.stderr and not Path("in_upscaled.png").exists()

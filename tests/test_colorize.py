@@ -80,8 +80,8 @@ def test_tiled_engine_equals_whole_image(exact_pairs: int, monkeypatch: pytest.M
     monkeypatch.setattr(attention, "EXACT_PAIRS", exact_pairs)
     model = tiny()
     gray, ref = rgb_to_luma(example("chelsea.png", 50)), example("coffee.png", 40)
-    whole = run_network(model, {"gray": gray, "reference": ref}, Options(device="cpu", tile=0))
-    tiled = run_network(model, {"gray": gray, "reference": ref}, Options(device="cpu", tile=16))
+    whole = run_network(model, {"gray": gray, "reference": ref}, Options(device="cpu", precision="fp32", tile=0))
+    tiled = run_network(model, {"gray": gray, "reference": ref}, Options(device="cpu", precision="fp32", tile=16))
     assert torch.allclose(whole, tiled, atol=1e-5)
 
 

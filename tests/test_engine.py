@@ -68,7 +68,7 @@ def test_tiled_equals_untiled(size: tuple[int, int], tile: int) -> None:
     torch.manual_seed(5)
     with torch.no_grad():
         whole = net.run(Direct(), image)
-    tiled = run_network(net, {"image": image}, Options(device="cpu", tile=tile, seed=5))
+    tiled = run_network(net, {"image": image}, Options(device="cpu", precision="fp32", tile=tile, seed=5))
     assert tiled.shape == whole.shape == (1, 3, *size)
     assert (tiled - whole).abs().max().item() < 1e-4
 
@@ -128,11 +128,11 @@ def test_attention_stays_global_under_tiling() -> None:
     hidden = torch.zeros(1, 1, 96, 96)
     hidden[..., 62:94, 62:94] = 1
     net = CopyFromFar()
-    tiled = run_network(net, {"image": image, "hidden": hidden}, Options(device="cpu", tile=32))
+    tiled = run_network(net, {"image": image, "hidden": hidden}, Options(device="cpu", precision="fp32", tile=32))
     region = (..., slice(70, 86), slice(70, 86))
     error = (tiled[region] - image[region]).abs().mean()
     assert error < 0.05  # the stripes, in phase, from 60+ pixels and two tiles away
-    assert torch.allclose(tiled, run_network(net, {"image": image, "hidden": hidden}, Options(device="cpu", tile=0)), atol=1e-4)
+    assert torch.allclose(tiled, run_network(net, {"image": image, "hidden": hidden}, Options(device="cpu", precision="fp32", tile=0)), atol=1e-4)
 
 
 def test_resolve_device() -> None:
@@ -147,8 +147,8 @@ def test_resolve_device() -> None:
 def test_same_seed_same_output() -> None:
     net = Mixed().eval()
     image = torch.rand(1, 3, 30, 30)
-    a = run_network(net, {"image": image}, Options(device="cpu", tile=16, seed=3))
-    b = run_network(net, {"image": image}, Options(device="cpu", tile=16, seed=3))
+    a = run_network(net, {"image": image}, Options(device="cpu", precision="fp32", tile=16, seed=3))
+    b = run_network(net, {"image": image}, Options(device="cpu", precision="fp32", tile=16, seed=3))
     assert torch.equal(a, b)
 
 
@@ -185,14 +185,14 @@ def test_self_ensemble_is_the_mean_over_the_eight_views() -> None:
         truth = _dihedral_mean(net, image)
         plain = net(image)
     for tile in (0, 16):
-        got = run_network(net, {"image": image}, Options(device="cpu", tile=tile, views=8))
+        got = run_network(net, {"image": image}, Options(device="cpu", precision="fp32", tile=tile, views=8))
         torch.testing.assert_close(got, truth, atol=1e-5, rtol=1e-5)
     assert (got - plain).abs().max() > 1e-3  # a random network is no more symmetric than that
-    two = run_network(net, {"image": image}, Options(device="cpu", tile=0, views=2))
+    two = run_network(net, {"image": image}, Options(device="cpu", precision="fp32", tile=0, views=2))
     with torch.no_grad():
         torch.testing.assert_close(two, (plain + net(image.flip(-1)).flip(-1)) / 2, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="views must be 1, 2, 4 or 8"):
-        run_network(net, {"image": image}, Options(device="cpu", views=3))
+        run_network(net, {"image": image}, Options(device="cpu", precision="fp32", views=3))
 
 
 def test_self_ensemble_of_a_symmetric_network_changes_nothing() -> None:
@@ -206,8 +206,8 @@ def test_self_ensemble_of_a_symmetric_network_changes_nothing() -> None:
                 views += [v.flip(dims) for v in views for dims in ((-1,), (-2,), (-2, -1))]
                 w.copy_(sum(views) / 8)
     image = torch.rand(1, 3, 19, 26)
-    plain = run_network(net, {"image": image}, Options(device="cpu"))
-    torch.testing.assert_close(run_network(net, {"image": image}, Options(device="cpu", views=8)), plain, atol=1e-5, rtol=1e-5)
+    plain = run_network(net, {"image": image}, Options(device="cpu", precision="fp32"))
+    torch.testing.assert_close(run_network(net, {"image": image}, Options(device="cpu", precision="fp32", views=8)), plain, atol=1e-5, rtol=1e-5)
 
 
 TINY_NETWORKS = {
@@ -254,8 +254,8 @@ def test_every_network_tiled_equals_untiled(name: str, size: tuple[int, int]) ->
     torch.manual_seed(0)
     model = create_model(architecture, **config).eval()
     inputs = tiny_inputs(architecture, *size)
-    whole = run_network(model, inputs, Options(device="cpu", tile=0, seed=1))
-    tiled = run_network(model, inputs, Options(device="cpu", tile=16, seed=1))
+    whole = run_network(model, inputs, Options(device="cpu", precision="fp32", tile=0, seed=1))
+    tiled = run_network(model, inputs, Options(device="cpu", precision="fp32", tile=16, seed=1))
     assert tiled.shape == whole.shape
 
     def agreement(out: Tensor) -> float:
@@ -264,7 +264,7 @@ def test_every_network_tiled_equals_untiled(name: str, size: tuple[int, int]) ->
     assert agreement(tiled) >= 0.97
     assert (tiled - whole).abs().max().item() <= 0.02
     if min(size) > 32:  # several tiles each way
-        seamy = run_network(model, inputs, Options(device="cpu", tile=16, tile_overlap=0, seed=1))
+        seamy = run_network(model, inputs, Options(device="cpu", precision="fp32", tile=16, tile_overlap=0, seed=1))
         assert agreement(seamy) < 0.97
 
 
@@ -278,11 +278,15 @@ SEARCH_CASES = {  # each network with each search (PatchMatch: EXACT_PAIRS = 0):
 }
 
 
+@pytest.mark.parametrize("precision, tolerance", [("fp16", 2 / 255), ("bf16", 16 / 255)])
 @pytest.mark.parametrize("name", list(SEARCH_CASES))
-def test_every_network_runs_in_half_precision(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`--half` on a GPU runs the stages under float16 autocast; the CPU's float16 autocast
-    stands in for it. The searches must keep to float32 (a float16 query map once met the
-    float32 search tables in one matrix product on CUDA), and the output stay close."""
+def test_every_network_runs_in_half_precision(name: str, precision: str, tolerance: float,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--half` on a GPU runs the stages under float16 autocast (the CPU's float16 autocast
+    stands in for it), `--precision bf16` under bfloat16 autocast on the CPU. The searches
+    must keep to float32 (a float16 query map once met the float32 search tables in one
+    matrix product on CUDA), and the output stay close: bfloat16 keeps 3 fewer mantissa
+    bits than float16, hence 8× the tolerance."""
     from psal_cli.networks import create_model
 
     (architecture, config), exact_pairs = SEARCH_CASES[name]
@@ -290,11 +294,27 @@ def test_every_network_runs_in_half_precision(name: str, monkeypatch: pytest.Mon
     torch.manual_seed(0)
     model = create_model(architecture, **config).eval()
     inputs = tiny_inputs(architecture, 40, 40)
-    full = run_network(model, inputs, Options(device="cpu", seed=1))
-    monkeypatch.setattr(Tiled, "_precision", lambda self: torch.autocast("cpu", dtype=torch.float16))
-    half = run_network(model, inputs, Options(device="cpu", seed=1))
+    full = run_network(model, inputs, Options(device="cpu", precision="fp32", seed=1))
+    if precision == "fp16":
+        monkeypatch.setattr(Tiled, "_precision", lambda self: torch.autocast("cpu", dtype=torch.float16))
+    half = run_network(model, inputs, Options(device="cpu", precision="bf16" if precision == "bf16" else "fp32", seed=1))
     assert half.dtype == torch.float32 and half.shape == full.shape
-    assert ((half - full).abs().amax(1) <= 2 / 255).float().mean().item() >= 0.95
+    assert not torch.equal(half, full)  # it did run in half precision
+    assert ((half - full).abs().amax(1) <= tolerance).float().mean().item() >= 0.95
+
+
+def test_precision_resolves_from_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from psal_cli import engine
+
+    cpu = torch.device("cpu")
+    assert engine.resolve_precision("fp32", cpu) is None
+    assert engine.resolve_precision("bf16", cpu) is torch.bfloat16
+    assert engine.resolve_precision("bf16", torch.device("cuda")) is None  # a GPU's precision is --half's
+    for native in (True, False):
+        monkeypatch.setattr(engine, "native_bf16", lambda device, native=native: native)
+        assert engine.resolve_precision("auto", cpu) is (torch.bfloat16 if native else None)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        engine.resolve_precision("fp16", cpu)
 
 
 @pytest.mark.parametrize("name", list(SEARCH_CASES))
@@ -327,9 +347,24 @@ def test_runs_leave_torch_global_generator_alone() -> None:
     inputs = tiny_inputs(architecture, 40, 40)
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    out = run_network(model, inputs, Options(device="cpu", tile=0, seed=7))
+    out = run_network(model, inputs, Options(device="cpu", precision="fp32", tile=0, seed=7))
     assert torch.equal(torch.get_rng_state(), state)
     torch.manual_seed(7)
     with torch.inference_mode():  # the same executor drawing from the global generator
         assert torch.equal(out, model.run(Tiled(torch.device("cpu"), 0), **inputs))
-    assert not torch.equal(out, run_network(model, inputs, Options(device="cpu", tile=0, seed=8)))
+    assert not torch.equal(out, run_network(model, inputs, Options(device="cpu", precision="fp32", tile=0, seed=8)))
+
+
+@pytest.mark.parametrize("name, auto", [("upscale-x3", "bf16"), ("inpaint", "fp32"), ("colorize", "fp32")])
+def test_auto_precision_takes_bfloat16_only_for_networks_that_keep_their_figures(
+        name: str, auto: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from psal_cli import engine
+    from psal_cli.networks import create_model
+
+    monkeypatch.setattr(engine, "native_bf16", lambda device: True)
+    architecture, config = TINY_NETWORKS[name]
+    torch.manual_seed(0)
+    model = create_model(architecture, **config).eval()
+    inputs = tiny_inputs(architecture, 40, 40)
+    chosen = run_network(model, inputs, Options(device="cpu", precision="auto", seed=1))
+    assert torch.equal(chosen, run_network(model, inputs, Options(device="cpu", precision=auto, seed=1)))

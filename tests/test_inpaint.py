@@ -169,8 +169,8 @@ def test_tiled_equals_untiled():
     image, hole = photo(72, 88), torch.from_numpy(task.eval_mask("thick", 72, 88, 0))[None, None].float()
     model = tiny()
     inputs = {"image": image * (1 - hole), "mask": hole}
-    whole = run_network(model, inputs, Options(device="cpu", tile=0))
-    tiled = run_network(model, inputs, Options(device="cpu", tile=24))
+    whole = run_network(model, inputs, Options(device="cpu", precision="fp32", tile=0))
+    tiled = run_network(model, inputs, Options(device="cpu", precision="fp32", tile=24))
     # Float rounding (1e-7) in the stitched features is amplified by the detail stage's
     # near-hard vote softmax (temperature 1e-5) to ~1e-5; a seam would be orders larger.
     assert torch.allclose(whole, tiled, atol=1e-3)

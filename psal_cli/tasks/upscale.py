@@ -112,8 +112,9 @@ def upscale_tensor(model: nn.Module, lr: Tensor, seed: int = 0, views: int = 1) 
     """The model on one LR image (1, 3, h, w) through the engine, untiled (tiling changes nothing but memory).
 
     `seed` seeds PatchMatch's random init (reproducible figures); `views` is the engine's self-ensemble.
+    Float32 unless the caller runs it under autocast (`psal eval --precision`).
     """
-    options = Options(device=str(next(model.parameters()).device), tile=0, seed=seed, views=views)
+    options = Options(device=str(next(model.parameters()).device), tile=0, seed=seed, views=views, precision="fp32")
     return run_network(model, {"image": lr}, options)
 
 
