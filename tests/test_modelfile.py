@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import stray_files
-from psal_cli.modelfile import (ModelFileError, default_model_path, load_model, read_info,
+from psal_cli.modelfile import (UPSCALE_FAMILIES, ModelFileError, default_model_path, load_model, read_info,
                                 read_metadata, save_model, write_metrics)
 from tiny_networks import TinyInpaint, TinyUpscale
 
@@ -223,4 +223,7 @@ def test_shipped_models_still_load(path: Path) -> None:
     model, info = load_model(path)
     assert info.task in path.name
     if info.task == "upscale":
-        assert path.name == f"upscale-x{info.scale}.safetensors"
+        families = {default_model_path("upscale", info.scale, family).name: family for family in UPSCALE_FAMILIES}
+        assert path.name in families
+        # a real-photo network says so in its record; a clean one has no degradation or bicubic
+        assert info.training.get("degradation", {}).get("name", "bicubic") == families[path.name]
