@@ -24,7 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from psal_cli import __version__
-from psal_cli.tasks.choices import DEGRADATIONS, LOSSES, MASK_FAMILIES
+from psal_cli.choices import DEGRADATIONS, LOSSES, MASK_FAMILIES, PRECISIONS
 
 log = logging.getLogger("psal")
 
@@ -43,12 +43,11 @@ class Task(str, Enum):
     upscale = "upscale"
 
 
-# The choices of psal_cli.tasks, from the module that lets `--help` stay free of torch.
+# The library's choices, from the module that lets `--help` stay free of torch.
 Masks = Enum("Masks", {name: name for name in MASK_FAMILIES}, type=str)
 Loss = Enum("Loss", {name: name for name in LOSSES}, type=str)
 Degradation = Enum("Degradation", {name: name for name in DEGRADATIONS}, type=str)
-# engine.PRECISIONS, written out: importing the engine imports torch (tests/test_cli.py ties the two).
-Precision = Enum("Precision", {name: name for name in ("auto", "fp32", "bf16")}, type=str)
+Precision = Enum("Precision", {name: name for name in PRECISIONS}, type=str)
 
 
 # -- shared options: each declared once, as an Annotated type the commands' signatures use ----

@@ -22,6 +22,7 @@ from typing import Callable, ContextManager
 import torch
 from torch import Tensor, nn
 
+from psal_cli.choices import PRECISIONS
 from psal_cli.networks.stages import LocalStage, view
 
 log = logging.getLogger("psal")
@@ -65,9 +66,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"unsupported device {name!r} (use auto, cpu, cuda, cuda:N or mps)")
     return device
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def native_bf16(device: torch.device) -> bool:

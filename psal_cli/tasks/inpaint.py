@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from psal_cli.color import rgb_to_luma
 from psal_cli.metrics import psnr, ssim, to_uint8_levels
 from psal_cli.networks.stages import Direct
-from psal_cli.tasks.choices import MASK_FAMILIES as FAMILIES
+from psal_cli.choices import MASK_FAMILIES as FAMILIES
 from psal_cli.tasks.common import Report, model_to_evaluate, resume
 from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos, random_crop,
                                to_float)

@@ -24,7 +24,7 @@ from psal_cli import degradations
 from psal_cli.edit import check_size
 from psal_cli.engine import Options, run_network
 from psal_cli.metrics import psnr, rgb_to_y, shave, ssim, to_uint8_levels
-from psal_cli.tasks.choices import DEGRADATIONS, LOSSES
+from psal_cli.choices import DEGRADATIONS, LOSSES
 from psal_cli.tasks.common import Report, model_to_evaluate, resume
 from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos_of, random_crop,
                                to_float)

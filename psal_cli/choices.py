@@ -1,4 +1,4 @@
-"""The tasks' named choices, in a module that imports nothing: the CLI builds its option
+"""The library's named choices, in a module that imports nothing: the CLI builds its option
 enums from them without importing torch (`psal --help` stays fast)."""
 
 # Hole families (shared/data/README.md): name -> ((fraction of pixels low, high),
@@ -11,3 +11,6 @@ LOSSES = {"l1": "l1_loss", "l2": "mse_loss"}
 # What LR images an upscaler learns from and is measured on: the protocol's clean bicubic
 # reduction, or camera-like degradations (psal_cli.degradations: blur, resampling, noise, JPEG).
 DEGRADATIONS = ("bicubic", "real")
+
+# The precision of the convolutions on the CPU (engine.resolve_precision).
+PRECISIONS = ("auto", "fp32", "bf16")
