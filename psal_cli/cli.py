@@ -821,14 +821,9 @@ def evaluate(
         model = default_model_path(task.value, scale or 4 if task == Task.upscale else None)
     given = dict(data=data, model=model, scale=scale, masks=masks and masks.value, limit=limit, size=size, nearest=nearest,
                  patchmatch=patchmatch, ensemble=ensemble, degradation=degradation and degradation.value,
-                 device=_device(device), seed=seed)
+                 device=_device(device), seed=seed, precision=precision.value)
     with _reported(debug):
-        from psal_cli.engine import autocast, resolve_device
-        from psal_cli.networks import auto_bf16
-
-        chosen = "fp32" if precision == Precision.auto and not auto_bf16(task.value) else precision.value
-        with autocast(resolve_device(given["device"]), chosen):
-            report = _task_call(task, "evaluate", given)
+        report = _task_call(task, "evaluate", given)
         module = sys.modules[f"psal_cli.tasks.{task.value}"]
         typer.echo(json.dumps(asdict(report), indent=2, default=str) if json_report else module.format_report(report))
         if save_metrics:  # kept per data set, beside what the file already records

@@ -92,8 +92,15 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16
 
 
+def network_precision(model: nn.Module, precision: str) -> str:
+    """`precision` for this network: `auto` stays float32 for a network whose figures move under
+    bfloat16 (one without `auto_bf16 = True`: inpainting's fill, colorization)."""
+    return "fp32" if precision == "auto" and not getattr(model, "auto_bf16", False) else precision
+
+
 def autocast(device: torch.device, precision: str) -> ContextManager:
-    """Autocast for `--precision` on `device` (nothing when that is float32)."""
+    """Autocast for `--precision` on `device` (nothing when that is float32): for networks run
+    without the engine (`Direct`); `run_network` applies it per stage itself."""
     dtype = resolve_precision(precision, device)
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
@@ -304,8 +311,7 @@ def run_network(
     if options.views not in (1, 2, 4, 8):  # the first 2 and 4 views are mirror images, 8 adds transposes
         raise ValueError(f"views must be 1, 2, 4 or 8, got {options.views}")
     model = model.to(device, memory_format=Tiled.layout_for(device)).eval()
-    # `auto` takes bfloat16 only for networks whose figures it keeps (`auto_bf16`).
-    precision = "fp32" if options.precision == "auto" and not getattr(model, "auto_bf16", False) else options.precision
+    precision = network_precision(model, options.precision)
     total = None
     with torch.inference_mode():
         for which in range(options.views):

@@ -181,3 +181,19 @@ def test_train_writes_and_resumes(tmp_path: Path) -> None:
     assert [run["steps"] for run in read_info(out).training["runs"]] == ["0-2", "2-3"]
     model, info = load_model(out, task="colorize")
     assert info.architecture == "psal-colorize" and isinstance(model, PSALColorize)
+
+
+def test_evaluate_precision_is_the_networks_alone(tmp_path: Path) -> None:
+    """`psal eval --precision bf16` runs the network under bfloat16 autocast; the baselines
+    (Reinhard's colour conversions are matrix products too) and the metrics stay as in float32."""
+    data = tmp_path / "val"
+    data.mkdir()
+    Image.fromarray((example("chelsea.png", 40)[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(data / "b.png")
+    model = tiny()
+
+    def figures(report: task.Report, method: str) -> list[float]:
+        return [report.images[0][v][method][k] for v in ("plain", "flipped") for k in ("psnr", "ab_mae", "y_err")]
+
+    full, half = (task.evaluate(data, model, size=None, nearest=False, precision=p) for p in ("fp32", "bf16"))
+    assert figures(half, "reinhard") == figures(full, "reinhard")
+    assert figures(half, "psal") != figures(full, "psal")  # the network did run in bfloat16

@@ -30,12 +30,6 @@ def _load_all() -> None:
     from psal_cli.networks import colorize, inpaint, upscale  # noqa: F401
 
 
-def auto_bf16(task: str) -> bool:
-    """Whether `--precision auto` may run the task's network in bfloat16 (its `auto_bf16`)."""
-    _load_all()
-    return any(getattr(cls, "task", None) == task and getattr(cls, "auto_bf16", False) for cls in _REGISTRY.values())
-
-
 def create_model(name: str, **config: Any) -> nn.Module:
     """Build a registered network from its config; unknown keys are an error, the keys a
     network lists in `retired_config` (settings older files record) are ignored."""

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from psal_cli.attention import exact_knn
 from psal_cli.color import lab_to_rgb, rgb_to_lab, rgb_to_ycbcr, ycbcr_to_rgb
+from psal_cli.engine import autocast, network_precision
 from psal_cli.metrics import psnr, to_uint8_levels
 from psal_cli.networks.colorize import PSALColorize, quantize8
 from psal_cli.networks.stages import Direct
@@ -193,21 +194,27 @@ def evaluate(
     nearest: bool = True,
     device: str = "cpu",
     seed: int = 0,
+    precision: str = "fp32",
 ) -> dict:
     """The guided-colorization protocol on the photos of `data` (BSD100: shared/data/val).
 
     `size` resizes every photo so its longest side is that many pixels first (None: full
     size); `limit` takes the first photos only; `nearest` also runs the exhaustive
     nearest-patch baseline (O(N²), pruned: a few seconds per 320-px image). `model` is a model
-    file, a loaded network, or None for the installed default. The report's mean and
-    baselines hold {"plain": {psnr, ab_mae, y_err, seconds}, "flipped": {...}}.
+    file, a loaded network, or None for the installed default; `precision` is the network's
+    (`engine.Options.precision`), not the baselines'. The report's mean and baselines hold {"plain": {psnr, ab_mae, y_err, seconds}, "flipped": {...}}.
     """
     model, name = model_to_evaluate(model, "colorize", device)
     dev = torch.device(device)
     files, start = image_files(data, limit), time.time()
+
+    def psal(gray: Tensor, reference: Tensor) -> Tensor:
+        with autocast(dev, network_precision(model, precision)):
+            out = model.run(Direct(torch.Generator().manual_seed(seed)), gray=gray.to(dev), reference=reference.to(dev))
+        return out.cpu()
+
     methods: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-        "psal": lambda g, r: model.run(Direct(torch.Generator().manual_seed(seed)), gray=g.to(dev),
-                                       reference=r.to(dev)).cpu(),
+        "psal": psal,
         "reinhard": reinhard,
     }
     if nearest:

@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
+from psal_cli.choices import MASK_FAMILIES as FAMILIES
 from psal_cli.color import rgb_to_luma
+from psal_cli.engine import autocast, network_precision
 from psal_cli.metrics import psnr, ssim, to_uint8_levels
 from psal_cli.networks.stages import Direct
-from psal_cli.choices import MASK_FAMILIES as FAMILIES
 from psal_cli.tasks.common import Report, model_to_evaluate, resume
 from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos, random_crop,
                                to_float)
@@ -234,10 +235,14 @@ def patchmatch_inpaint(image: Tensor, hole: Tensor) -> Tensor | None:
     return _from_uint8(patch_match.inpaint(rgb, mask, patch_size=7))  # patch_size is the radius
 
 
-def inpaint_tensor(model: nn.Module, image: Tensor, hole: Tensor, seed: int = 0) -> Tensor:
-    """The model on one image (1, 3, H, W) with hole pixels zeroed, untiled; known pixels kept."""
+def inpaint_tensor(model: nn.Module, image: Tensor, hole: Tensor, seed: int = 0, precision: str = "fp32") -> Tensor:
+    """The model on one image (1, 3, H, W) with hole pixels zeroed, untiled; known pixels kept.
+
+    `precision` as `engine.Options.precision` (`auto` keeps this network in float32).
+    """
     device = next(model.parameters()).device
-    with torch.no_grad():  # the searches seeded: reproducible figures
+    # The searches seeded: reproducible figures.
+    with torch.no_grad(), autocast(device, network_precision(model, precision)):
         out = model.run(Direct(torch.Generator().manual_seed(seed)), image=(image * (1 - hole)).to(device),
                         mask=hole.to(device)).cpu()
     return torch.where(hole.bool(), out, image)
@@ -256,6 +261,7 @@ def evaluate(
     seed: int = 0,
     device: str = "cpu",
     patchmatch: bool = False,
+    precision: str = "fp32",
 ) -> dict:
     """The inpainting protocol on every image of `data` with the `masks` family; baselines alongside.
 
@@ -266,7 +272,7 @@ def evaluate(
     method ratio / true ratio (1 = as sharp as the photo). Baselines: the known-mean fill,
     OpenCV Telea and Navier–Stokes (when opencv is installed) and, with `patchmatch`,
     PatchMatch inpainting (`patchmatch_inpaint`, slow). `model` is a model file (default:
-    the shipped weights/inpaint) or a network.
+    the shipped weights/inpaint) or a network; `precision` is the network's (`inpaint_tensor`).
     """
     if masks not in FAMILIES:
         raise ValueError(f"unknown mask family {masks!r} (known: {', '.join(FAMILIES)})")
@@ -278,7 +284,7 @@ def evaluate(
         hole = torch.from_numpy(eval_mask(masks, h, w, index, seed))[None, None].float()
         seen = truth * (1 - hole)
         row = {"name": path.stem, "hole": hole.mean().item(), "true_sharpness": sharpness_ratio(truth, hole)}
-        outputs = {"model": inpaint_tensor(model, seen, hole, seed), "mean": mean_fill(seen, hole)}
+        outputs = {"model": inpaint_tensor(model, seen, hole, seed, precision), "mean": mean_fill(seen, hole)}
         classical = {"telea": partial(opencv_inpaint, method="telea"), "ns": partial(opencv_inpaint, method="ns")}
         if patchmatch:
             classical["patchmatch"] = patchmatch_inpaint

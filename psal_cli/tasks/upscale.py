@@ -108,13 +108,13 @@ def loss_function(name: str = "l1") -> Callable[[nn.Module, dict[str, Tensor]], 
     return loss
 
 
-def upscale_tensor(model: nn.Module, lr: Tensor, seed: int = 0, views: int = 1) -> Tensor:
+def upscale_tensor(model: nn.Module, lr: Tensor, seed: int = 0, views: int = 1, precision: str = "fp32") -> Tensor:
     """The model on one LR image (1, 3, h, w) through the engine, untiled (tiling changes nothing but memory).
 
-    `seed` seeds PatchMatch's random init (reproducible figures); `views` is the engine's self-ensemble.
-    Float32 unless the caller runs it under autocast (`psal eval --precision`).
+    `seed` seeds PatchMatch's random init (reproducible figures); `views` is the engine's self-ensemble;
+    `precision` the engine's (`psal eval --precision`).
     """
-    options = Options(device=str(next(model.parameters()).device), tile=0, seed=seed, views=views, precision="fp32")
+    options = Options(device=str(next(model.parameters()).device), tile=0, seed=seed, views=views, precision=precision)
     return run_network(model, {"image": lr}, options)
 
 
@@ -128,6 +128,7 @@ def evaluate(
     seed: int = 0,
     ensemble: bool = False,
     degradation: str = "bicubic",
+    precision: str = "fp32",
 ) -> dict:
     """The super-resolution protocol on every image of `data`; bicubic and Lanczos alongside.
 
@@ -137,7 +138,8 @@ def evaluate(
 
     `model` is a model file (default: the shipped weights/upscale-x<scale>) or a network;
     `seed` seeds PatchMatch on maps too large for the matrix-product search; `ensemble`
-    averages the 8 flipped/transposed views (the engine's self-ensemble, `psal upscale --ensemble`).
+    averages the 8 flipped/transposed views (the engine's self-ensemble, `psal upscale --ensemble`);
+    `precision` is the network's (`engine.Options.precision`); baselines and metrics keep full precision.
     The report's rows are {name, psnr, ssim, bicubic_psnr, ...}, its mean {psnr, ssim}.
     """
     model, name = model_to_evaluate(model, "upscale", device, scale)
@@ -154,7 +156,8 @@ def evaluate(
             row["degradation"] = recipe.describe()
         check_size(model, lr_image, what=f"{path} reduced ×{scale}")
         hr = to_float(hr_image)
-        row["psnr"], row["ssim"] = y_metrics(upscale_tensor(model, to_float(lr_image), seed, 8 if ensemble else 1), hr, scale)
+        sr = upscale_tensor(model, to_float(lr_image), seed, 8 if ensemble else 1, precision)
+        row["psnr"], row["ssim"] = y_metrics(sr, hr, scale)
         for base, method in BASELINES.items():
             up = to_float(lr_image.resize(hr_image.size, method))
             row[f"{base}_psnr"], row[f"{base}_ssim"] = y_metrics(up, hr, scale)
