@@ -71,8 +71,6 @@ TRAINING = Ranges(clean=0.1, blur=0.9, blur_sigma=(0.2, 2.6), anisotropic=0.4, n
                   noise_sigma=(0.0, 10.0), poisson=0.25, poisson_scale=(0.05, 1.0), gray_noise=0.3,
                   jpeg=0.9, jpeg_quality=(30, 95), second=0.2)
 
-DEGRADATIONS = {"camera": CAMERA, "training": TRAINING}
-
 
 @dataclass(frozen=True)
 class Pass:
@@ -137,22 +135,21 @@ def draw(rng: random.Random, ranges: Ranges = TRAINING) -> Recipe:
 
 def blur(image: Image.Image, kernel: torch.Tensor) -> Image.Image:
     """An RGB image convolved with `kernel` (`blur.gaussian_kernel`), edges reflected, rounded back to 8 bits."""
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)  # (3, H, W)
-    return _to_image(kernel_blur(x, kernel).permute(1, 2, 0))
+    return _to_image(kernel_blur(_to_tensor(image), kernel))
 
 
 def add_noise(image: Image.Image, generator: torch.Generator, sigma: float = 0.0, poisson: float = 0.0,
               gray: bool = False) -> Image.Image:
     """Gaussian noise of σ `sigma` levels, or Poisson noise (256 photons per unit level, scaled by
     `poisson`); `gray` draws one noise for the three channels. Rounded back to 8 bits."""
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255  # (3, H, W)
+    x = _to_tensor(image) / 255
     shape = (1, *x.shape[1:]) if gray else x.shape
     if poisson:
         base = x.mean(0, keepdim=True) if gray else x
         noise = (torch.poisson(base * 256, generator=generator) / 256 - base) * poisson
     else:
         noise = torch.randn(shape, generator=generator) * (sigma / 255)
-    return _to_image(((x + noise) * 255).permute(1, 2, 0))
+    return _to_image((x + noise) * 255)
 
 
 def jpeg(image: Image.Image, quality: int) -> Image.Image:
@@ -162,8 +159,14 @@ def jpeg(image: Image.Image, quality: int) -> Image.Image:
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a (3, H, W) float tensor of 0–255 levels."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+
+
 def _to_image(x: torch.Tensor) -> Image.Image:
-    return Image.fromarray(x.round().clamp(0, 255).to(torch.uint8).numpy())
+    """A (3, H, W) tensor of 0–255 levels as an RGB image, rounded to 8 bits."""
+    return Image.fromarray(x.permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy())
 
 
 def _noisy_jpeg(image: Image.Image, step: Pass, generator: torch.Generator) -> Image.Image:
@@ -183,7 +186,7 @@ def apply(hr: Image.Image, scale: int, recipe: Recipe) -> Image.Image:
     return image
 
 
-def training_pair(hr: Image.Image, scale: int, rng: random.Random) -> Image.Image:
+def degrade_for_training(hr: Image.Image, scale: int, rng: random.Random) -> Image.Image:
     """Training's degradation of one HR crop: a `TRAINING` draw from `rng`, applied."""
     return apply(hr, scale, draw(rng, TRAINING))
 

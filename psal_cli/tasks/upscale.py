@@ -48,6 +48,11 @@ def y_metrics(sr: Tensor, hr: Tensor, scale: int) -> tuple[float, float]:
     return psnr(a, b, data_range=255.0), ssim(a, b, data_range=255.0)
 
 
+def check_degradation(degradation: str) -> None:
+    if degradation not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {degradation!r} (use {' or '.join(DEGRADATIONS)})")
+
+
 def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int, *, rescale: float = 1.0,
                  colors: bool = False, degradation: str = "bicubic", weights: list[float] | None = None
                  ) -> Callable[[random.Random], dict[str, Tensor]]:
@@ -64,8 +69,7 @@ def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int, *, re
     every crop at random.
     """
     patch -= patch % scale
-    if degradation not in DEGRADATIONS:
-        raise ValueError(f"unknown degradation {degradation!r} (use {' or '.join(DEGRADATIONS)})")
+    check_degradation(degradation)
     cumulative = list(itertools.accumulate(weights)) if weights else None
 
     def sample(rng: random.Random) -> dict[str, Tensor]:
@@ -84,7 +88,7 @@ def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int, *, re
                 image = Image.merge("RGB", [bands[i] for i in order])
             hr, lr = degrade(image, scale)
             if degradation == "real":
-                lr = degradations.training_pair(hr, scale, rng)
+                lr = degradations.degrade_for_training(hr, scale, rng)
             lrs.append(to_float(lr))
             hrs.append(to_float(hr))
         return {"image": torch.cat(lrs), "target": torch.cat(hrs)}  # (B, 3, P/s, P/s), (B, 3, P, P)
@@ -145,8 +149,7 @@ def evaluate(
     model, name = model_to_evaluate(model, "upscale", device, scale)
     if model.config.scale != scale:
         raise ValueError(f"{name} upscales ×{model.config.scale}, not ×{scale}")
-    if degradation not in DEGRADATIONS:
-        raise ValueError(f"unknown degradation {degradation!r} (use {' or '.join(DEGRADATIONS)})")
+    check_degradation(degradation)
     rows, start = [], time.time()
     for path in image_files(data, limit):
         hr_image, lr_image = degrade(Image.open(path).convert("RGB"), scale)
@@ -253,6 +256,19 @@ def selection_split(files: list[Path]) -> tuple[list[Path], list[Path]]:
     return [f for i, f in enumerate(files) if i % 10], [f for i, f in enumerate(files) if not i % 10]
 
 
+def training_files(folders: list[Path], hold_out: bool) -> tuple[list[Path], list[Path], str]:
+    """(photos to train on, held-out photos, the data as the model file records it) of these
+    folders; with `hold_out`, every folder's `selection_split` is held out."""
+    files, held_out, described = [], [], []
+    for folder in folders:
+        mine, selection = selection_split(image_files(folder)) if hold_out else (image_files(folder), [])
+        files += mine
+        held_out += selection
+        # Not the shared set by name once photos of it are held out.
+        described.append(f"{folder} ({len(mine)} photos)" if selection else data_description(folder, len(mine)))
+    return files, held_out, " + ".join(described)
+
+
 def train(
     data: Path | list[Path],
     out: Path,
@@ -336,20 +352,13 @@ def train(
     side = (patch - patch % scale) // scale
     if not model.accepts_size("image", side, side):
         raise ValueError(f"--patch {patch} makes {side}×{side}-px inputs at ×{scale}, too few for PSAL's patches: use a larger --patch")
-    if degradation not in DEGRADATIONS:
-        raise ValueError(f"unknown degradation {degradation!r} (use {' or '.join(DEGRADATIONS)})")
+    check_degradation(degradation)
     folders = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
-    files, held_out, described = [], [], []
-    for folder in folders:
-        mine, selection = selection_split(image_files(folder)) if degradation == "real" else (image_files(folder), [])
-        files += mine
-        held_out += selection
-        described.append(data_description(folder, len(mine)) if not selection else f"{folder} ({len(mine)} photos)")
+    files, held_out, meta["data"] = training_files(folders, hold_out=degradation == "real")
     photos = load_photos_of(files)
     small = next((f for f, photo in zip(files, photos) if min(photo.shape[-2:]) < patch), None)
     if small is not None:
         raise ValueError(f"{small} is smaller than the {patch}-px training crop: leave it out or lower --patch")
-    meta["data"] = " + ".join(described)
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device,
                            validate_every=validate_every, loss=loss, minutes=minutes)
     if degradation == "real":
