@@ -249,7 +249,10 @@ def inpaint_tensor(model: nn.Module, image: Tensor, hole: Tensor, seed: int = 0,
 
 
 METRICS = ("psnr", "ssim", "mae", "sharpness")
-BASELINES = ("telea", "ns", "patchmatch")  # the classical methods beside the known-mean fill
+# The classical methods beside the known-mean fill: (image, hole) -> fill, or None when their
+# package (a benchmark-only extra) is not installed.
+CLASSICAL = {"telea": partial(opencv_inpaint, method="telea"), "ns": partial(opencv_inpaint, method="ns"),
+             "patchmatch": patchmatch_inpaint}
 
 
 def evaluate(
@@ -277,6 +280,7 @@ def evaluate(
     if masks not in FAMILIES:
         raise ValueError(f"unknown mask family {masks!r} (known: {', '.join(FAMILIES)})")
     model, name = model_to_evaluate(model, "inpaint", device)
+    classical = {method: fill for method, fill in CLASSICAL.items() if patchmatch or method != "patchmatch"}
     rows, start = [], time.time()
     for index, path in enumerate(image_files(data, limit)):
         truth = to_float(Image.open(path).convert("RGB"))
@@ -285,9 +289,6 @@ def evaluate(
         seen = truth * (1 - hole)
         row = {"name": path.stem, "hole": hole.mean().item(), "true_sharpness": sharpness_ratio(truth, hole)}
         outputs = {"model": inpaint_tensor(model, seen, hole, seed, precision), "mean": mean_fill(seen, hole)}
-        classical = {"telea": partial(opencv_inpaint, method="telea"), "ns": partial(opencv_inpaint, method="ns")}
-        if patchmatch:
-            classical["patchmatch"] = patchmatch_inpaint
         for method, baseline in classical.items():
             out = baseline(seen, hole)
             if out is not None:
@@ -308,7 +309,7 @@ def evaluate(
     return Report(
         task="inpaint", data=str(data), model=name, settings={"masks": masks, "seed": seed}, images=rows,
         mean={**{k: mean(k) for k in keys}, "true_sharpness": mean("true_sharpness"), "hole": mean("hole")},
-        baselines={b: {k: mean(f"{b}_{k}") for k in keys} for b in ("mean", *BASELINES) if f"{b}_psnr" in rows[0]},
+        baselines={b: {k: mean(f"{b}_{k}") for k in keys} for b in ("mean", *CLASSICAL) if f"{b}_psnr" in rows[0]},
         seconds=time.time() - start,
     )
 
