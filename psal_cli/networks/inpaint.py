@@ -146,7 +146,7 @@ class PSALInpaint(nn.Module):
         work_size: int = 512  # long side of the working resolution (larger photos are reduced, then detailed)
         fill_flips: int = 4  # self-ensemble at inference: mean fill over the first 1–8 views of stages.VIEWS
         detail: bool = True  # full-resolution PSAL detail transfer
-        detail_gain: float = 1.7  # gain on the copied band at native size (→ 1 on reduced photos, see transfer_detail)
+        detail_gain: float = 1.7  # gain on the copied band at native size (→ 1 on reduced photos, see detail_weight)
         detail_ramp: float = 1.0  # σ in full-resolution pixels of the fade-in of texture from the seam; 0 = none
         detail_sigma: float = 0.7  # low-pass that separates what the network paints from what is copied (× reduction)
         detail_match_size: int = 128  # long side of the hole box, in blocks, at which PatchMatch searches
@@ -340,7 +340,7 @@ class PSALInpaint(nn.Module):
         ok = valid.flatten(1).gather(1, indices.flatten(1)).view_as(indices)
         dist = torch.where(ok, dist, 1e20)
         scale = c.copy_temperature * dist.flatten(1).median(1).values.clamp(min=1e-8).view(-1, 1, 1, 1)
-        voted = self.copier.attend(None, None, estimate, indices, dist / scale)  # (B, 3, hq, wq)
+        voted = self.copier.attend(None, None, estimate, indices, distances=dist / scale)  # (B, 3, hq, wq)
         # How well the copy rebuilds the known pixels around a hole pixel says how far to trust
         # it there (the hole's own error is unknown); far from any known pixel it is trusted.
         hole = mask[..., y0:y1, x0:x1]
