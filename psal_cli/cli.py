@@ -96,7 +96,8 @@ Half = Annotated[bool, typer.Option(
     "--half", rich_help_panel=RUN, help="Run the convolutions in float16 on a GPU (patch searches stay float32).")]
 Threads = Annotated[int | None, typer.Option("--threads", min=1, rich_help_panel=RUN, help=THREADS_HELP)]
 PRECISION_HELP = ("The convolutions on the CPU: bf16 (bfloat16, several times faster where the CPU has it "
-                  "natively), fp32, or auto: bf16 where native (patch searches stay float32).")
+                  "natively), fp32, or auto: bf16 where native for the networks it keeps as accurate (the "
+                  "upscalers), else fp32. Patch searches stay float32.")
 PrecisionOption = Annotated[Precision, typer.Option(
     "--precision", case_sensitive=False, rich_help_panel=RUN, help=PRECISION_HELP)]
 Seed = Annotated[int, typer.Option(
@@ -166,7 +167,8 @@ class Invocation:
     on_tile: Callable[[int, int], None]
 
     def load_model(self, scale: int | None = None, family: str | None = None) -> Any:
-        """--model, or the installed default (of an upscaler `family`); exits with one clear line if there is none."""
+        """--model FILE, or the installed default (for upscale: of that `scale` and `family`,
+        modelfile.UPSCALE_FAMILIES); exits with one clear line if there is none."""
         from psal_cli.modelfile import default_model_path, load_model
 
         path = self.common.model
@@ -174,8 +176,9 @@ class Invocation:
             path = default_model_path(self.task, scale, family or "bicubic") if scale else default_model_path(self.task)
             if not path.exists():
                 what = f"{self.task} ×{scale}" if scale else self.task
+                how = " --degradation real" if family == "real" else ""
                 raise NoModel(f"no trained {what} model is installed (looked for {path}); "
-                              f"pass --model FILE, or train one with `psal train {self.task}`")
+                              f"pass --model FILE, or train one with `psal train {self.task}{how}`")
         elif not path.exists():
             raise _usage(f"--model {path}: no such file")
         model, info = load_model(path, task=self.task)
@@ -442,8 +445,8 @@ def colorize(
 def upscale(
     inputs: Inputs,
     scale: Annotated[int | None, typer.Option(
-        "--scale", "-s", min=2, max=4, help="Enlargement factor; picks weights/upscale-x<scale>.safetensors. "
-        "[dim]\\[default: 4, or the --model's][/]")] = None,
+        "--scale", "-s", min=2, max=4, help="Enlargement factor; picks the installed networks of that scale "
+        "(upscale-x<scale>, upscale-real-x<scale>). [dim]\\[default: 4, or the --model FILE's][/]")] = None,
     ensemble: Annotated[bool, typer.Option(
         "--ensemble", help="Average 8 flipped/rotated runs (self-ensemble): a little more accurate, 8× slower.")] = False,
     output: Output = None, model: Model = None, quality: Quality = None, recursive: Recursive = False,
@@ -478,15 +481,16 @@ def upscale(
         if ensemble:
             call.options.views = 8
         forced = str(call.common.model) if str(call.common.model) in UPSCALE_FAMILIES else None
-        if call.common.model is not None and forced is None:
-            model = call.load_model(scale=scale or 4)  # the scale picks the default file only
+        if call.common.model is not None and forced is None:  # a model file
+            model = call.load_model()
             if scale and model.config.scale != scale:
                 raise _usage(f"--scale {scale}, but {call.common.model} is a ×{model.config.scale} model")
             return edit.Upscaler(model, call.options, call.on_tile)
         paths = {family: default_model_path("upscale", scale or 4, family) for family in UPSCALE_FAMILIES}
         if forced:
+            model = call.load_model(scale or 4, forced)
             log.info("%s (--model %s)", paths[forced].stem, forced)
-            return edit.Upscaler(call.load_model(scale or 4, forced), call.options, call.on_tile)
+            return edit.Upscaler(model, call.options, call.on_tile)
         clean = call.load_model(scale or 4, "bicubic")
         if not paths["real"].exists():
             log.info("%s is not installed: %s enlarges every input", paths["real"].name, paths["bicubic"].stem)

@@ -222,6 +222,7 @@ def test_upscale_chooses_the_real_network_for_jpeg_and_noisy_inputs(weights: Pat
     assert "upscale-real-x2.safetensors is not installed: upscale-x2 enlarges every input" in log
     result = psal("upscale", "photo.jpg", "-o", "none.png", "--scale", "2", "--model", "real", code=1)
     assert "upscale-real-x2.safetensors" in result.stderr and not Path("none.png").exists()
+    assert "(--model real)" not in result.stderr  # no line names a network that is not there
 
 
 def test_upscale_ensemble_averages_views() -> None:
