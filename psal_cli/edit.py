@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from psal_cli.engine import OnTile, Options, check_memory, run_network
 from psal_cli.color import rgb_to_luma
+from psal_cli.degradations import noise_level
+from psal_cli.engine import OnTile, Options, check_memory, run_network
 from psal_cli.imageio import from_tensor, is_gray, to_rgb, to_tensor
 
 log = logging.getLogger("psal")
@@ -90,8 +91,6 @@ NOISY = 2.0
 def upscaler_for(image: Image.Image) -> tuple[str, str]:
     """Which family of upscalers suits `image` (modelfile.UPSCALE_FAMILIES), and why in words:
     `real` for a JPEG or a visibly noisy input, `bicubic` (sharper on clean inputs) otherwise."""
-    from psal_cli.degradations import noise_level
-
     if image.format in ("JPEG", "MPO"):
         return "real", "a JPEG input"
     sigma = noise_level(image)
@@ -192,15 +191,15 @@ class Upscaler:
     options: Options
     on_tile: OnTile | None = None
     real: nn.Module | None = None
-    names: tuple[str, str] = ("clean network", "real network")
+    names: tuple[str, str] = ("clean network", "real network")  # of `model` and `real`
 
     def __call__(self, item: Any, image: Image.Image) -> Image.Image:
-        model = self.model
-        if self.real is not None:
-            family, why = upscaler_for(image)
-            model = self.real if family == "real" else self.model
-            log.info("%s (%s)", self.names[family == "real"], why)
-        return upscale(model, image, self.options, self.on_tile)
+        if self.real is None:
+            return upscale(self.model, image, self.options, self.on_tile)
+        family, why = upscaler_for(image)
+        real = family == "real"
+        log.info("%s (%s)", self.names[real], why)
+        return upscale(self.real if real else self.model, image, self.options, self.on_tile)
 
 
 @dataclass
