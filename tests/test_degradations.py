@@ -37,7 +37,7 @@ def test_a_seed_reproduces_a_draw_and_its_image() -> None:
     assert lr.size == (24, 16)
 
 
-def test_the_evaluation_draws_stay_in_the_issue_ranges_and_cover_them() -> None:
+def test_the_evaluation_draws_stay_in_the_camera_ranges_and_cover_them() -> None:
     recipes = [d.draw(random.Random(i), d.CAMERA) for i in range(400)]
     sigmas = [r.first.blur[0] for r in recipes]
     assert all(r.first.blur[0] == r.first.blur[1] for r in recipes)  # isotropic
