@@ -78,6 +78,23 @@ def test_choices_are_the_tasks_lists() -> None:
         assert upscale.loss_function(name)(lambda image: image, batch) > 0
 
 
+def test_eval_help_states_the_camera_ranges() -> None:
+    """`psal eval --degradation`'s help writes degradations.CAMERA out (the CLI cannot import it
+    without torch): the ranges it states are the ones evaluated."""
+    import typer.main
+
+    from psal_cli.degradations import CAMERA
+
+    command = typer.main.get_command(app).commands["eval"]
+    text = next(p.help for p in command.params if p.name == "degradation")
+
+    def span(pair: tuple[float, float]) -> str:
+        return f"{pair[0]:g}-{pair[1]:g}"
+
+    assert f"σ {span(CAMERA.blur_sigma)} px" in text and f"noisy (σ {span(CAMERA.noise_sigma)})" in text
+    assert f"quality {span(CAMERA.jpeg_quality)}" in text and all(name in text for name in CAMERA.filters)
+
+
 def test_python_m_runs_the_cli() -> None:
     result = subprocess.run([sys.executable, "-m", "psal_cli", "--version"], capture_output=True,
                             env=psal_env(), timeout=120)
