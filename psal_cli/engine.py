@@ -69,10 +69,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether the device computes bfloat16 natively (a CPU with AVX-512 BF16 or AMX)."""
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """Whether the device is a CPU that computes bfloat16 natively (AVX-512 BF16 or AMX)."""
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
