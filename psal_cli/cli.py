@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -678,15 +679,29 @@ def _threads(threads: int | None) -> None:
 
 
 def default_threads() -> int:
-    """The cores this process may use, less the machine's load (at least one).
+    """The cores this process may use, less those other work keeps busy now (at least one).
 
     A thread pool larger than the idle cores makes every small tensor operation wait for a
-    descheduled thread; one thread per idle core keeps concurrent runs as fast as
-    sequential ones.
+    descheduled thread. What is busy is read from the kernel's count of runnable threads at
+    start-up, not from the load average: that one lags by a minute, so a run right after
+    another (a shell loop) would take the previous run's threads for other work.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, round(cores - load)))
+    return max(1, min(cores, cores - round(_busy_threads())))
+
+
+def _busy_threads() -> float:
+    """Threads of other work running now: the median of a few reads of /proc/loadavg's
+    runnable count, less this process's one (the 1-minute load average without /proc)."""
+    try:
+        samples = []
+        for _ in range(5):
+            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+            samples.append(int(running) - 1)
+            time.sleep(0.01)
+        return sorted(samples)[2]
+    except (OSError, IndexError, ValueError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import shutil
 import subprocess
@@ -634,15 +635,39 @@ def test_models_lists_installed_and_given_files(weights: Path) -> None:
     assert "Set5.psnr=30.10" in table and "bicubic" not in table and "0.91" not in table
 
 
-@pytest.mark.parametrize("cores, load, threads", [({0, 1}, 0.1, 2), ({0, 1}, 1.2, 1), ({0, 1}, 7.0, 1), ({3}, 0.0, 1),
-                                                   (set(range(8)), 2.6, 5)])
-def test_default_threads_are_the_idle_cores(cores: set[int], load: float, threads: int,
+@pytest.mark.parametrize("cores, busy, threads", [({0, 1}, 0, 2), ({0, 1}, 1, 1), ({0, 1}, 7, 1), ({3}, 0, 1),
+                                                   (set(range(8)), 3, 5)])
+def test_default_threads_are_the_idle_cores(cores: set[int], busy: int, threads: int, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from psal_cli import cli
 
     monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: cores, raising=False)
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, load, load), raising=False)
+    real_path = cli.Path
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text(f"9.00 9.00 9.00 {busy + 1}/300 4242\n")  # the lagging averages must not count
+    monkeypatch.setattr(cli, "Path", lambda p: loadavg if str(p) == "/proc/loadavg" else real_path(p))
     assert cli.default_threads() == threads
+
+
+def test_default_threads_see_another_process_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real busy process (a spinning child) takes one core of the two this process may use."""
+    if not Path("/proc/loadavg").exists():
+        pytest.skip("reads /proc/loadavg")
+    from psal_cli import cli
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(cores[:2]))
+    before = cli.default_threads()
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        during = cli.default_threads()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert during == before - 1 or during == 1
 
 
 def test_unknown_precision_is_a_usage_error() -> None:
