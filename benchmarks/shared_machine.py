@@ -1,8 +1,8 @@
 """Several `psal` processes sharing one machine: two inpaints started together against the
 same two one after the other, with the default threads.
 
-    python benchmarks/concurrent.py                 # 768×512 photo, object-sized hole, 3 rounds
-    python benchmarks/concurrent.py --size 481x321 --rounds 5
+    python benchmarks/shared_machine.py                 # 768×512 photo, object-sized hole, 3 rounds
+    python benchmarks/shared_machine.py --size 481x321 --rounds 5
 
 A script, not a test. Each round runs `psal inpaint` on two copies of one photo (from
 shared/data/photos, resized) with an elliptic hole of ~8 % of the image: first one after the
