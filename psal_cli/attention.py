@@ -21,6 +21,10 @@ patch space (24 numbers for natural features, one convolution per map), where a 
 one dot product of a gathered row. It holds 3k matches per query, and the best 2k are
 re-ranked with exact distances at the end, so the returned distances are exact and the
 projection only has to keep the true neighbours among the 2k.
+
+The search loop runs as torch operations on chunks of queries (every device), or, on a CPU
+with Numba installed (the `fast` extra), compiled one query at a time (`search_kernel`):
+the torch loop's time there goes to the overhead of many small operations.
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ _PRUNE_BLOCK = 64
 # exhaustively (`exact_knn`), larger ones by PatchMatch. Below it the exhaustive search is
 # exact and no slower; above it its time, ∝ Hq·Wq·Hk·Wk, soon dominates.
 EXACT_PAIRS = 1 << 28
+# Query updates (queries × (iterations + 1)) from which the search loop runs compiled when it
+# may: a process's first compiled search loads Numba and its cached code (~1.5 s), the time
+# the torch loop takes for about this many updates on one CPU core.
+COMPILED_STEPS = 1 << 16
 # The eight neighbours of the best match, tried every iteration: overlapping patches are alike.
 _NEAR = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))
 _DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))
@@ -203,6 +211,7 @@ def patchmatch(
     key_mask: Tensor | None = None,
     init: NNF | Tensor | None = None,
     generator: torch.Generator | None = None,
+    compiled: bool | None = None,
 ) -> NNF:
     """Approximate k-nearest-neighbour patches of every query position among the keys.
 
@@ -216,10 +225,34 @@ def patchmatch(
     and a query keeps the best 3k distinct of its held and fresh candidates
     (`_Search.merge`); the best 2k are re-ranked with exact distances and the best k returned.
     `init` (an NNF or (B, Hq, Wq, k') indices into this key map) seeds the search.
+
+    `compiled`: run the search loop compiled (`search_kernel`, Numba, the `fast` extra) or
+    as torch operations; None chooses the compiled loop on a CPU where Numba is installed,
+    for searches of at least `COMPILED_STEPS` query updates.
+    Both run the same search, the torch loop in chunks of queries, so they find matches of
+    the same quality but not the same matches.
     """
     _check_inputs(query, key, patch_size, neighbors, key_mask)
     with torch.no_grad(), full_precision(query):
-        return _patchmatch(query, key, patch_size, neighbors, iterations, key_mask, init, generator)
+        steps = query.shape[0] * query.shape[2] * query.shape[3] * (iterations + 1)
+        return _patchmatch(query, key, patch_size, neighbors, iterations, key_mask, init, generator,
+                           _kernel(query.device, compiled, steps))
+
+
+def _kernel(device: torch.device, compiled: bool | None, steps: int = COMPILED_STEPS):
+    """The `search_kernel` module if the search runs compiled, else None (see `patchmatch`);
+    `steps`: the search's query updates (queries × (iterations + 1))."""
+    if compiled is False or (compiled is None and (device.type != "cpu" or steps < COMPILED_STEPS)):
+        return None
+    if device.type != "cpu":
+        raise ValueError(f"the compiled search runs on the CPU, not on {device}")
+    try:
+        from psal_cli import search_kernel
+    except ImportError:
+        if compiled:
+            raise ImportError("the compiled search needs Numba: pip install 'psal-cli[fast]'") from None
+        return None
+    return search_kernel
 
 
 def _search_tables(maps: _Maps, valid: Tensor, patch_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -387,7 +420,7 @@ class _Search:
         return torch.where(self.inside(y, x), y * Wk + x, -1)
 
 
-def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator) -> NNF:
+def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator, kernel) -> NNF:
     maps = _Maps(query, key, patch_size)
     B, Hq, Wq, Hk, Wk = maps.B, maps.Hq, maps.Wq, maps.Hk, maps.Wk
     device = query.device
@@ -400,8 +433,6 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
         raise ValueError(f"neighbors={k} exceeds the {fewest} valid {patch_size}×{patch_size} key patches")
     search = _Search(maps, valid, patch_size, 3 * k, generator)
     n = B * Hq * Wq
-    chunk = _search_chunk(device, n)
-    chunks = range(0, n, chunk)
 
     # Init: 3k distinct valid positions (as many as exist), evenly spaced in the valid list
     # from a random start, merged with the caller's seed.
@@ -411,29 +442,11 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
     seed = None
     if init is not None:
         seed = (init.indices if isinstance(init, NNF) else init).to(device).reshape(n, -1)
-    held = torch.full((n, 3 * k), _EMPTY, device=device, dtype=torch.int64)
-    for a in chunks:
-        rows = slice(a, a + chunk)
-        batch = (search.index(rows) // (Hq * Wq)).long()
-        count = counts[batch]  # (c,)
-        start = (search.rand(batch.numel()) * count).long()
-        spread = torch.arange(3 * k, device=device) * (count // (3 * k)).clamp(min=1)[:, None]
-        cand = listed[starts[batch][:, None] + (start[:, None] + spread) % count[:, None]]  # (c, 3k)
-        if seed is not None:
-            mine = seed[rows]
-            cand = torch.cat([cand, torch.where((mine >= 0) & (mine < Hk * Wk), mine, -1).int()], 1)
-        held[rows] = search.merge(held[rows], search.entries(rows, cand))
-    del listed
-
-    for t in range(iterations):
-        jumps = (8 >> t, 1) if 8 >> t > 1 else (1,)
-        for a in chunks if t % 2 == 0 else reversed(chunks):
-            rows = slice(a, a + chunk)
-            mine = held[rows]
-            keys = mine.int()
-            fresh = [search.propagate(rows, held, jumps, 2 * k), search.random_search(keys), search.around_best(keys)]
-            held[rows] = search.merge(mine, search.entries(rows, torch.cat(fresh, 1)))
-    del search  # the key table
+    if kernel is not None:
+        indices, distances = _compiled_search(kernel, search, listed, starts, counts, seed, k, iterations)
+        return NNF(indices.view(B, Hq, Wq, k), distances.view(B, Hq, Wq, k))
+    held = _torch_search(search, listed, starts, counts, seed, k, iterations)
+    del search, listed  # the key table
 
     # Exact re-ranking of the best 2k; empty slots point at the best match and are ruled out.
     indices = torch.empty(n, k, device=device, dtype=torch.int64)
@@ -449,6 +462,54 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
         distances[rows], pick = exact.topk(k, 1, largest=False, sorted=True)
         indices[rows] = cand.gather(1, pick)
     return NNF(indices.view(B, Hq, Wq, k), distances.view(B, Hq, Wq, k))
+
+
+def _torch_search(search: _Search, listed: Tensor, starts: Tensor, counts: Tensor, seed: Tensor | None, k: int,
+                  iterations: int) -> Tensor:
+    """The search loop in torch operations, chunk by chunk: the held entries (n, 3k)."""
+    maps, device = search.maps, search.maps.q.device
+    Hq, Wq, Hk, Wk = maps.Hq, maps.Wq, maps.Hk, maps.Wk
+    chunk = _search_chunk(device, search.n)
+    chunks = range(0, search.n, chunk)
+    held = torch.full((search.n, 3 * k), _EMPTY, device=device, dtype=torch.int64)
+    for a in chunks:
+        rows = slice(a, a + chunk)
+        batch = (search.index(rows) // (Hq * Wq)).long()
+        count = counts[batch]  # (c,)
+        start = (search.rand(batch.numel()) * count).long()
+        spread = torch.arange(3 * k, device=device) * (count // (3 * k)).clamp(min=1)[:, None]
+        cand = listed[starts[batch][:, None] + (start[:, None] + spread) % count[:, None]]  # (c, 3k)
+        if seed is not None:
+            mine = seed[rows]
+            cand = torch.cat([cand, torch.where((mine >= 0) & (mine < Hk * Wk), mine, -1).int()], 1)
+        held[rows] = search.merge(held[rows], search.entries(rows, cand))
+
+    for t in range(iterations):
+        jumps = (8 >> t, 1) if 8 >> t > 1 else (1,)
+        for a in chunks if t % 2 == 0 else reversed(chunks):
+            rows = slice(a, a + chunk)
+            mine = held[rows]
+            keys = mine.int()
+            fresh = [search.propagate(rows, held, jumps, 2 * k), search.random_search(keys), search.around_best(keys)]
+            held[rows] = search.merge(mine, search.entries(rows, torch.cat(fresh, 1)))
+    return held
+
+
+def _compiled_search(kernel, search: _Search, listed: Tensor, starts: Tensor, counts: Tensor, seed: Tensor | None,
+                     k: int, iterations: int) -> tuple[Tensor, Tensor]:
+    """The same search loop and re-ranking compiled (`search_kernel`): indices and distances (n, k)."""
+    maps = search.maps
+    step = 1 << 14
+    qrows = torch.cat([search.query_rows(search.index(slice(a, a + step))) for a in range(0, search.n, step)])
+    seeds = seed.int() if seed is not None else torch.empty(search.n, 0, dtype=torch.int32, device="cpu")
+    # One draw from the caller's generator seeds the kernel's counter-based random numbers.
+    draw = int(torch.randint(0, 1 << 62, (1,), generator=search.generator))
+    shape, threads = (maps.B, maps.Hq, maps.Wq, maps.Hk, maps.Wk), torch.get_num_threads()
+    held = kernel.search(search.table.numpy(), qrows.numpy(), listed.numpy(), starts.numpy(), counts.numpy(),
+                         seeds.numpy(), shape, maps.r, 3 * k, iterations, 2 * k, search.radii.int().numpy(), draw, threads)
+    del qrows, search.table
+    indices, distances = kernel.rerank(maps.q.numpy(), maps.k.numpy(), held, k, shape, maps.r, threads)
+    return torch.from_numpy(indices), torch.from_numpy(distances)
 
 
 def patch_distances(query: Tensor, key: Tensor, indices: Tensor, patch_size: int) -> Tensor:

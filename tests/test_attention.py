@@ -42,6 +42,20 @@ def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+try:
+    import numba  # noqa: F401  (the `fast` extra: PatchMatch's search loop compiled)
+
+    LOOPS = [False, True]
+except ImportError:
+    LOOPS = [False, pytest.param(True, marks=pytest.mark.skip(reason="Numba is not installed (the fast extra)"))]
+
+
+@pytest.fixture(params=LOOPS, ids=["torch loop", "compiled loop"])
+def compiled(request: pytest.FixtureRequest) -> bool:
+    """PatchMatch's search loop as torch operations (every device) or compiled (the CPU with Numba)."""
+    return request.param
+
+
 def quality(found: NNF, exact: NNF, patch_size: int = 3) -> tuple[float, float]:
     """(recall@1, mean found distance / mean exact distance) over queries whose patch lies inside the map."""
     r = patch_size // 2
@@ -61,9 +75,9 @@ NATURAL = {
 
 
 @pytest.mark.parametrize("case", NATURAL)
-def test_patchmatch_is_close_to_exact_knn_on_photos(case: str) -> None:
+def test_patchmatch_is_close_to_exact_knn_on_photos(case: str, compiled: bool) -> None:
     query, key = NATURAL[case]()
-    recall, ratio = quality(patchmatch(query, key, generator=seeded()), exact_knn(query, key))
+    recall, ratio = quality(patchmatch(query, key, generator=seeded(), compiled=compiled), exact_knn(query, key))
     assert recall >= 0.6 and ratio <= 1.05, (recall, ratio)
 
 
@@ -73,7 +87,7 @@ def test_a_gpus_larger_search_steps_keep_the_quality(case: str, monkeypatch: pyt
     monkeypatch.setattr(attention, "_search_chunk", lambda device, queries: attention._GPU_CHUNK)
     query, key = NATURAL[case]()
     assert query.shape[-2] * query.shape[-1] <= attention._GPU_CHUNK
-    recall, ratio = quality(patchmatch(query, key, generator=seeded()), exact_knn(query, key))
+    recall, ratio = quality(patchmatch(query, key, generator=seeded(), compiled=False), exact_knn(query, key))
     assert recall >= 0.6 and ratio <= 1.05, (recall, ratio)
 
 
@@ -95,7 +109,7 @@ def test_the_gpus_merge_without_host_synchronisation_finds_the_same_matches(case
     """On a GPU the merge takes a fixed-width block instead of reading the widest
     improvement back from the device: the same matches, run here on the CPU."""
     query, key = NATURAL[case]()
-    narrow = patchmatch(query, key, generator=seeded())
+    narrow = patchmatch(query, key, generator=seeded(), compiled=False)
     init = attention._Search.__init__
 
     def sync_free(self, *args, **kwargs) -> None:
@@ -103,14 +117,14 @@ def test_the_gpus_merge_without_host_synchronisation_finds_the_same_matches(case
         self.sync_free = True
 
     monkeypatch.setattr(attention._Search, "__init__", sync_free)
-    wide = patchmatch(query, key, generator=seeded())
+    wide = patchmatch(query, key, generator=seeded(), compiled=False)
     assert torch.equal(wide.indices, narrow.indices) and torch.equal(wide.distances, narrow.distances)
 
 
-def test_patchmatch_distance_ratio_on_random_maps() -> None:
+def test_patchmatch_distance_ratio_on_random_maps(compiled: bool) -> None:
     g = seeded(1)
     query, key = torch.randn(2, 8, 32, 32, generator=g), torch.randn(2, 8, 40, 36, generator=g)
-    _, ratio = quality(patchmatch(query, key, generator=seeded()), exact_knn(query, key))
+    _, ratio = quality(patchmatch(query, key, generator=seeded(), compiled=compiled), exact_knn(query, key))
     assert ratio <= 1.10
 
 
@@ -146,14 +160,14 @@ def test_exact_knn_matches_a_python_loop(prune: bool) -> None:
     assert torch.allclose(nnf.distances.flatten(0, 2), torch.tensor(distances), rtol=1e-5)
 
 
-def test_masked_keys_are_never_returned() -> None:
+def test_masked_keys_are_never_returned(compiled: bool) -> None:
     query = torch.cat([features(crop("chelsea"), 8)[..., :40, :40], features(crop("coffee"), 8)[..., 20:60, 10:50]])
     key = torch.cat([features(crop("astronaut"), 8), features(crop("chelsea"), 8)])
     mask = torch.zeros(2, 64, 64, dtype=torch.bool)
     mask[0, 10:40, 20:50] = True  # a hole
     mask[0, torch.arange(0, 64, 7), torch.arange(0, 64, 7)] = True  # and scattered pixels
     mask[1, :, 30:] = True  # another mask for the second batch element
-    nnf = patchmatch(query, key, key_mask=mask, generator=seeded())
+    nnf = patchmatch(query, key, key_mask=mask, generator=seeded(), compiled=compiled)
     touched = F.max_pool2d(mask[:, None].float(), 3, stride=1, padding=1)[:, 0].flatten(1) > 0  # (B, Hk·Wk)
     assert not touched.gather(1, nnf.indices.flatten(1)).any()
     recall, ratio = quality(nnf, exact_knn(query, key, key_mask=mask))
@@ -206,11 +220,11 @@ def test_pruned_exact_knn_equals_the_full_scan(patch_size: int) -> None:
 
 
 SEARCHES = {
-    "patchmatch": lambda q, k, mask: patchmatch(q, k, neighbors=3, key_mask=mask, generator=seeded()),
+    "patchmatch": lambda q, k, mask: patchmatch(q, k, neighbors=3, key_mask=mask, generator=seeded(), compiled=False),
     "exact": lambda q, k, mask: exact_knn(q, k, neighbors=3, key_mask=mask),
     "exact, pruned": lambda q, k, mask: exact_knn(q, k, neighbors=3, key_mask=mask, prune=True),
     "exact, no mask": lambda q, k, mask: exact_knn(q, k, neighbors=3),
-    "patchmatch, no mask": lambda q, k, mask: patchmatch(q, k, neighbors=3, generator=seeded()),
+    "patchmatch, no mask": lambda q, k, mask: patchmatch(q, k, neighbors=3, generator=seeded(), compiled=False),
 }
 
 
@@ -240,10 +254,10 @@ def test_distance_passes_do_not_depend_on_their_chunks(rows: int, monkeypatch: p
     q, k = torch.randn(2, 6, 30, 34, generator=g), torch.randn(2, 6, 25, 28, generator=g)
     y, x = torch.randint(1, 24, (2, 30, 34, 3), generator=g), torch.randint(1, 27, (2, 30, 34, 3), generator=g)
     indices = y * 28 + x  # valid key centres
-    distances, nnf = patch_distances(q, k, indices, 3), patchmatch(q, k, neighbors=3, generator=seeded())
+    distances, nnf = patch_distances(q, k, indices, 3), patchmatch(q, k, neighbors=3, generator=seeded(), compiled=False)
     monkeypatch.setattr(attention, "_distance_rows", lambda maps, candidates: rows)
     assert torch.equal(patch_distances(q, k, indices, 3), distances)
-    again = patchmatch(q, k, neighbors=3, generator=seeded())
+    again = patchmatch(q, k, neighbors=3, generator=seeded(), compiled=False)
     assert torch.equal(again.indices, nnf.indices) and torch.equal(again.distances, nnf.distances)
 
 
@@ -275,11 +289,11 @@ def test_same_seed_gives_identical_output(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_inputs(dtype: torch.dtype) -> None:
+def test_half_precision_inputs(dtype: torch.dtype, compiled: bool) -> None:
     q, k = features(crop("chelsea"), 8)[..., :32, :32], features(crop("coffee"), 8)[..., :40, :40]
     out = PSAL()(q.to(dtype), k.to(dtype), k.to(dtype), generator=seeded())
     assert out.dtype == dtype and out.shape == (1, 8, 32, 32) and out.isfinite().all()
-    nnf = patchmatch(q.to(dtype), k.to(dtype), generator=seeded())
+    nnf = patchmatch(q.to(dtype), k.to(dtype), generator=seeded(), compiled=compiled)
     assert nnf.distances.dtype == torch.float32
     _, ratio = quality(nnf, exact_knn(q.to(dtype).float(), k.to(dtype).float()))
     assert ratio <= 1.05
@@ -294,10 +308,10 @@ def test_small_maps_use_the_exhaustive_search(monkeypatch: pytest.MonkeyPatch) -
     assert not torch.equal(layer.search(q, k, generator=seeded()).indices, exact_knn(q, k).indices)
 
 
-def test_init_from_an_exact_nnf_is_kept() -> None:
+def test_init_from_an_exact_nnf_is_kept(compiled: bool) -> None:
     q, k = features(crop("coffee"), 8)[..., :32, :32], features(crop("astronaut"), 8)
     exact = exact_knn(q, k)
-    recall, ratio = quality(patchmatch(q, k, iterations=0, init=exact, generator=seeded()), exact)
+    recall, ratio = quality(patchmatch(q, k, iterations=0, init=exact, generator=seeded(), compiled=compiled), exact)
     assert recall == 1.0 and ratio == pytest.approx(1.0)
 
 
@@ -370,20 +384,60 @@ def test_invalid_arguments_raise_value_error(case: str) -> None:
         INVALID[case]()
 
 
-def test_channels_last_maps_give_the_same_nnf() -> None:
+def test_channels_last_maps_give_the_same_nnf(compiled: bool) -> None:
     """The engine hands PSAL channels-last maps (rows without a copy): same result as NCHW."""
     query, key = features(crop("chelsea"), 8)[..., :40, :], features(crop("astronaut"), 8)
-    plain = patchmatch(query, key, generator=seeded())
-    cl = patchmatch(query.contiguous(memory_format=torch.channels_last), key.contiguous(memory_format=torch.channels_last), generator=seeded())
+    plain = patchmatch(query, key, generator=seeded(), compiled=compiled)
+    cl = patchmatch(query.contiguous(memory_format=torch.channels_last), key.contiguous(memory_format=torch.channels_last), generator=seeded(), compiled=compiled)
     assert torch.equal(plain.indices, cl.indices) and torch.allclose(plain.distances, cl.distances)
 
 
 @pytest.mark.parametrize("scale", [1e-6, 1e5])
-def test_search_is_invariant_to_the_feature_scale(scale: float) -> None:
+def test_search_is_invariant_to_the_feature_scale(scale: float, compiled: bool) -> None:
     """The float16 search table is scaled to the features: tiny or huge maps match alike."""
     query, key = features(crop("chelsea"), 8)[..., :40, :], features(crop("astronaut"), 8)
-    plain = patchmatch(query, key, generator=seeded())
-    scaled = patchmatch(query * scale, key * scale, generator=seeded())
+    plain = patchmatch(query, key, generator=seeded(), compiled=compiled)
+    scaled = patchmatch(query * scale, key * scale, generator=seeded(), compiled=compiled)
     same = scaled.indices == plain.indices
     assert same.float().mean() > 0.98
     assert torch.allclose(scaled.distances[same] / scale**2, plain.distances[same], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.skipif(not isinstance(LOOPS[1], bool), reason="Numba is not installed")
+def test_the_compiled_loop_does_not_depend_on_the_threads() -> None:
+    """Bands of one parity run in parallel and never read each other: a seed gives one result."""
+    query, key = features(crop("chelsea"), 8), features(crop("astronaut"), 8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = patchmatch(query, key, generator=seeded(), compiled=True)
+        torch.set_num_threads(2)
+        two = patchmatch(query, key, generator=seeded(), compiled=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one.indices, two.indices) and torch.equal(one.distances, two.distances)
+
+
+@pytest.mark.skipif(not isinstance(LOOPS[1], bool), reason="Numba is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_compiled_loop_returns_exact_distances_of_valid_distinct_keys(dtype: torch.dtype) -> None:
+    """Its re-ranking against the torch layer's differentiable distances, on two batch elements
+    of their own key masks and a query map larger than the key map."""
+    g = seeded(6)
+    query, key = torch.randn(2, 5, 50, 44, generator=g, dtype=dtype), torch.randn(2, 5, 31, 37, generator=g, dtype=dtype)
+    mask = torch.zeros(2, 31, 37, dtype=torch.bool)
+    mask[0, 5:20, 8:30] = True
+    mask[1, :, :10] = True
+    nnf = patchmatch(query, key, neighbors=4, key_mask=mask, generator=seeded(), compiled=True)
+    assert nnf.distances.dtype == dtype and nnf.indices.dtype == torch.int64
+    assert torch.allclose(nnf.distances, patch_distances(query, key, nnf.indices, 3), rtol=1e-5)
+    assert (nnf.distances.diff(dim=-1) >= 0).all() and (nnf.indices.sort(-1).values.diff(dim=-1) != 0).all()
+    valid = valid_key_centres(key.shape, 3, mask).flatten(1)
+    assert valid.gather(1, nnf.indices.flatten(1)).all()
+
+
+def test_the_compiled_loop_runs_on_the_cpu_only() -> None:
+    with pytest.raises(ValueError, match="CPU"):
+        attention._kernel(torch.device("cuda"), True)
+    assert attention._kernel(torch.device("cuda"), None) is None
+    assert attention._kernel(torch.device("cpu"), False) is None
