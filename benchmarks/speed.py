@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1, 4, 12], help="input megapixels")
     parser.add_argument("--commands", nargs="+", choices=list(COMMANDS), default=list(COMMANDS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "auto"], default=["fp32", "auto"],
+                        help="CPU rows to run (a GPU runs float32 and --half)")
     parser.add_argument("--quality-only", action="store_true", help="skip the speed rows")
     parser.add_argument("--no-quality", action="store_true", help="skip the quality deltas")
     parser.add_argument("--quality-sets", nargs="+", help="only these quality rows (prefixes: 'upscale x4 set5', 'inpaint', …)")
@@ -179,7 +181,7 @@ def main() -> None:
         report["rows"], report["quality"] = previous.get("rows", []), previous.get("quality", {})
     print(f"{device} ({machine}), {args.threads} threads, load average {os.getloadavg()[0]:.1f}")
     print("| command | MP | precision | s | peak MB |\n|---|---|---|---|---|")
-    variants = [("fp32", False), ("fp32", True)] if device == "cuda" else [("fp32", False), ("auto", False)]
+    variants = [("fp32", False), ("fp32", True)] if device == "cuda" else [(p, False) for p in args.precisions]
     for command in [] if args.quality_only else args.commands:
         for megapixels in args.sizes:
             for precision, half in variants:

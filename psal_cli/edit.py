@@ -44,9 +44,9 @@ def check_size(model: nn.Module, image: Image.Image, input_name: str = "image", 
     raise ValueError(f"{what} too small ({w}×{h} px): {model.architecture} needs at least {side}×{side}")
 
 
-# An edit's peak memory beyond the loaded network, in bytes per input pixel, from the
-# resident-memory slopes benchmarks/memory.py measures on the whole command (reading,
-# the network's full-resolution maps and search tables, writing), with a margin for
+# An edit's peak memory beyond the loaded network, in bytes per input pixel, from the peak
+# resident memory of whole commands at 1, 4 and 12 MP (benchmarks/speed.py: reading, the
+# network's full-resolution maps and search tables, writing), with a margin for
 # photo-to-photo variation. Upscaling grows with the output: a + b·scale².
 _MARGIN = 1.3
 

@@ -1,23 +1,24 @@
 """PatchMatch's search loop compiled with Numba: the optional `fast` extra, on the CPU.
 
 The search of `attention.patchmatch` (the same projected tables, random init, held list of
-3k matches, random search and exact re-ranking of the best 2k), run one query at a time
-instead of as torch operations on chunks of 512 queries: on a CPU the torch loop's time
-goes to hundreds of small tensor operations per chunk, not to arithmetic. One query at a
-time is PatchMatch's own order, so propagation needs only the two neighbours the sweep has
-just visited, where the torch loop's chunks need a jump flood from all four directions:
-about half the candidates, and closer matches for the same iterations.
+3k matches, jump-flood propagation, random search and exact re-ranking of the best 2k),
+compiled instead of run as torch operations: on a CPU the torch loop's time goes to the
+~50 small operations of each step, not to arithmetic, so it takes 512 queries per step;
+compiled, a step takes `_STEP`. Each step proposes every query's candidates from the
+matches held before it, then merges them, as the torch loop's chunks do. (One query per
+step, PatchMatch's own order, found matches as close, but the colorizer's figures fell by
+0.05–0.07 dB with them.)
 
 Rows of the query map are cut into bands of `_BAND` rows, scanned forward then backward on
 alternate iterations. Bands of one parity run in parallel, then the other's: a band reads
-its neighbours' matches only across a band of the other parity, so the result depends on
-the seed alone, not on the threads or their timing. The threads are Python's, running
-compiled functions that release the GIL: Numba's own parallel loops bring a second OpenMP
-runtime whose idle threads slowed torch's next operations several times. Random numbers come from a counter
-hash of (seed, iteration, query), for the same reason.
+its neighbours' matches only across a band of the other parity, and random numbers come from
+a counter hash of (seed, iteration, query), so the result depends on the seed alone, not on
+the threads or their timing. The threads are Python's, running compiled functions that
+release the GIL: Numba's own parallel loops bring a second OpenMP runtime, whose idle
+threads slowed torch's next operations several times.
 
-Imported only when a search runs (`attention._patchmatch`): Numba's import and its cached
-compiled code cost ~0.5 s, which a CLI call that never searches should not pay.
+Imported only when a large search runs (`attention.COMPILED_STEPS`): Numba's import and its
+cached compiled code cost ~1.5 s on a process's first search.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
-# Rows per band: bands of one parity are a band apart and never read each other's matches;
-# small, so that two threads share the work evenly.
+# Rows per band: more than the longest propagation jump (8), so that bands of one parity
+# never read each other's matches; small, so that two threads share the work evenly.
 _BAND = 16
+# Queries per step: small steps carry good matches further within an iteration; with 32 the
+# networks' figures are the torch loop's (docs/benchmarks.md).
+_STEP = 32
 # The eight neighbours of the best match, as attention's.
 _NEAR_Y = np.array([0, 0, 1, -1, 1, 1, -1, -1], dtype=np.int64)
 _NEAR_X = np.array([1, -1, 0, 0, 1, -1, 1, -1], dtype=np.int64)
@@ -97,13 +101,10 @@ def _consider(q, base, table, qrow, held_d, held_i, cand, m, dist):
 
 
 @njit(cache=True, fastmath=_MATH)
-def _visit(q, t, table, qrows, held_d, held_i, listed, starts, counts, seeds, Hq, Wq, Hk, Wk, r, slots, radii, seed,
-           cand, dist):
-    """One step of query q: the random init (t = −1) or iteration t's candidates, all
-    proposed from the matches held before the step (as the torch loop's chunks)."""
-    held = held_d.shape[1]
+def _propose(q, t, held_i, listed, starts, counts, seeds, Hq, Wq, Hk, Wk, r, slots, radii, seed, cand):
+    """Query q's candidates of step t (−1: the random init) into cand: their count."""
+    held = held_i.shape[1]
     b, y, x = q // (Hq * Wq), q // Wq % Hq, q % Wq
-    base = b * Hk * Wk
     lo, hi_y, hi_x = r, Hk - 1 - r, Wk - 1 - r
     state = _mix(seed ^ (np.uint64(q) * _GOLDEN) ^ np.uint64(t + 1))
     m = 0
@@ -121,25 +122,26 @@ def _visit(q, t, table, qrows, held_d, held_i, listed, starts, counts, seeds, Hq
             if s >= 0 and s < Hk * Wk:
                 cand[m] = s
                 m += 1
-        _consider(q, base, table, qrows[q], held_d, held_i, cand, m, dist)
-        return
-    # Propagation: the best `slots` matches of the two neighbours this sweep has just
-    # visited (left and above going forward, right and below going back), shifted by one.
-    step = 1 if t % 2 == 0 else -1
-    for e in range(2):
-        ey, ex = (0, step) if e == 0 else (step, 0)
-        sy, sx = y - ey, x - ex
-        if sy < 0 or sy >= Hq or sx < 0 or sx >= Wq:
-            continue
-        source = (b * Hq + sy) * Wq + sx
-        for j in range(slots):
-            src = held_i[source, j]
-            if src < 0:
-                break
-            py, px = src // Wk + ey, src % Wk + ex
-            if py >= lo and py <= hi_y and px >= lo and px <= hi_x:
-                cand[m] = py * Wk + px
-                m += 1
+        return m
+    # Propagation: the neighbours' best `slots` matches, shifted back (jumps 8·2⁻ᵗ and 1).
+    first = 8 >> t
+    for jump in range(2 if first > 1 else 1):
+        s = first if jump == 0 and first > 1 else 1
+        for e in range(4):
+            ey = 0 if e < 2 else (1 if e == 2 else -1)
+            ex = (1 if e == 0 else -1) if e < 2 else 0
+            sy, sx = y + s * ey, x + s * ex
+            if sy < 0 or sy >= Hq or sx < 0 or sx >= Wq:
+                continue
+            source = (b * Hq + sy) * Wq + sx
+            for j in range(slots):
+                src = held_i[source, j]
+                if src < 0:
+                    break
+                py, px = src // Wk - s * ey, src % Wk - s * ex
+                if py >= lo and py <= hi_y and px >= lo and px <= hi_x:
+                    cand[m] = py * Wk + px
+                    m += 1
     # Random search: every window around the best match, the two smallest around the others.
     for j in range(held):
         at = held_i[q, j]
@@ -165,7 +167,7 @@ def _visit(q, t, table, qrows, held_d, held_i, listed, starts, counts, seeds, Hq
             if ny >= lo and ny <= hi_y and nx >= lo and nx <= hi_x:
                 cand[m] = ny * Wk + nx
                 m += 1
-    _consider(q, base, table, qrows[q], held_d, held_i, cand, m, dist)
+    return m
 
 
 @njit(cache=True, nogil=True, fastmath=_MATH)
@@ -174,15 +176,21 @@ def _sweep(table, qrows, held_d, held_i, listed, starts, counts, seeds, B, Hq, W
     """Step t (−1: the init) of every query in bands first_band, first_band + band_step, …"""
     rows = B * Hq
     held = held_i.shape[1]
-    capacity = max(held + seeds.shape[1], 2 * slots + radii.shape[0] + 2 * held + 8)  # candidates of one step
-    cand = np.empty(capacity, dtype=np.int64)
+    capacity = max(held + seeds.shape[1], 8 * slots + radii.shape[0] + 2 * held + 8)  # candidates of one step
+    cand = np.empty((_STEP, capacity), dtype=np.int64)
+    proposed = np.empty(_STEP, dtype=np.int64)
     dist = np.empty(capacity, dtype=np.float32)
     for band in range(first_band, (rows + _BAND - 1) // _BAND, band_step):
         first, last = band * _BAND * Wq, min(rows, (band + 1) * _BAND) * Wq
-        for j in range(last - first):
-            q = first + j if t % 2 == 0 else last - 1 - j
-            _visit(q, t, table, qrows, held_d, held_i, listed, starts, counts, seeds, Hq, Wq, Hk, Wk, r, slots, radii,
-                   seed, cand, dist)
+        for a in range(0, last - first, _STEP):
+            size = min(_STEP, last - first - a)
+            for i in range(size):
+                q = first + a + i if t % 2 == 0 else last - 1 - a - i
+                proposed[i] = _propose(q, t, held_i, listed, starts, counts, seeds, Hq, Wq, Hk, Wk, r, slots, radii,
+                                       seed, cand[i])
+            for i in range(size):
+                q = first + a + i if t % 2 == 0 else last - 1 - a - i
+                _consider(q, q // (Hq * Wq) * Hk * Wk, table, qrows[q], held_d, held_i, cand[i], proposed[i], dist)
 
 
 @njit(cache=True, nogil=True, fastmath=_MATH)
