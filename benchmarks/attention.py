@@ -142,7 +142,7 @@ def speed_table(sides: list[int], threads: int, tmp: Path) -> None:
     reference = None  # (pixels, the largest dense measurement so far)
     for side in sides:
         q, k = natural(side)
-        psal = measure(tmp, (q, k, k), "psal", threads, with_quality=side <= 128)
+        psal = measure(tmp, (q, k, k), "psal", threads, with_quality=side <= 256)
         if reference is None and side > 128:  # dense would not fit: measure the trend at 128² first
             q128, k128 = natural(128)
             reference = (128 * 128, measure(tmp, (q128, k128, k128), "dense", threads))
