@@ -500,7 +500,9 @@ def _compiled_search(kernel, search: _Search, listed: Tensor, starts: Tensor, co
     """The same search loop and re-ranking compiled (`search_kernel`): indices and distances (n, k)."""
     maps = search.maps
     step = 1 << 14
-    qrows = torch.cat([search.query_rows(search.index(slice(a, a + step))) for a in range(0, search.n, step)])
+    qrows = torch.empty(search.n, search.table.shape[1])  # filled in place: no second full-size copy
+    for a in range(0, search.n, step):
+        qrows[a : a + step] = search.query_rows(search.index(slice(a, a + step)))
     seeds = seed.int() if seed is not None else torch.empty(search.n, 0, dtype=torch.int32, device="cpu")
     # One draw from the caller's generator seeds the kernel's counter-based random numbers.
     draw = int(torch.randint(0, 1 << 62, (1,), generator=search.generator))

@@ -58,6 +58,27 @@ def _uniform(state):
     return float(_mix(state) >> np.uint64(11)) * (1.0 / 9007199254740992.0), state
 
 
+@njit(cache=True, inline="always")
+def _holds(held_i, q, c):
+    """Whether query q already holds key c."""
+    found = False
+    for j in range(held_i.shape[1]):
+        found |= held_i[q, j] == c
+    return found
+
+
+@njit(cache=True, inline="always")
+def _insert(dists, keys, q, d, c):
+    """Key c at distance d into row q of (dists, keys), kept sorted ascending; the last entry drops out."""
+    j = dists.shape[1] - 1
+    while j > 0 and dists[q, j - 1] > d:
+        dists[q, j] = dists[q, j - 1]
+        keys[q, j] = keys[q, j - 1]
+        j -= 1
+    dists[q, j] = d
+    keys[q, j] = c
+
+
 @njit(cache=True, fastmath=_MATH, inline="always")
 def _consider(q, base, table, qrow, held_d, held_i, cand, m, dist):
     """Keep the best of candidates cand[:m] (key positions in the query's batch element)
@@ -71,11 +92,8 @@ def _consider(q, base, table, qrow, held_d, held_i, cand, m, dist):
     fresh = 0
     for i in range(m):
         c = cand[i]
-        repeat = False
-        for j in range(held):
-            repeat |= held_i[q, j] == c
         cand[fresh] = c
-        fresh += not repeat
+        fresh += not _holds(held_i, q, c)
     for i in range(fresh):
         row = base + cand[i]
         d = np.float32(0.0)
@@ -84,20 +102,9 @@ def _consider(q, base, table, qrow, held_d, held_i, cand, m, dist):
         dist[i] = d
     for i in range(fresh):
         d, c = dist[i], cand[i]
-        if not d < held_d[q, held - 1]:  # an infinite (invalid) key never enters
-            continue
-        repeat = False
-        for j in range(held):
-            repeat |= held_i[q, j] == c
-        if repeat:  # a candidate proposed twice in this step
-            continue
-        j = held - 1
-        while j > 0 and held_d[q, j - 1] > d:
-            held_d[q, j] = held_d[q, j - 1]
-            held_i[q, j] = held_i[q, j - 1]
-            j -= 1
-        held_d[q, j] = d
-        held_i[q, j] = c
+        # An infinite (invalid) key never enters; nor a candidate proposed twice in this step.
+        if d < held_d[q, held - 1] and not _holds(held_i, q, c):
+            _insert(held_d, held_i, q, d, c)
 
 
 @njit(cache=True, fastmath=_MATH)
@@ -219,15 +226,8 @@ def _rerank(q_pix, k_pix, held_i, indices, distances, Hq, Wq, Hk, Wk, r, zero, f
                     for c in range(q_pix.shape[1]):
                         e = q_pix[qrow, c] - k_pix[krow, c]
                         d += e * e
-            if not d < distances[q, k - 1]:
-                continue
-            i = k - 1
-            while i > 0 and distances[q, i - 1] > d:
-                distances[q, i] = distances[q, i - 1]
-                indices[q, i] = indices[q, i - 1]
-                i -= 1
-            distances[q, i] = d
-            indices[q, i] = cand
+            if d < distances[q, k - 1]:
+                _insert(distances, indices, q, d, cand)
 
 
 def _in_parallel(threads: int, work) -> None:
