@@ -711,11 +711,35 @@ def _exact_knn(query: Tensor, key: Tensor, patch_size: int, neighbors: int, key_
         bias = kp.square().sum(1).masked_fill(~valid, math.inf)[:, None]  # (B, 1, Nk)
         step = max(1, _EXACT_ELEMENTS // kp.shape[-1])
         indices = torch.cat(
-            [(torch.baddbmm(bias, qp[:, a : a + step], kp, alpha=-2)).topk(neighbors, -1, largest=False).indices
+            [_smallest(torch.baddbmm(bias, qp[:, a : a + step], kp, alpha=-2), neighbors)
              for a in range(0, Hq * Wq, step)], 1)  # (B, Nq, k)
     distances = patch_distances(query.to(dtype), key.to(dtype), indices.view(B, Hq, Wq, neighbors), patch_size)
     distances, order = distances.sort(-1)
     return NNF(indices.view(B, Hq, Wq, neighbors).gather(-1, order), distances)
+
+
+def _smallest(scores: Tensor, k: int, group: int = 64) -> Tensor:
+    """Indices (..., k) of the k smallest scores of each row (..., N): exactly topk's, up to ties.
+
+    A CPU's topk over long rows costs more than the matrix product that made them. The k
+    smallest lie in at most k groups of `group` consecutive scores, and those groups have
+    the k smallest group minima: so a row's minima per group (one fast reduction), the k
+    best groups, and topk over their k·group scores only.
+    """
+    n = scores.shape[-1]
+    groups = n // group
+    if groups < 4 * k:
+        return scores.topk(k, -1, largest=False).indices
+    main = groups * group
+    minima = scores[..., :main].unflatten(-1, (groups, group)).amin(-1)  # (..., groups)
+    best = minima.topk(k, -1, largest=False, sorted=False).indices  # (..., k)
+    within = torch.arange(group, device=scores.device)
+    candidates = (best[..., None] * group + within).flatten(-2)  # (..., k·group)
+    if main < n:  # the last scores, fewer than a group: always candidates
+        tail = torch.arange(main, n, device=scores.device).expand(*candidates.shape[:-1], n - main)
+        candidates = torch.cat([candidates, tail], -1)
+    pick = scores.gather(-1, candidates).topk(k, -1, largest=False).indices
+    return candidates.gather(-1, pick)
 
 
 def _pruned_scan(q: Tensor, k: Tensor, valid: Tensor, neighbors: int) -> Tensor:

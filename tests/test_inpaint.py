@@ -17,7 +17,7 @@ from psal_cli.attention import patch_distances, valid_key_centres
 from psal_cli.engine import Options, run_network
 from psal_cli.modelfile import load_model, read_info
 from psal_cli.networks import create_model
-from psal_cli.networks.inpaint import coherent_nnf
+from psal_cli.networks.inpaint import coherent_nnf, hole_radius
 from psal_cli.networks.stages import Direct
 from psal_cli.tasks import inpaint as task
 from psal_cli.training import to_float
@@ -49,12 +49,33 @@ def test_shape_range_and_known_pixels_exact(size, work):
     h, w = size
     image, hole = photo(h, w), box_hole(h, w, 10, 30, 15, 40)
     with torch.no_grad():
-        out = tiny(work_size=work)(image=image * (1 - hole), mask=hole)
+        out = tiny(work_size=work, work_pixels=0)(image=image * (1 - hole), mask=hole)
     assert out.shape == (1, 3, h, w)
     assert out.min() >= 0 and out.max() <= 1
     known = ~hole.bool().expand_as(image)
     assert torch.equal(out[known], image[known])
     assert (out - image * (1 - hole))[~known].abs().sum() > 0  # the hole was filled
+
+
+@pytest.mark.parametrize("rows, cols, radius", [(1, 1, 1), (4, 100, 2), (5, 9, 3), (30, 40, 15), (200, 250, 100)])
+def test_hole_radius_counts_the_erosions_that_remove_a_box(rows, cols, radius):
+    """A rows×cols box inside a photo of at most 256 px (one pixel per cell) goes in ⌈min/2⌉ erosions."""
+    hole = box_hole(240, 256, 20, 20 + rows, 3, 3 + cols)
+    assert hole_radius(hole) == radius
+    assert hole_radius(torch.zeros(1, 1, 240, 256)) == 0
+
+
+def test_working_size_is_native_for_narrow_holes_and_reduced_for_wide_ones():
+    """The network fills where the hole is work_radius working pixels wide or less, within
+    work_pixels and never below work_size; without a mask, the smallest size."""
+    model = tiny(work_size=64, work_pixels=384 * 512, work_radius=8)
+    H, W = 384, 512
+    assert model.working_size(H, W) == (48, 64)
+    assert model.working_size(H, W, box_hole(H, W, 100, 104, 0, W)) == (H, W)  # a 4-px scratch
+    assert model.working_size(H, W, box_hole(H, W, 100, 132, 0, W)) == (192, 256)  # half-width 16: half size
+    assert model.working_size(H, W, box_hole(H, W, 100, 300, 100, 400)) == (48, 64)  # wide: work_size
+    capped = tiny(work_size=64, work_pixels=96 * 128, work_radius=8)
+    assert capped.working_size(H, W, box_hole(H, W, 100, 104, 0, W)) == (96, 128)
 
 
 def fill_centre(model: torch.nn.Module, w: int, h: int) -> Image.Image:
@@ -318,7 +339,7 @@ def test_copy_restores_structure_repeated_elsewhere_at_full_resolution():
                        "no copy": {"copy": False}}.items():
         torch.manual_seed(0)
         with torch.no_grad():
-            out = tiny(work_size=48, detail=False, **over)(image=seen, mask=hole)
+            out = tiny(work_size=48, work_pixels=0, detail=False, **over)(image=seen, mask=hole)
         known = ~hole.bool().expand_as(out)
         assert torch.equal(out[known], truth[known])
         errors[name] = (out - truth).abs()[~known].mean().item()

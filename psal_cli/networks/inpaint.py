@@ -119,6 +119,23 @@ def masked_blur(x: Tensor, known: Tensor, sigma: float) -> Tensor:
     return gaussian_blur(x * known, sigma) / gaussian_blur(known, sigma).clamp(min=1e-6)
 
 
+def hole_radius(mask: Tensor, cells: int = 256) -> float:
+    """Half-width in pixels of the widest part of the hole (B, 1, H, W), over the batch: 0 without one.
+
+    Measured on a grid of at most `cells` cells along the long side (a cell is hole if any
+    of its pixels is): the erosions by one cell that it takes to remove the hole, times the
+    cell side. So a narrow hole on a large photo counts as about a cell wide, and the count
+    costs at most `cells` small poolings. The photo's border counts as hole.
+    """
+    d = max(1, math.ceil(max(mask.shape[-2:]) / cells))
+    hole = F.max_pool2d(mask.float(), d, ceil_mode=True) > 0
+    steps = 0
+    while bool(hole.any()) and steps < cells:  # a photo that is all hole never erodes
+        hole = -F.max_pool2d(-hole.float(), 3, 1, 1) > 0  # padded with −inf: the border erodes nothing
+        steps += 1
+    return float(steps * d)
+
+
 def hole_box(mask: Tensor, margin: int) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1): bounding box of the hole over the batch, grown by margin, clipped to the map."""
     H, W = mask.shape[-2:]
@@ -143,7 +160,12 @@ class PSALInpaint(nn.Module):
         attn_patch: int = 1  # the features already describe a wide neighbourhood; p = 1 keeps training fast
         attn_neighbors: int = 4
         attn_iterations: int = 3
-        work_size: int = 512  # long side of the working resolution (larger photos are reduced, then detailed)
+        work_size: int = 512  # long side of the working resolution at least (larger photos are reduced, then detailed)
+        # A narrow hole (strokes, scratches) is filled at a larger working size, up to the native one: the
+        # network then sees the structure beside it at full resolution. The working size is the largest of at
+        # most work_pixels at which the hole's half-width (hole_radius) is at most work_radius working pixels.
+        work_pixels: int = 1 << 20
+        work_radius: int = 32
         fill_flips: int = 4  # self-ensemble at inference: mean fill over the first 1–8 views of stages.VIEWS
         detail: bool = True  # full-resolution PSAL detail transfer
         detail_gain: float = 1.7  # gain on the copied band at native size (→ 1 on reduced photos, see detail_weight)
@@ -195,7 +217,7 @@ class PSALInpaint(nn.Module):
         H, W = image.shape[-2:]
         known = 1 - mask
         image = image * known
-        size = self.working_size(H, W)
+        size = self.working_size(H, W, mask)
         if size == (H, W):
             out = self.fill_ensemble(ex, image, mask)
         else:
@@ -206,12 +228,24 @@ class PSALInpaint(nn.Module):
             else:
                 out = ex.whole(lambda x, m, f: x + m * _resize(f, (H, W)), image, mask, fill)
         if self.config.detail:
-            out = ex.whole(partial(self.add_detail, generator=ex.generator), out, mask)
+            out = ex.whole(partial(self.add_detail, generator=ex.generator, reduction=max(H / size[0], W / size[1])),
+                           out, mask)
         return out
 
-    def working_size(self, height: int, width: int) -> tuple[int, int]:
-        """The size the network fills at: the photo's, or reduced to a long side of work_size."""
-        factor = self.config.work_size / max(height, width)
+    def working_size(self, height: int, width: int, mask: Tensor | None = None) -> tuple[int, int]:
+        """The size the network fills at: the photo's, or reduced, to a long side of work_size at least.
+
+        With the `mask`, a narrow hole is filled at a larger size, up to the native one: the
+        largest of at most work_pixels pixels at which the hole is at most work_radius
+        working pixels wide (half-width, `hole_radius`). Without it, the smallest size any
+        hole gets.
+        """
+        c = self.config
+        smallest = c.work_size / max(height, width)
+        factor = smallest
+        if mask is not None:
+            largest = math.sqrt(c.work_pixels / (height * width))
+            factor = max(smallest, min(largest, c.work_radius / max(1.0, hole_radius(mask))))
         if factor >= 1:
             return height, width
         return max(4, round(height * factor)), max(4, round(width * factor))
@@ -350,16 +384,16 @@ class PSALInpaint(nn.Module):
         out[..., y0:y1, x0:x1] = query + hole * (trust * voted + (1 - trust) * prior[..., y0:y1, x0:x1] - query)
         return out
 
-    def add_detail(self, fill: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def add_detail(self, fill: Tensor, mask: Tensor, generator: torch.Generator | None = None,
+                   reduction: float = 1.0) -> Tensor:
         """Copy the high frequencies of matching known full-resolution patches into the hole.
 
         Works on the hole's box grown by the search margin; the low-pass that separates
-        painted from copied frequencies widens with the reduction to the working size
-        (σ = detail_sigma × size / work_size), since the upsampled fill lacks all of them.
+        painted from copied frequencies widens with the `reduction` to the working size
+        (σ = detail_sigma × reduction), since the upsampled fill lacks all of them.
         """
         c = self.config
-        H, W = fill.shape[-2:]
-        sigma = c.detail_sigma * max(1.0, max(H, W) / c.work_size)
+        sigma = c.detail_sigma * max(1.0, reduction)
         y0, y1, x0, x1 = hole_box(mask, c.detail_search + math.ceil(3 * sigma))
         out = fill.clone()
         out[..., y0:y1, x0:x1] = self.transfer_detail(fill[..., y0:y1, x0:x1], mask[..., y0:y1, x0:x1], sigma, generator)
@@ -556,9 +590,6 @@ def coherent_nnf(query: Tensor, key: Tensor, nnf: Tensor, valid: Tensor, patch: 
     return nnf
 
 
-_NEIGHBOURS = torch.tensor([[0.0, 0.25, 0.0], [0.25, 0.0, 0.25], [0.0, 0.25, 0.0]]).view(1, 1, 3, 3)
-
-
 def pyramid_fill(image: Tensor, mask: Tensor, iterations: int = 20) -> Tensor:
     """Smooth fill of the hole from the known pixels (multigrid push-pull): known pixels are kept exactly.
 
@@ -574,12 +605,15 @@ def pyramid_fill(image: Tensor, mask: Tensor, iterations: int = 20) -> Tensor:
         xs.append(F.avg_pool2d(xs[-1], 2, ceil_mode=True))
         ks.append(F.avg_pool2d(ks[-1], 2, ceil_mode=True))
     filled = xs[-1] / ks[-1].clamp(min=1e-8)
-    kernel = _NEIGHBOURS.to(image).repeat(image.shape[1], 1, 1, 1)  # (C, 1, 3, 3)
     for x, k in zip(reversed(xs[:-1]), reversed(ks[:-1])):
         filled = x + F.interpolate(filled, size=x.shape[-2:], mode="bilinear", align_corners=False) * (1 - k)
+        unknown = 0.25 * (1 - k)
         for _ in range(iterations):
-            around = F.conv2d(F.pad(filled, (1, 1, 1, 1), mode="replicate"), kernel, groups=image.shape[1])
-            filled = x + around * (1 - k)  # x = mean colour × known fraction
+            # The mean of the four neighbours (replicated past the border) as four shifted
+            # slices: a depthwise 3×3 convolution costs ten times more on a CPU.
+            p = F.pad(filled, (1, 1, 1, 1), mode="replicate")
+            around = p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]
+            filled = torch.addcmul(x, around, unknown)  # x = mean colour × known fraction
     return filled
 
 
