@@ -136,7 +136,7 @@ def natural(side: int, channels: int = CHANNELS) -> tuple[torch.Tensor, torch.Te
 
 
 def speed_table(sides: list[int], threads: int, tmp: Path) -> None:
-    print(f"\nSquare maps, C = {CHANNELS}, patch {PATCH}, neighbors {NEIGHBORS}, iterations 6 (default), inference (no grad)")
+    print(f"\nSquare maps, C = {CHANNELS}, patch {PATCH}, neighbors {NEIGHBORS}, iterations {PSAL().iterations} (default), inference (no grad)")
     print("| input | side | PSAL s (cpu s) | PSAL peak MB | recall@1 | ratio | dense s | dense peak MB | dense / PSAL |")
     print("|---|---|---|---|---|---|---|---|---|")
     reference = None  # (pixels, the largest dense measurement so far)

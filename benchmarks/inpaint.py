@@ -2,7 +2,8 @@
 
 The test photo is a 4000×3000 mosaic of real full-resolution textures (brick | grass |
 gravel, each mirrored-tiled at its native resolution, so there is true fine detail
-everywhere) with a 10 % box hole in the middle. Methods, all on the same hole:
+everywhere) with a 10 % box hole in the middle (or, with `--masks thin|thick`, the
+evaluation's strokes). Methods, all on the same hole:
 
 - psal: the shipped network through the engine (working size, then full-resolution PSAL detail);
 - psal, no detail: the same network without the detail stage = what a resize-based tool gives;
@@ -14,6 +15,7 @@ the true image's. `--crops DIR` writes a 512×512 crop from inside the hole for 
 and comparison.png, the README's picture (examples/inpaint_12mp_crop.png).
 
     python benchmarks/inpaint.py --threads 2
+    python benchmarks/inpaint.py --threads 2 --masks thin
     python benchmarks/inpaint.py --textures ../shared/data/samples --crops /tmp/crops
 """
 
@@ -23,6 +25,7 @@ import argparse
 import json
 import math
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +34,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout's psal_cli, installed or not
 
 
 def mosaic(folder: Path, width: int, height: int) -> torch.Tensor:
@@ -52,6 +56,8 @@ def main() -> None:
                         help="folder with brick.png, grass.png, gravel.png")
     parser.add_argument("--size", default="4000x3000")
     parser.add_argument("--hole", type=float, default=0.10, help="area fraction of the centred box hole")
+    parser.add_argument("--masks", choices=["box", "thin", "thick"], default="box",
+                        help="the centred box, or the evaluation's strokes (psal eval inpaint's, seed 0) over the photo")
     parser.add_argument("--model", type=Path, help="model file (default: the shipped weights/inpaint)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--crops", type=Path, help="write 512×512 crops from inside the hole here")
@@ -60,7 +66,7 @@ def main() -> None:
     from psal_cli import modelfile
     from psal_cli.engine import Options, run_network
     from psal_cli.networks import create_model
-    from psal_cli.tasks.inpaint import opencv_inpaint, sharpness_ratio
+    from psal_cli.tasks.inpaint import eval_mask, opencv_inpaint, sharpness_ratio
 
     torch.set_num_threads(args.threads)
     width, height = map(int, args.size.split("x"))
@@ -69,6 +75,8 @@ def main() -> None:
     h, w = int(height * math.sqrt(args.hole)), int(width * math.sqrt(args.hole))
     top, left = (height - h) // 2, (width - w) // 2
     hole[..., top : top + h, left : left + w] = 1
+    if args.masks != "box":
+        hole = torch.from_numpy(eval_mask(args.masks, height, width, 0))[None, None].float()
     seen = truth * (1 - hole)
     model, info = modelfile.load_model(args.model or modelfile.default_model_path("inpaint"), task="inpaint")
     plain = create_model(info.architecture, **{**info.config, "detail": False})
@@ -92,7 +100,8 @@ def main() -> None:
         results[name]["hole_mae"] = round(255 * ((out - truth).abs() * hole).sum().item() / (3 * hole.sum().item()), 2)
         results[name]["sharpness"] = round(sharpness_ratio(out, hole), 3)
     results["truth"] = {"sharpness": round(sharpness_ratio(truth, hole), 3)}
-    print(json.dumps({"size": f"{width}x{height}", "hole": args.hole, "threads": args.threads, "results": results}, indent=1))
+    print(json.dumps({"size": f"{width}x{height}", "masks": args.masks, "hole": round(hole.mean().item(), 4),
+                      "threads": args.threads, "results": results}, indent=1))
     if args.crops:
         args.crops.mkdir(parents=True, exist_ok=True)
         y, x = top + h // 2 - 256, left + 64  # straddles the hole's left edge: seam and inside

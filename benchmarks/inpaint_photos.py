@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout's psal_cli, installed or not
 PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 # Held out from training and used to choose settings: a facade, two tilings, a shelf of
 # boxes, pine cones (structure that repeats itself), then citrus slices, a duck, leaves.

@@ -165,7 +165,7 @@ class PSALInpaint(nn.Module):
         # network then sees the structure beside it at full resolution. The working size is the largest of at
         # most work_pixels at which the hole's half-width (hole_radius) is at most work_radius working pixels.
         work_pixels: int = 1 << 20
-        work_radius: int = 32
+        work_radius: int = 64
         fill_flips: int = 4  # self-ensemble at inference: mean fill over the first 1–8 views of stages.VIEWS
         detail: bool = True  # full-resolution PSAL detail transfer
         detail_gain: float = 1.7  # gain on the copied band at native size (→ 1 on reduced photos, see detail_weight)
