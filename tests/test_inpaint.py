@@ -15,9 +15,9 @@ from PIL import Image
 from psal_cli import edit
 from psal_cli.attention import patch_distances, valid_key_centres
 from psal_cli.engine import Options, run_network
-from psal_cli.modelfile import load_model, read_info
+from psal_cli.modelfile import default_model_path, load_model, read_info
 from psal_cli.networks import create_model
-from psal_cli.networks.inpaint import coherent_nnf, hole_radius
+from psal_cli.networks.inpaint import _reduce, _resize, coherent_nnf, hole_radius
 from psal_cli.networks.stages import Direct
 from psal_cli.tasks import inpaint as task
 from psal_cli.training import to_float
@@ -76,6 +76,28 @@ def test_working_size_is_native_for_narrow_holes_and_reduced_for_wide_ones():
     assert model.working_size(H, W, box_hole(H, W, 100, 300, 100, 400)) == (48, 64)  # wide: work_size
     capped = tiny(work_size=64, work_pixels=96 * 128, work_radius=8)
     assert capped.working_size(H, W, box_hole(H, W, 100, 104, 0, W)) == (96, 128)
+
+
+def test_a_reduced_photo_keeps_full_resolution_edges_across_a_thin_scratch():
+    """A 3-px scratch across stripes 6 px wide on a photo four times the working size: the
+    network's correction up-sampled onto the full-size push-pull fill keeps the stripes,
+    which the working-size fill up-sampled as a whole has lost."""
+    model = load_model(default_model_path("inpaint"), task="inpaint")[0].eval()
+    H, W = 480, 640
+    y, x = torch.arange(H).view(-1, 1), torch.arange(W).view(1, -1)
+    truth = torch.where((x + y // 8) % 12 < 6, 0.2, 0.8).expand(3, H, W)[None].float()  # stripes finer than the working size
+    hole = box_hole(H, W, 200, 203, 0, W)
+    seen = truth * (1 - hole)
+    size = (120, 160)
+    with torch.no_grad():
+        small = _reduce(seen, hole, size)
+        fill = model.fill_ensemble(Direct(torch.Generator().manual_seed(0)), small[:, :3], small[:, 3:])
+        whole = seen + hole * _resize(fill, (H, W))
+        ours = model.upsample_fill(seen, hole, fill, small)
+    known = ~hole.bool().expand_as(truth)
+    assert torch.equal(ours[known], truth[known])
+    error = lambda out: (out - truth).abs()[~known].mean().item()
+    assert error(ours) < 0.7 * error(whole), (error(ours), error(whole))
 
 
 def fill_centre(model: torch.nn.Module, w: int, h: int) -> Image.Image:
