@@ -66,14 +66,15 @@ def test_hole_radius_counts_the_erosions_that_remove_a_box(rows, cols, radius):
 
 
 def test_working_size_is_native_for_narrow_holes_and_reduced_for_wide_ones():
-    """The network fills where the hole is work_radius working pixels wide or less, within
-    work_pixels and never below work_size; without a mask, the smallest size."""
+    """A hole of half-width work_radius or less is filled at native size, within work_pixels
+    and never below work_size; a wider one, or no mask, at work_size."""
     model = tiny(work_size=64, work_pixels=384 * 512, work_radius=8)
     H, W = 384, 512
     assert model.working_size(H, W) == (48, 64)
     assert model.working_size(H, W, box_hole(H, W, 100, 104, 0, W)) == (H, W)  # a 4-px scratch
-    assert model.working_size(H, W, box_hole(H, W, 100, 132, 0, W)) == (192, 256)  # half-width 16: half size
-    assert model.working_size(H, W, box_hole(H, W, 100, 300, 100, 400)) == (48, 64)  # wide: work_size
+    assert model.working_size(H, W, box_hole(H, W, 100, 116, 0, W)) == (H, W)  # half-width 8
+    assert model.working_size(H, W, box_hole(H, W, 100, 120, 0, W)) == (48, 64)  # half-width 10
+    assert model.working_size(H, W, box_hole(H, W, 100, 300, 100, 400)) == (48, 64)  # wide
     capped = tiny(work_size=64, work_pixels=96 * 128, work_radius=8)
     assert capped.working_size(H, W, box_hole(H, W, 100, 104, 0, W)) == (96, 128)
 

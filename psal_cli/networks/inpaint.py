@@ -161,9 +161,9 @@ class PSALInpaint(nn.Module):
         attn_neighbors: int = 4
         attn_iterations: int = 3
         work_size: int = 512  # long side of the working resolution at least (larger photos are reduced, then detailed)
-        # A narrow hole (strokes, scratches) is filled at a larger working size, up to the native one: the
-        # network then sees the structure beside it at full resolution. The working size is the largest of at
-        # most work_pixels at which the hole's half-width (hole_radius) is at most work_radius working pixels.
+        # A narrow hole (strokes, scratches: a half-width, hole_radius, of at most work_radius pixels) is
+        # filled at a larger working size, the native one up to work_pixels: the network then sees the
+        # structure beside it at full resolution. A wider hole needs the context of a reduced photo.
         work_pixels: int = 1 << 20
         work_radius: int = 64
         fill_flips: int = 4  # self-ensemble at inference: mean fill over the first 1–8 views of stages.VIEWS
@@ -252,19 +252,16 @@ class PSALInpaint(nn.Module):
         return out
 
     def working_size(self, height: int, width: int, mask: Tensor | None = None) -> tuple[int, int]:
-        """The size the network fills at: the photo's, or reduced, to a long side of work_size at least.
+        """The size the network fills at: the photo's, or reduced to a long side of work_size.
 
-        With the `mask`, a narrow hole is filled at a larger size, up to the native one: the
-        largest of at most work_pixels pixels at which the hole is at most work_radius
-        working pixels wide (half-width, `hole_radius`). Without it, the smallest size any
-        hole gets.
+        With the `mask`, a narrow hole (half-width at most work_radius pixels, `hole_radius`)
+        is filled at the native size, or reduced to work_pixels pixels if the photo holds
+        more (never below work_size). Without it, the size a wide hole gets.
         """
         c = self.config
-        smallest = c.work_size / max(height, width)
-        factor = smallest
-        if mask is not None:
-            largest = math.sqrt(c.work_pixels / (height * width))
-            factor = max(smallest, min(largest, c.work_radius / max(1.0, hole_radius(mask))))
+        factor = c.work_size / max(height, width)
+        if mask is not None and hole_radius(mask) <= c.work_radius:
+            factor = max(factor, math.sqrt(c.work_pixels / (height * width)))
         if factor >= 1:
             return height, width
         return max(4, round(height * factor)), max(4, round(width * factor))
