@@ -1,8 +1,10 @@
 """PSAL inpainting: a coarse-to-fine fill at a working resolution, a patch copy up to full resolution, PSAL detail.
 
-    image, mask ─ to working size (long side ≤ work_size) ─ push-pull pre-fill ─ encoder ↓4 ─ dilated gated blocks
-        ─ PSAL (masked keys: the hole is never copied from) ─ blocks ─ decoder ↑4 (+ pre-fill) ─ refine ─ fill
-    fill ─ upsampled to full size, or (copy) PatchMatch + patch votes level by level (×2) up to it
+    image, mask ─ to working size (native for a narrow hole, else long side work_size) ─ push-pull pre-fill
+        ─ encoder ↓4 ─ dilated gated blocks ─ PSAL (masked keys: the hole is never copied from) ─ blocks
+        ─ decoder ↑4 (+ pre-fill) ─ refine ─ fill
+    fill ─ its correction of the pre-fill upsampled onto the full-size pre-fill, or (copy) PatchMatch +
+        patch votes level by level (×2) up to full size
         ─ detail: PSAL over the full-resolution pixels ─ out
 
 On a photo larger than the working size, the optional copy stage (`copy_structure`) starts from
