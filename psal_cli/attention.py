@@ -53,8 +53,14 @@ _CHUNK = 512
 # steps: good matches travel from step to step, and fewer, larger steps find worse ones.
 _GPU_CHUNK = 4096
 _MIN_STEPS = 128
-# Query–key scores held at once by the exhaustive search (64 MB in float32).
+# Query–key scores held at once by the exhaustive search on a GPU (64 MB in float32).
 _EXACT_ELEMENTS = 1 << 24
+# On a CPU, scores held at once by the exhaustive search: 8 MB stay in cache while their
+# minima are taken, where 64 MB went out to memory and back (a third slower for few channels).
+_EXACT_CPU_ELEMENTS = 1 << 21
+# Values gathered per patch offset by a chunk of exact distances on a CPU (1 MB): maps of
+# few channels (inpainting's blocks) then take a few large steps instead of many small ones.
+_CPU_GATHER = 1 << 18
 # Queries per block of the pruned exhaustive search: similar queries share one key range.
 _PRUNE_BLOCK = 64
 # PSAL's one size rule: maps with Hq·Wq·Hk·Wk at most this (two 128×128 maps) are searched
@@ -163,11 +169,11 @@ def _search_chunk(device: torch.device, queries: int) -> int:
 
 def _distance_rows(maps: _Maps, candidates: int) -> int:
     """Queries per chunk of an exact-distance pass (rows are independent: any chunking gives
-    the same result). On the CPU `_CHUNK`, cache-sized; on a GPU each chunk's ~50 small
-    kernel launches set the time, so a chunk there gathers up to `_EXACT_ELEMENTS` values
-    at once."""
+    the same result). On the CPU a chunk gathers about `_CPU_GATHER` values per patch
+    offset (cache-sized), at least `_CHUNK` queries; on a GPU each chunk's ~50 small kernel
+    launches set the time, so a chunk there gathers up to `_EXACT_ELEMENTS` values at once."""
     if maps.q.device.type == "cpu":
-        return _CHUNK
+        return max(_CHUNK, _CPU_GATHER // (candidates * maps.C))
     return max(_CHUNK, _EXACT_ELEMENTS // (candidates * maps.C))
 
 
@@ -711,7 +717,8 @@ def _exact_knn(query: Tensor, key: Tensor, patch_size: int, neighbors: int, key_
         indices = torch.stack([_pruned_scan(qp[b], kp[b].T, valid[b], neighbors) for b in range(B)])
     else:
         bias = kp.square().sum(1).masked_fill(~valid, math.inf)[:, None]  # (B, 1, Nk)
-        step = max(1, _EXACT_ELEMENTS // kp.shape[-1])
+        held = _EXACT_CPU_ELEMENTS if query.device.type == "cpu" else _EXACT_ELEMENTS
+        step = max(1, held // kp.shape[-1])
         indices = torch.cat(
             [_smallest(torch.baddbmm(bias, qp[:, a : a + step], kp, alpha=-2), neighbors)
              for a in range(0, Hq * Wq, step)], 1)  # (B, Nq, k)
