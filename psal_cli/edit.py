@@ -47,7 +47,9 @@ def check_size(model: nn.Module, image: Image.Image, input_name: str = "image", 
 # An edit's peak memory beyond the loaded network, in bytes per input pixel, from the peak
 # resident memory of whole commands at 1, 4 and 12 MP (benchmarks/speed.py: reading, the
 # network's full-resolution maps and search tables, writing), with a margin for
-# photo-to-photo variation. Upscaling grows with the output: a + b·scale².
+# photo-to-photo variation. Upscaling grows with the output: a + b·scale². Inpainting adds
+# its network's fill at the working size, up to work_pixels (a narrow hole on a 1 MP photo
+# is filled at native size).
 _MARGIN = 1.3
 
 
@@ -60,7 +62,7 @@ def memory_needed(model: nn.Module, image: Image.Image, reference: Image.Image |
     elif task == "colorize":
         need = 250 * pixels + 250 * (reference.width * reference.height if reference else 0)
     else:
-        need = 300 * pixels
+        need = 300 * pixels + 400 * min(pixels, getattr(model.config, "work_pixels", 0))
     return int(_MARGIN * need)
 
 
