@@ -441,3 +441,18 @@ def test_the_compiled_loop_runs_on_the_cpu_only() -> None:
         attention._kernel(torch.device("cuda"), True)
     assert attention._kernel(torch.device("cuda"), None) is None
     assert attention._kernel(torch.device("cpu"), False) is None
+
+
+@pytest.mark.parametrize("width", [40, 1000, 12345, 12288])
+def test_grouped_top_k_selects_what_topk_selects(width: int) -> None:
+    """`attention._smallest` (the k best through group minima) against torch's topk: the same
+    scores chosen on rows with ties, masked (infinite) keys and a tail shorter than a group."""
+    g = torch.Generator().manual_seed(width)
+    scores = torch.randint(0, 50, (3, 40, width), generator=g).float()  # many ties
+    scores[0, :, ::3] = math.inf
+    scores[1, :5] = math.inf
+    scores[1, :5, -2:] = -1.0  # the best at the very end of the row
+    picked = attention._smallest(scores, 4)
+    truth = scores.topk(4, -1, largest=False).values
+    assert (picked.sort(-1).values.diff(dim=-1) != 0).all()  # four distinct keys per row
+    assert torch.equal(scores.gather(-1, picked).sort(-1).values, truth.sort(-1).values)
