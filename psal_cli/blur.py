@@ -18,7 +18,8 @@ def gaussian_blur(x: Tensor, sigma: float, pad: bool = True) -> Tensor:
     """
     r = max(1, math.ceil(3 * sigma))
     g = [math.exp(-(i * i) / (2 * sigma**2)) for i in range(-r, r + 1)]
-    taps = [t / math.fsum(g) for t in g]
+    total = math.fsum(g)
+    taps = [t / total for t in g]
     # Each pass as a weighted sum of shifted slices: on a CPU a depthwise convolution of a
     # few channels costs two to three times more.
     for dim, padding in ((-1, (r, r, 0, 0)), (-2, (0, 0, r, r))):

@@ -134,9 +134,8 @@ def _propose(q, t, held_i, listed, starts, counts, seeds, Hq, Wq, Hk, Wk, r, slo
     first = 8 >> t
     for jump in range(2 if first > 1 else 1):
         s = first if jump == 0 and first > 1 else 1
-        for e in range(4):
-            ey = 0 if e < 2 else (1 if e == 2 else -1)
-            ex = (1 if e == 0 else -1) if e < 2 else 0
+        for e in range(4):  # the four directions: the first four of the eight neighbours
+            ey, ex = _NEAR_Y[e], _NEAR_X[e]
             sy, sx = y + s * ey, x + s * ex
             if sy < 0 or sy >= Hq or sx < 0 or sx >= Wq:
                 continue
