@@ -79,6 +79,20 @@ def test_working_size_is_native_for_narrow_holes_and_reduced_for_wide_ones():
     assert capped.working_size(H, W, box_hole(H, W, 100, 104, 0, W)) == (96, 128)
 
 
+def test_the_detail_band_is_native_for_a_narrow_hole_and_the_reductions_for_a_wide_one(monkeypatch):
+    """On a photo larger than work_pixels, a scratch is filled near native size and only
+    texture is missing (the native band); a wide hole at work_size lacks all the reduction lost."""
+    model = tiny(work_size=64, work_pixels=96 * 128, work_radius=8).eval()
+    H, W = 384, 512
+    seen = []
+    monkeypatch.setattr(type(model), "add_detail", lambda self, fill, mask, generator=None, reduction=1.0:
+                        seen.append(reduction) or fill)
+    with torch.no_grad():
+        for hole in (box_hole(H, W, 100, 104, 0, W), box_hole(H, W, 100, 300, 100, 400)):
+            model.run(Direct(torch.Generator().manual_seed(0)), photo(H, W), hole)
+    assert seen == [1.0, 8.0]
+
+
 def test_a_reduced_photo_keeps_full_resolution_edges_across_a_thin_scratch():
     """A 3-px scratch across stripes 6 px wide on a photo four times the working size: the
     network's correction up-sampled onto the full-size push-pull fill keeps the stripes,

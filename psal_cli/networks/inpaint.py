@@ -230,8 +230,11 @@ class PSALInpaint(nn.Module):
             else:
                 out = ex.whole(self.upsample_fill, image, mask, fill, small)
         if self.config.detail:
-            out = ex.whole(partial(self.add_detail, generator=ex.generator, reduction=max(H / size[0], W / size[1])),
-                           out, mask)
+            # A narrow hole is filled as the photo's own push-pull fill plus an up-sampled
+            # correction (`upsample_fill`): what it lacks is texture, the native band, not
+            # all that the reduction lost (a wider band there cost accuracy on held-out photos).
+            reduction = max(H / size[0], W / size[1]) if size == self.working_size(H, W) else 1.0
+            out = ex.whole(partial(self.add_detail, generator=ex.generator, reduction=reduction), out, mask)
         return out
 
     def upsample_fill(self, image: Tensor, mask: Tensor, fill: Tensor, small: Tensor) -> Tensor:
