@@ -93,6 +93,16 @@ def test_the_detail_band_is_native_for_a_narrow_hole_and_the_reductions_for_a_wi
     assert seen == [1.0, 8.0]
 
 
+def test_the_detail_gain_is_full_up_to_a_reduction_of_two_then_goes_to_one():
+    """Deep inside a hole the copied band's weight is detail_gain at native size and at a
+    reduction of 2 (a 1024-px photo's wide hole), and falls towards 1 as the reduction grows."""
+    model = tiny()
+    c, hole = model.config, box_hole(64, 64, 8, 56, 8, 56)
+    weight = [model.detail_weight(hole, c.detail_sigma * r)[0, 0, 32, 32].item() for r in (1, 2, 3, 8)]
+    assert weight[0] == pytest.approx(c.detail_gain) and weight[1] == pytest.approx(c.detail_gain)
+    assert c.detail_gain > weight[2] > weight[3] > 1 and weight[3] < 1 + 0.1 * (c.detail_gain - 1)
+
+
 def test_a_reduced_photo_keeps_full_resolution_edges_across_a_thin_scratch():
     """A 3-px scratch across stripes 6 px wide on a photo four times the working size: the
     network's correction up-sampled onto the full-size push-pull fill keeps the stripes,

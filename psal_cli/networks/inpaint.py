@@ -147,6 +147,12 @@ def hole_box(mask: Tensor, margin: int) -> tuple[int, int, int, int]:
             max(0, int(xs[0]) - margin), min(W, int(xs[-1]) + 1 + margin))
 
 
+# Up to this reduction to the working size the detail stage copies at its full gain: faded
+# from a reduction of 1, the box holes of 1024-px photos (filled at 512 px) came out far
+# softer than the photos (docs/models/inpaint.md, "Photos of 1024 px").
+_FULL_GAIN_REDUCTION = 2.0
+
+
 @register_model("psal-inpaint")
 class PSALInpaint(nn.Module):
     task = "inpaint"
@@ -486,13 +492,13 @@ class PSALInpaint(nn.Module):
         ramp stays this narrow on a reduced photo: its fill holds none of the copied band
         even next to the seam, and a ramp widened with the reduction shows as a blurred
         strip along the hole's edge. The gain makes up for the fine contrast that a narrow
-        (σ < 1 px) high-pass leaves out at native size; on a reduced photo the band is wide
-        and holds all the texture that the upsampled fill lacks, so it goes to 1 with the
-        reduction.
+        (σ < 1 px) high-pass leaves out at native size, and still up to a reduction of
+        `_FULL_GAIN_REDUCTION`; beyond it the band soon holds all the texture that the
+        upsampled fill lacks, so the gain goes to 1 as the square of the reduction.
         """
         c = self.config
         ramp = (2 * gaussian_blur(mask, c.detail_ramp) - 1).clamp(0, 1) * mask if c.detail_ramp > 0 else mask
-        return (1 + (c.detail_gain - 1) * c.detail_sigma / sigma) * ramp
+        return (1 + (c.detail_gain - 1) * min(1.0, (_FULL_GAIN_REDUCTION * c.detail_sigma / sigma) ** 2)) * ramp
 
 
 @dataclass
