@@ -522,11 +522,14 @@ def _compiled_search(kernel, search: _Search, listed: Tensor, starts: Tensor, co
     return torch.from_numpy(indices), torch.from_numpy(distances)
 
 
-def patch_distances(query: Tensor, key: Tensor, indices: Tensor, patch_size: int) -> Tensor:
-    """Differentiable patch distances (B, Hq, Wq, k) for a fixed NNF, float32 (float64 for float64 maps)."""
+def patch_distances(query: Tensor, key: Tensor, indices: Tensor, patch_size: int,
+                    positions: Tensor | None = None) -> Tensor:
+    """Differentiable patch distances (B, Hq, Wq, k) for a fixed NNF (B, Hq, Wq, k), float32
+    (float64 for float64 maps); with `positions`, flat query positions (n,) (b·Hq·Wq + y·Wq + x),
+    only theirs: indices (n, k) → (n, k), each row as the full call gives it."""
     maps = _Maps(query, key, patch_size)
     k = indices.shape[-1]
-    index = torch.arange(indices[..., 0].numel(), device=indices.device)  # (n,)
+    index = torch.arange(indices[..., 0].numel(), device=indices.device) if positions is None else positions  # (n,)
     krows = maps.key_base(index)[:, None] + indices.reshape(-1, k)  # (n, k)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         return _patch_ssd(maps, index, krows).view(indices.shape)

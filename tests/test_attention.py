@@ -247,6 +247,15 @@ def test_searches_make_every_tensor_on_the_inputs_device(search: str) -> None:
     assert torch.equal(found.indices, expected.indices) and torch.equal(found.distances, expected.distances)
 
 
+def test_distances_at_chosen_positions_are_those_rows_of_the_full_call() -> None:
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(2, 5, 30, 34, generator=g), torch.randn(2, 5, 25, 28, generator=g)
+    indices = torch.randint(1, 24, (2, 30, 34, 3), generator=g) * 28 + torch.randint(1, 27, (2, 30, 34, 3), generator=g)
+    positions = torch.tensor([0, 5, 33, 30 * 34 + 7, 2 * 30 * 34 - 1])
+    full = patch_distances(q, k, indices, 3).view(-1, 3)
+    assert torch.equal(patch_distances(q, k, indices.view(-1, 3)[positions], 3, positions=positions), full[positions])
+
+
 @pytest.mark.parametrize("rows", [7, 512, 10**6])
 def test_distance_passes_do_not_depend_on_their_chunks(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPU runs the exact-distance passes in larger chunks than the CPU: same numbers."""

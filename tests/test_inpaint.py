@@ -221,6 +221,51 @@ def test_coherent_nnf_grows_coherent_regions_from_valid_keys_only():
     assert patch_distances(query, key, out[..., None], 3).mean() <= before
 
 
+def _coherent_nnf_reference(query, key, nnf, valid, patch, price, sweeps):
+    """The ICM of `coherent_nnf` block by block in plain loops: every block of the colour
+    scores its current source and each neighbour's shifted one, all at once per half-sweep."""
+    from psal_cli.networks.inpaint import _STEPS
+
+    _, hq, wq = nnf.shape
+    hk, wk = key.shape[-2:]
+    scale = price * patch_distances(query, key, nnf[..., None], patch).flatten().median().clamp(min=1e-12)
+    nnf = nnf.clone()
+    for t in range(2 * sweeps):
+        old = nnf.clone()
+        for y in range(hq):
+            for x in range(wq):
+                if (y + x) % 2 != t % 2:
+                    continue
+                proposals = []
+                for dy, dx in _STEPS:
+                    if not (0 <= y + dy < hq and 0 <= x + dx < wq):
+                        proposals.append(-1)
+                        continue
+                    s = int(old[0, y + dy, x + dx])
+                    sy, sx = s // wk - dy, s % wk - dx
+                    ok = 0 <= sy < hk and 0 <= sx < wk and bool(valid[0, sy, sx])
+                    proposals.append(sy * wk + sx if ok else -1)
+                cand = [int(old[0, y, x])] + [p if p >= 0 else int(old[0, y, x]) for p in proposals]
+                d = patch_distances(query[..., :, :], key, torch.tensor(cand).expand(1, hq, wq, -1), patch)[0, y, x]
+                cost = [float(d[i]) - float(scale) * sum(c == p for p in proposals) for i, c in enumerate(cand)]
+                nnf[0, y, x] = cand[min(range(len(cand)), key=cost.__getitem__)]
+    return nnf
+
+
+def test_coherent_nnf_is_the_plain_block_by_block_icm():
+    gen = torch.Generator().manual_seed(1)
+    key = torch.rand(1, 4, 20, 22, generator=gen)
+    query = key[..., 3:12, 5:15] + 0.05 * torch.rand(1, 4, 9, 10, generator=gen)
+    forbid = torch.zeros(1, 20, 22, dtype=torch.bool)
+    forbid[:, 6:10, 7:11] = True
+    valid = valid_key_centres(key.shape, 3, forbid)
+    allowed = valid.flatten().nonzero()[:, 0]
+    start = allowed[torch.randint(len(allowed), (1, 9, 10), generator=gen)]
+    out = coherent_nnf(query, key, start, valid, 3, 1.0, 3)
+    assert torch.equal(out, _coherent_nnf_reference(query, key, start, valid, 3, 1.0, 3))
+    assert not torch.equal(out, start)
+
+
 def test_fill_ensemble_keeps_known_pixels_and_averages_views():
     image, hole = photo(40, 56), box_hole(40, 56, 10, 30, 12, 40)
     seen = image * (1 - hole)

@@ -598,8 +598,13 @@ def coherent_nnf(query: Tensor, key: Tensor, nnf: Tensor, valid: Tensor, patch: 
     scale = price * dist.flatten(1).median(1).values.clamp(min=1e-12).view(B, 1, 1, 1)
     ys = torch.arange(hq, device=nnf.device).view(1, -1, 1)
     xs = torch.arange(wq, device=nnf.device).view(1, 1, -1)
-    colour = (ys + xs) % 2  # (1, hq, wq)
+    colour = ((ys + xs) % 2).expand(B, hq, wq)
+    flat = torch.arange(B * hq * wq, device=nnf.device).view(B, hq, wq)
+    sides = [flat[colour == c] for c in (0, 1)]  # flat positions of each colour: a half-sweep scores only its own
+    price = scale.view(B)
+    nnf = nnf.clone()
     for t in range(2 * sweeps):
+        these = sides[t % 2]
         proposals = []
         for dy, dx in _STEPS:  # the block at (y + dy, x + dx) copies from s; this one would copy from s − (dy, dx)
             n = torch.roll(nnf, (-dy, -dx), (1, 2))
@@ -608,12 +613,12 @@ def coherent_nnf(query: Tensor, key: Tensor, nnf: Tensor, valid: Tensor, patch: 
             at = torch.where(inside, sy * wk + sx, nnf)
             ok = inside & valid.flatten(1).gather(1, at.flatten(1)).view_as(at)
             proposals.append(torch.where(ok, at, -1))
-        proposals = torch.stack(proposals, -1)  # (B, hq, wq, S), −1 = none
-        cand = torch.cat([nnf[..., None], torch.where(proposals >= 0, proposals, nnf[..., None])], -1)  # (B, hq, wq, 1 + S)
-        agree = (cand[..., :, None] == proposals[..., None, :]).sum(-1)  # neighbours each candidate is coherent with
-        cost = patch_distances(query, key, cand, patch) - scale * agree
-        best = cand.gather(-1, cost.argmin(-1, keepdim=True))[..., 0]
-        nnf = torch.where(colour == t % 2, best, nnf)
+        proposals = torch.stack(proposals, -1).view(-1, len(_STEPS))[these]  # (n, S), −1 = none
+        current = nnf.view(-1)[these, None]  # (n, 1)
+        cand = torch.cat([current, torch.where(proposals >= 0, proposals, current)], -1)  # (n, 1 + S)
+        agree = (cand[:, :, None] == proposals[:, None, :]).sum(-1)  # neighbours each candidate is coherent with
+        cost = patch_distances(query, key, cand, patch, positions=these) - price[these // (hq * wq), None] * agree
+        nnf.view(-1)[these] = cand.gather(-1, cost.argmin(-1, keepdim=True))[:, 0]
     return nnf
 
 
