@@ -107,7 +107,7 @@ def row(command: str, megapixels: float, precision: str, half: bool, device: str
     spec = {"command": command, "megapixels": megapixels, "precision": precision, "half": half,
             "device": device, "threads": threads}
     run = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                         cwd=ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                         cwd=ROOT)
     if run.returncode:
         raise RuntimeError(f"{command} at {megapixels} MP ({precision}) failed:\n{run.stderr[-2000:]}")
     result = json.loads(run.stdout.strip().splitlines()[-1])

@@ -876,8 +876,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main() -> None:
     """Console entry point (`psal`, `python -m psal_cli`)."""
-    # Waiting OpenMP threads sleep instead of spinning, unless the user chose otherwise: on a
-    # busy machine a spinning pool holds cores other processes need. Read when torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OMP_WAIT_POLICY stays the user's: OpenMP's default (spin a moment, then sleep) wakes the
+    # pool at once for the next of many small convolutions; PASSIVE made each a wake-up.
     signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="psal")
