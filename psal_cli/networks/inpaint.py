@@ -596,30 +596,30 @@ def coherent_nnf(query: Tensor, key: Tensor, nnf: Tensor, valid: Tensor, patch: 
     hk, wk = key.shape[-2:]
     dist = patch_distances(query, key, nnf[..., None], patch)  # (B, hq, wq, 1)
     scale = price * dist.flatten(1).median(1).values.clamp(min=1e-12).view(B, 1, 1, 1)
-    ys = torch.arange(hq, device=nnf.device).view(1, -1, 1)
-    xs = torch.arange(wq, device=nnf.device).view(1, 1, -1)
-    colour = ((ys + xs) % 2).expand(B, hq, wq)
-    flat = torch.arange(B * hq * wq, device=nnf.device).view(B, hq, wq)
+    flat = torch.arange(B * hq * wq, device=nnf.device)
+    colour = (flat // wq % hq + flat % wq) % 2
     sides = [flat[colour == c] for c in (0, 1)]  # flat positions of each colour: a half-sweep scores only its own
     price = scale.view(B)
-    nnf = nnf.clone()
+    dy = torch.tensor([dy for dy, _ in _STEPS], device=nnf.device)
+    dx = torch.tensor([dx for _, dx in _STEPS], device=nnf.device)
+    valid = valid.flatten()
+    nnf = nnf.flatten().clone()  # (B·hq·wq,), written in place below
     for t in range(2 * sweeps):
         these = sides[t % 2]
-        proposals = []
-        for dy, dx in _STEPS:  # the block at (y + dy, x + dx) copies from s; this one would copy from s − (dy, dx)
-            n = torch.roll(nnf, (-dy, -dx), (1, 2))
-            sy, sx = n // wk - dy, n % wk - dx
-            inside = (ys + dy >= 0) & (ys + dy < hq) & (xs + dx >= 0) & (xs + dx < wq) & (sy >= 0) & (sy < hk) & (sx >= 0) & (sx < wk)
-            at = torch.where(inside, sy * wk + sx, nnf)
-            ok = inside & valid.flatten(1).gather(1, at.flatten(1)).view_as(at)
-            proposals.append(torch.where(ok, at, -1))
-        proposals = torch.stack(proposals, -1).view(-1, len(_STEPS))[these]  # (n, S), −1 = none
-        current = nnf.view(-1)[these, None]  # (n, 1)
+        # The block at (y + dy, x + dx) copies from s; this one would copy from s − (dy, dx).
+        b, y, x = (these // (hq * wq))[:, None], (these // wq % hq)[:, None] + dy, (these % wq)[:, None] + dx  # (n, S)
+        inside = (y >= 0) & (y < hq) & (x >= 0) & (x < wq)
+        n = nnf[(b * hq + y.clamp(0, hq - 1)) * wq + x.clamp(0, wq - 1)]
+        sy, sx = n // wk - dy, n % wk - dx
+        inside &= (sy >= 0) & (sy < hk) & (sx >= 0) & (sx < wk)
+        source = b * hk * wk + (sy * wk + sx).clamp(0, hk * wk - 1)
+        proposals = torch.where(inside & valid[source], sy * wk + sx, -1)  # (n, S), −1 = none
+        current = nnf[these, None]  # (n, 1)
         cand = torch.cat([current, torch.where(proposals >= 0, proposals, current)], -1)  # (n, 1 + S)
         agree = (cand[:, :, None] == proposals[:, None, :]).sum(-1)  # neighbours each candidate is coherent with
         cost = patch_distances(query, key, cand, patch, positions=these) - price[these // (hq * wq), None] * agree
-        nnf.view(-1)[these] = cand.gather(-1, cost.argmin(-1, keepdim=True))[:, 0]
-    return nnf
+        nnf[these] = cand.gather(-1, cost.argmin(-1, keepdim=True))[:, 0]
+    return nnf.view(B, hq, wq)
 
 
 def pyramid_fill(image: Tensor, mask: Tensor, iterations: int = 20) -> Tensor:
