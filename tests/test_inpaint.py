@@ -264,6 +264,11 @@ def test_coherent_nnf_is_the_plain_block_by_block_icm():
     out = coherent_nnf(query, key, start, valid, 3, 1.0, 3)
     assert torch.equal(out, _coherent_nnf_reference(query, key, start, valid, 3, 1.0, 3))
     assert not torch.equal(out, start)
+    # A batch is its items, each with its own median price.
+    other = coherent_nnf(query.flip(-1), key.flip(-2), start.flip(-1), valid, 3, 1.0, 3)
+    both = coherent_nnf(torch.cat([query, query.flip(-1)]), torch.cat([key, key.flip(-2)]),
+                        torch.cat([start, start.flip(-1)]), valid.expand(2, -1, -1), 3, 1.0, 3)
+    assert torch.equal(both, torch.cat([out, other]))
 
 
 def test_fill_ensemble_keeps_known_pixels_and_averages_views():
