@@ -614,10 +614,11 @@ class PSAL(nn.Module):
         key_mask: Tensor | None = None,
         init: NNF | Tensor | None = None,
         generator: torch.Generator | None = None,
+        query_mask: Tensor | None = None,
     ) -> Tensor:
         if v.shape[0] != k.shape[0] or v.shape[-2:] != k.shape[-2:]:
             raise ValueError(f"value {tuple(v.shape)} must match key {tuple(k.shape)} in batch and size")
-        nnf = self.search(q, k, key_mask, init, generator)
+        nnf = self.search(q, k, key_mask, init, generator, query_mask)
         return self.attend(q, k, v, nnf.indices, nnf.distances)
 
     def search(
@@ -627,15 +628,20 @@ class PSAL(nn.Module):
         key_mask: Tensor | None = None,
         init: NNF | Tensor | None = None,
         generator: torch.Generator | None = None,
+        query_mask: Tensor | None = None,
     ) -> NNF:
         """The NNF `forward` attends with, without attending: exhaustive on maps of up to
         `EXACT_PAIRS` query–key pairs, else PatchMatch (`init`, `generator`: its seed).
+        `query_mask` (B, Hq, Wq): the caller uses the output only there, so the exhaustive
+        search may skip the other queries (`exact_knn`); PatchMatch, which propagates
+        between neighbouring queries, searches them all.
 
         Lets a network free q and k before it aggregates a large map in bands (`attend`).
         """
         if q.shape[-2] * q.shape[-1] * k.shape[-2] * k.shape[-1] <= EXACT_PAIRS:
             with torch.no_grad():
-                return exact_knn(q.detach(), k.detach(), patch_size=self.patch_size, neighbors=self.neighbors, key_mask=key_mask)
+                return exact_knn(q.detach(), k.detach(), patch_size=self.patch_size, neighbors=self.neighbors,
+                                 key_mask=key_mask, query_mask=query_mask)
         return patchmatch(
             q.detach(), k.detach(), patch_size=self.patch_size, neighbors=self.neighbors,
             iterations=self.iterations, key_mask=key_mask, init=init, generator=generator,
@@ -688,7 +694,7 @@ class PSAL(nn.Module):
 
 def exact_knn(
     query: Tensor, key: Tensor, *, patch_size: int = 3, neighbors: int = 4, key_mask: Tensor | None = None,
-    prune: bool = False,
+    prune: bool = False, query_mask: Tensor | None = None,
 ) -> NNF:
     """Exhaustive k-NN patches: what PatchMatch approximates, by matrix products over query chunks.
 
@@ -699,19 +705,26 @@ def exact_knn(
     `prune` skips, for each block of queries, the keys that the patch means alone rule out
     (`_pruned_scan`): just as exact, and much faster for patches of few channels (gray
     pixels), whose means tell patches apart; feature patches gain nothing from it.
+
+    `query_mask` (B, Hq, Wq) bool: search only the queries set in it (in any batch item);
+    the others get placeholder neighbours (the first valid key, its true distance), for a
+    caller that uses the output only on the mask (an inpainting hole).
     """
     _check_inputs(query, key, patch_size, neighbors, key_mask)
     with torch.no_grad(), full_precision(query):
-        return _exact_knn(query, key, patch_size, neighbors, key_mask, prune)
+        return _exact_knn(query, key, patch_size, neighbors, key_mask, prune, query_mask)
 
 
 def _exact_knn(query: Tensor, key: Tensor, patch_size: int, neighbors: int, key_mask: Tensor | None,
-               prune: bool) -> NNF:
+               prune: bool, query_mask: Tensor | None = None) -> NNF:
     r = patch_size // 2
     B, _, Hq, Wq = query.shape
     dtype = _work_dtype(query)
     padded = F.pad(query.to(dtype), (r, r, r, r), mode="replicate") if r else query.to(dtype)
     qp = F.unfold(padded, patch_size).transpose(1, 2)  # (B, Nq, C·p²)
+    searched = None if query_mask is None else query_mask.flatten(1).any(0).nonzero()[:, 0]  # (n,)
+    if searched is not None:
+        qp = qp[:, searched]
     kp = F.unfold(key.to(dtype), patch_size, padding=r)  # (B, C·p², Nk); invalid centres masked below
     valid = valid_key_centres(key.shape, patch_size, key_mask, query.device).to(query.device).flatten(1)  # (B, Nk)
     if int(valid.sum(1).min()) < neighbors:
@@ -724,7 +737,12 @@ def _exact_knn(query: Tensor, key: Tensor, patch_size: int, neighbors: int, key_
         step = max(1, held // kp.shape[-1])
         indices = torch.cat(
             [_smallest(torch.baddbmm(bias, qp[:, a : a + step], kp, alpha=-2), neighbors)
-             for a in range(0, Hq * Wq, step)], 1)  # (B, Nq, k)
+             for a in range(0, qp.shape[1], step)] or [qp.new_empty(B, 0, neighbors, dtype=torch.int64)], 1)  # (B, Nq or n, k)
+    if searched is not None:
+        first = valid.int().argmax(1)  # (B,): the first valid key
+        placeholders = first.view(B, 1, 1).expand(B, Hq * Wq, neighbors).clone()
+        placeholders[:, searched] = indices
+        indices = placeholders
     distances = patch_distances(query.to(dtype), key.to(dtype), indices.view(B, Hq, Wq, neighbors), patch_size)
     distances, order = distances.sort(-1)
     return NNF(indices.view(B, Hq, Wq, neighbors).gather(-1, order), distances)

@@ -160,6 +160,27 @@ def test_exact_knn_matches_a_python_loop(prune: bool) -> None:
     assert torch.allclose(nnf.distances.flatten(0, 2), torch.tensor(distances), rtol=1e-5)
 
 
+@pytest.mark.parametrize("prune", [False, True])
+def test_exact_knn_searches_the_query_mask_as_the_python_loop_does(prune: bool) -> None:
+    """Queries set in the mask of either batch item get the loop's neighbours; the others a
+    placeholder: the first valid key, with its true distance."""
+    g = seeded(5)
+    query, key = torch.randn(2, 2, 5, 6, generator=g), torch.randn(2, 2, 7, 6, generator=g)
+    wanted = torch.zeros(2, 5, 6, dtype=torch.bool)
+    wanted[0, 1:3, 2:5] = wanted[1, 4, 0] = True
+    mask = torch.zeros(2, 7, 6, dtype=torch.bool)
+    mask[:, 0, 0] = True  # the first valid centre, (1, 1), is masked: the placeholder is (1, 2)
+    nnf = exact_knn(query, key, patch_size=3, neighbors=2, key_mask=mask, prune=prune, query_mask=wanted)
+    for b in range(2):
+        indices, distances = naive_knn(query[b : b + 1], key[b : b + 1], 3, 2, mask[b : b + 1])
+        for i, (found, far) in enumerate(zip(nnf.indices[b].flatten(0, 1).tolist(), nnf.distances[b].flatten(0, 1))):
+            if wanted.flatten(1).any(0)[i]:
+                assert found == indices[i] and torch.allclose(far, torch.tensor(distances[i]), rtol=1e-5)
+            else:
+                assert found == [8, 8]
+    assert torch.equal(nnf.distances, patch_distances(query, key, nnf.indices, 3).sort(-1).values)
+
+
 def test_masked_keys_are_never_returned(compiled: bool) -> None:
     query = torch.cat([features(crop("chelsea"), 8)[..., :40, :40], features(crop("coffee"), 8)[..., 20:60, 10:50]])
     key = torch.cat([features(crop("astronaut"), 8), features(crop("chelsea"), 8)])

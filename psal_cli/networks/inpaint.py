@@ -322,7 +322,8 @@ class PSALInpaint(nn.Module):
         # Where too few known key patches remain (a nearly full hole), let the hole be keys too.
         valid = valid_key_centres(feat.shape, self.attn.patch_size, key_mask).flatten(1).sum(1)
         key_mask = key_mask & (valid >= self.attn.neighbors)[:, None, None]
-        out = self.attn(self.to_q(feat), self.to_k(feat), self.to_v(feat), key_mask=key_mask, generator=generator)
+        out = self.attn(self.to_q(feat), self.to_k(feat), self.to_v(feat), key_mask=key_mask, generator=generator,
+                        query_mask=hole[:, 0] > 0)
         return out * hole
 
     def copy_structure(self, image: Tensor, mask: Tensor, fill: Tensor, generator: torch.Generator | None = None) -> Tensor:
