@@ -576,8 +576,9 @@ class PSAL(nn.Module):
     When Hq·Wq·Hk·Wk ≤ `EXACT_PAIRS` the neighbours come from the exhaustive search
     instead (`exact_knn`): on maps that small it is both exact and faster.
 
-    `forward(q, k, v, key_mask=None, init=None)` returns (B, Cv, Hq, Wq). The search runs
-    without autograd; when q or k needs a gradient the distances of the found matches are
+    `forward(q, k, v, key_mask=None, init=None, generator=None, query_mask=None)` returns
+    (B, Cv, Hq, Wq) (`search` says what `query_mask` allows). The search runs without
+    autograd; when q or k needs a gradient the distances of the found matches are
     recomputed differentiably, so gradients reach q and k through the weights and v through
     the gather. A caller that needs the NNF (to reuse it as `init`, or its distances) calls
     `search`, then `attend`.
