@@ -199,17 +199,26 @@ def test_detail_of_holes_thinner_than_a_search_patch(where):
     assert (out - filled)[~known].abs().mean() > 0.01  # texture was copied into the hole
 
 
+def _cut_out(seed: int, size: tuple[int, int], box: tuple[int, int, int, int], noise: float,
+             forbidden: tuple[int, int, int, int]):
+    """A coherence problem: a random key map, the query cut out of it at `box` plus noise,
+    keys touching `forbidden` ruled out, and a random start field of valid keys."""
+    gen = torch.Generator().manual_seed(seed)
+    key = torch.rand(1, 4, *size, generator=gen)
+    y0, y1, x0, x1 = box
+    query = key[..., y0:y1, x0:x1] + noise * torch.rand(1, 4, y1 - y0, x1 - x0, generator=gen)
+    forbid = torch.zeros(1, *size, dtype=torch.bool)
+    forbid[:, forbidden[0] : forbidden[1], forbidden[2] : forbidden[3]] = True
+    valid = valid_key_centres(key.shape, 3, forbid)
+    allowed = valid.flatten().nonzero()[:, 0]
+    start = allowed[torch.randint(len(allowed), (1, y1 - y0, x1 - x0), generator=gen)]
+    return query, key, valid, start
+
+
 def test_coherent_nnf_grows_coherent_regions_from_valid_keys_only():
     """A query map cut out of the key map: a random NNF becomes mostly coherent (neighbours
     copy neighbours), every returned key is a valid centre, and matches get no worse on average."""
-    gen = torch.Generator().manual_seed(0)
-    key = torch.rand(1, 4, 24, 24, generator=gen)
-    query = key[..., 4:16, 6:18] + 0.01 * torch.rand(1, 4, 12, 12, generator=gen)
-    forbid = torch.zeros(1, 24, 24, dtype=torch.bool)
-    forbid[:, 8:12, 8:12] = True
-    valid = valid_key_centres(key.shape, 3, forbid)
-    allowed = valid.flatten().nonzero()[:, 0]
-    start = allowed[torch.randint(len(allowed), (1, 12, 12), generator=gen)]
+    query, key, valid, start = _cut_out(0, (24, 24), (4, 16, 6, 18), 0.01, (8, 12, 8, 12))
     out = coherent_nnf(query, key, start, valid, 3, 1.0, 8)
     assert valid.flatten()[out.flatten()].all()
 
@@ -246,21 +255,14 @@ def _coherent_nnf_reference(query, key, nnf, valid, patch, price, sweeps):
                     ok = 0 <= sy < hk and 0 <= sx < wk and bool(valid[0, sy, sx])
                     proposals.append(sy * wk + sx if ok else -1)
                 cand = [int(old[0, y, x])] + [p if p >= 0 else int(old[0, y, x]) for p in proposals]
-                d = patch_distances(query[..., :, :], key, torch.tensor(cand).expand(1, hq, wq, -1), patch)[0, y, x]
+                d = patch_distances(query, key, torch.tensor(cand).expand(1, hq, wq, -1), patch)[0, y, x]
                 cost = [float(d[i]) - float(scale) * sum(c == p for p in proposals) for i, c in enumerate(cand)]
                 nnf[0, y, x] = cand[min(range(len(cand)), key=cost.__getitem__)]
     return nnf
 
 
 def test_coherent_nnf_is_the_plain_block_by_block_icm():
-    gen = torch.Generator().manual_seed(1)
-    key = torch.rand(1, 4, 20, 22, generator=gen)
-    query = key[..., 3:12, 5:15] + 0.05 * torch.rand(1, 4, 9, 10, generator=gen)
-    forbid = torch.zeros(1, 20, 22, dtype=torch.bool)
-    forbid[:, 6:10, 7:11] = True
-    valid = valid_key_centres(key.shape, 3, forbid)
-    allowed = valid.flatten().nonzero()[:, 0]
-    start = allowed[torch.randint(len(allowed), (1, 9, 10), generator=gen)]
+    query, key, valid, start = _cut_out(1, (20, 22), (3, 12, 5, 15), 0.05, (6, 10, 7, 11))
     out = coherent_nnf(query, key, start, valid, 3, 1.0, 3)
     assert torch.equal(out, _coherent_nnf_reference(query, key, start, valid, 3, 1.0, 3))
     assert not torch.equal(out, start)

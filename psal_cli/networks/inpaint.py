@@ -596,29 +596,32 @@ def coherent_nnf(query: Tensor, key: Tensor, nnf: Tensor, valid: Tensor, patch: 
     B, hq, wq = nnf.shape
     hk, wk = key.shape[-2:]
     dist = patch_distances(query, key, nnf[..., None], patch)  # (B, hq, wq, 1)
-    scale = price * dist.flatten(1).median(1).values.clamp(min=1e-12).view(B, 1, 1, 1)
-    flat = torch.arange(B * hq * wq, device=nnf.device)
-    colour = (flat // wq % hq + flat % wq) % 2
-    sides = [flat[colour == c] for c in (0, 1)]  # flat positions of each colour: a half-sweep scores only its own
-    price = scale.view(B)
+    scale = price * dist.flatten(1).median(1).values.clamp(min=1e-12)  # (B,)
     dy = torch.tensor([dy for dy, _ in _STEPS], device=nnf.device)
     dx = torch.tensor([dx for _, dx in _STEPS], device=nnf.device)
+    # Per colour, once: its flat positions, their batch item and their neighbours (n, S) at
+    # each step, clamped into the map, and whether that neighbour exists.
+    flat = torch.arange(B * hq * wq, device=nnf.device)
+    sides = []
+    for colour in (0, 1):
+        these = flat[(flat // wq % hq + flat % wq) % 2 == colour]
+        b, y, x = (these // (hq * wq))[:, None], (these // wq % hq)[:, None] + dy, (these % wq)[:, None] + dx
+        sides.append((these, b, (b * hq + y.clamp(0, hq - 1)) * wq + x.clamp(0, wq - 1),
+                      (y >= 0) & (y < hq) & (x >= 0) & (x < wq)))
     valid = valid.flatten()
     nnf = nnf.flatten().clone()  # (B·hq·wq,), written in place below
     for t in range(2 * sweeps):
-        these = sides[t % 2]
+        these, b, around, inside = sides[t % 2]
         # The block at (y + dy, x + dx) copies from s; this one would copy from s − (dy, dx).
-        b, y, x = (these // (hq * wq))[:, None], (these // wq % hq)[:, None] + dy, (these % wq)[:, None] + dx  # (n, S)
-        inside = (y >= 0) & (y < hq) & (x >= 0) & (x < wq)
-        n = nnf[(b * hq + y.clamp(0, hq - 1)) * wq + x.clamp(0, wq - 1)]
+        n = nnf[around]
         sy, sx = n // wk - dy, n % wk - dx
-        inside &= (sy >= 0) & (sy < hk) & (sx >= 0) & (sx < wk)
-        source = b * hk * wk + (sy * wk + sx).clamp(0, hk * wk - 1)
-        proposals = torch.where(inside & valid[source], sy * wk + sx, -1)  # (n, S), −1 = none
+        ok = inside & (sy >= 0) & (sy < hk) & (sx >= 0) & (sx < wk)
+        ok &= valid[b * hk * wk + (sy * wk + sx).clamp(0, hk * wk - 1)]
+        proposals = torch.where(ok, sy * wk + sx, -1)  # (n, S), −1 = none
         current = nnf[these, None]  # (n, 1)
         cand = torch.cat([current, torch.where(proposals >= 0, proposals, current)], -1)  # (n, 1 + S)
         agree = (cand[:, :, None] == proposals[:, None, :]).sum(-1)  # neighbours each candidate is coherent with
-        cost = patch_distances(query, key, cand, patch, positions=these) - price[these // (hq * wq), None] * agree
+        cost = patch_distances(query, key, cand, patch, positions=these) - scale[b] * agree
         nnf[these] = cand.gather(-1, cost.argmin(-1, keepdim=True))[:, 0]
     return nnf.view(B, hq, wq)
 
