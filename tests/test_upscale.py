@@ -95,6 +95,25 @@ def test_attention_uses_exact_neighbours_on_small_maps_and_patchmatch_above(monk
         assert torch.allclose(out, with_truth, atol=1e-6) == exact
 
 
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_tail_adds_torch_bicubic_of_the_input_in_float32(scale: int) -> None:
+    """The tail's convolution-made bicubic is `interpolate`'s, borders included, and stays
+    float32 when the network runs under bfloat16 autocast."""
+    from psal_cli.networks.upscale import Tail
+
+    torch.manual_seed(0)
+    tail = Tail(8, 1, scale)
+    zero, lr = torch.zeros(2, 8, 13, 17), torch.rand(2, 3, 13, 17)
+    with torch.no_grad():
+        tail.up.weight.zero_()
+        tail.up.bias.zero_()  # the sub-pixel branch adds nothing: the tail is the bicubic alone
+        bicubic = torch.nn.functional.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False)
+        assert (tail(zero, lr) - bicubic).abs().max() < 1e-5
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = tail(zero, lr)
+    assert out.dtype == torch.float32 and (out - bicubic).abs().max() < 1e-5
+
+
 def test_gradient_reaches_attention_inputs() -> None:
     model = tiny(2).train()
     model(image=torch.rand(2, 3, 12, 12)).mean().backward()
