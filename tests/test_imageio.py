@@ -72,6 +72,32 @@ def test_quality_changes_lossy_size(tmp_path: Path) -> None:
     assert low < high
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "I;16"])
+def test_png_deflated_in_parts_decodes_to_the_same_pixels(mode: str, threads: int,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """psal's own PNG writer, its stream cut into many parts, read back by Pillow: the same
+    pixels, profile and EXIF (odd sizes, one-row parts, 16-bit big-endian samples)."""
+    monkeypatch.setattr(imageio, "_PNG_PART", 64)  # even this small image cut into `threads` parts
+    rng = np.random.default_rng(1)
+    channels = {"L": 1, "I;16": 1, "LA": 2, "RGB": 3, "RGBA": 4}[mode]
+    top = 65536 if mode == "I;16" else 256
+    a = rng.integers(0, top, (37, 23, channels)).astype(np.uint16 if mode == "I;16" else np.uint8)
+    a[:, :5] = a[:1, :5]  # repeated rows: what the Up filter turns into zeros
+    img = Image.fromarray(a[..., 0] if channels == 1 else a, mode if mode == "LA" else None)
+    assert img.mode == mode
+    space = b"GRAY" if channels < 3 else b"RGB "  # the profile's colour space must be the pixels'
+    img.info = {"icc_profile": b"\0" * 16 + space + bytes(range(256)) * 3,
+                "exif": b"Exif\0\0" + Image.Exif().tobytes()[6:]}
+    data = imageio.encode_image(img, "PNG", threads=threads)
+    assert data.count(b"IDAT") == 1 and len(data) < a.nbytes + 2000  # compressed, sync flushes and all
+    back = Image.open(io.BytesIO(data))
+    assert back.mode == mode
+    assert np.array_equal(np.asarray(back), np.asarray(img))
+    assert back.info["icc_profile"] == img.info["icc_profile"]
+    assert "exif" in back.info
+
+
 def test_exif_orientation_applied_and_exif_icc_carried(tmp_path: Path) -> None:
     src = make_image(tmp_path / "raw.png", "RGB", size=(20, 12))
     exif = Image.Exif()
