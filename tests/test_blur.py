@@ -8,12 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from psal_cli import blur
 from psal_cli.blur import gaussian_blur
 
 
 @pytest.mark.parametrize("sigma", [0.3, 0.7, 1.5, 2.6])
 @pytest.mark.parametrize("pad", [True, False])
-def test_blur_is_the_2d_gaussian(sigma: float, pad: bool) -> None:
+@pytest.mark.parametrize("band_bytes", [1 << 20, 1])  # the image in one band; bands of 8 rows
+def test_blur_is_the_2d_gaussian(sigma: float, pad: bool, band_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(blur, "_BAND_BYTES", band_bytes)
     x = torch.rand(2, 3, 23, 19, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     r = max(1, math.ceil(3 * sigma))
     y, xx = torch.meshgrid(torch.arange(-r, r + 1.0), torch.arange(-r, r + 1.0), indexing="ij")
