@@ -17,7 +17,7 @@ from psal_cli.attention import patch_distances, valid_key_centres
 from psal_cli.engine import Options, run_network
 from psal_cli.modelfile import default_model_path, load_model, read_info
 from psal_cli.networks import create_model
-from psal_cli.networks.inpaint import _reduce, _resize, coherent_nnf, hole_radius
+from psal_cli.networks.inpaint import _reduce, _resize, coherent_nnf, hole_radius, pyramid_fill
 from psal_cli.networks.stages import Direct
 from psal_cli.tasks import inpaint as task
 from psal_cli.training import to_float
@@ -213,6 +213,41 @@ def _cut_out(seed: int, size: tuple[int, int], box: tuple[int, int, int, int], n
     allowed = valid.flatten().nonzero()[:, 0]
     start = allowed[torch.randint(len(allowed), (1, y1 - y0, x1 - x0), generator=gen)]
     return query, key, valid, start
+
+
+def _full_map_push_pull(image, mask, iterations):
+    """pyramid_fill's push-pull with Jacobi steps over every cell of every level, as written first."""
+    xs, ks = [image * (1 - mask)], [1 - mask]
+    while min(xs[-1].shape[-2:]) > 1 and bool((ks[-1] == 0).any()):
+        xs.append(torch.nn.functional.avg_pool2d(xs[-1], 2, ceil_mode=True))
+        ks.append(torch.nn.functional.avg_pool2d(ks[-1], 2, ceil_mode=True))
+    filled = xs[-1] / ks[-1].clamp(min=1e-8)
+    for x, k in zip(reversed(xs[:-1]), reversed(ks[:-1])):
+        filled = x + torch.nn.functional.interpolate(filled, size=x.shape[-2:], mode="bilinear",
+                                                     align_corners=False) * (1 - k)
+        for _ in range(iterations):
+            p = torch.nn.functional.pad(filled, (1, 1, 1, 1), mode="replicate")
+            filled = x + (p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]) * 0.25 * (1 - k)
+    return filled
+
+
+@pytest.mark.parametrize("holes", [
+    [(0, 20, 30, 26, 41)],  # inside
+    [(0, 0, 9, 0, 5), (0, 50, 61, 70, 77)],  # two, one in a corner, one on the bottom-right edges
+    [(0, 5, 12, 60, 70), (1, 30, 45, 3, 9)],  # a batch whose photos have holes in different places
+    [],  # nothing to fill
+])
+def test_pyramid_fill_relaxes_only_where_it_changes_anything(holes):
+    """The fill equals the push-pull whose Jacobi steps run over the whole map of every level."""
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(2, 3, 61, 77, generator=g)
+    mask = torch.zeros(2, 1, 61, 77)
+    for b, y0, y1, x0, x1 in holes:
+        mask[b, :, y0:y1, x0:x1] = 1
+    out = pyramid_fill(image, mask, iterations=7)
+    truth = _full_map_push_pull(image, mask, iterations=7)
+    assert torch.allclose(out, truth, atol=1e-6, rtol=0)
+    assert torch.equal(out * (1 - mask), image * (1 - mask))
 
 
 def test_coherent_nnf_grows_coherent_regions_from_valid_keys_only():

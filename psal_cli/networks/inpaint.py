@@ -643,13 +643,22 @@ def pyramid_fill(image: Tensor, mask: Tensor, iterations: int = 20) -> Tensor:
     filled = xs[-1] / ks[-1].clamp(min=1e-8)
     for x, k in zip(reversed(xs[:-1]), reversed(ks[:-1])):
         filled = x + F.interpolate(filled, size=x.shape[-2:], mode="bilinear", align_corners=False) * (1 - k)
-        unknown = 0.25 * (1 - k)
+        # Jacobi changes only cells not wholly known: it runs on their box grown by a ring of
+        # known cells, which keep their values and feed the box's edge as the full map would.
+        rows, cols = (k < 1).any(0).any(0).any(1).nonzero(), (k < 1).any(0).any(0).any(0).nonzero()
+        if len(rows) == 0:
+            continue
+        y0, y1 = max(0, int(rows[0]) - 1), min(k.shape[-2], int(rows[-1]) + 2)
+        x0, x1 = max(0, int(cols[0]) - 1), min(k.shape[-1], int(cols[-1]) + 2)
+        box = (..., slice(y0, y1), slice(x0, x1))
+        known, unknown, inside = x[box], 0.25 * (1 - k[box]), filled[box]
         for _ in range(iterations):
             # The mean of the four neighbours (replicated past the border) as four shifted
             # slices: a depthwise 3×3 convolution costs ten times more on a CPU.
-            p = F.pad(filled, (1, 1, 1, 1), mode="replicate")
+            p = F.pad(inside, (1, 1, 1, 1), mode="replicate")
             around = p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]
-            filled = torch.addcmul(x, around, unknown)  # x = mean colour × known fraction
+            inside = torch.addcmul(known, around, unknown)  # x = mean colour × known fraction
+        filled[box] = inside
     return filled
 
 
