@@ -218,11 +218,13 @@ def patchmatch(
     init: NNF | Tensor | None = None,
     generator: torch.Generator | None = None,
     compiled: bool | None = None,
+    propagated: int | None = None,
 ) -> NNF:
     """Approximate k-nearest-neighbour patches of every query position among the keys.
 
     PatchMatch with k neighbours (PSAL.md) holding 3k matches per query: random distinct
-    init, then per iteration a jump-flood propagation of the neighbours' best 2k matches
+    init, then per iteration a jump-flood propagation of the neighbours' best `propagated`
+    matches (default 2k)
     (jumps 8·2⁻ᵗ and 1 in the four directions), a random search around the best match in
     windows halving from the key map size down to one pixel (the two smallest around the
     others) and the eight neighbours of the best match. Queries are updated in chunks,
@@ -241,10 +243,13 @@ def patchmatch(
     one in steps of 32: matches of the same quality, not the same matches.
     """
     _check_inputs(query, key, patch_size, neighbors, key_mask)
+    propagated = 2 * neighbors if propagated is None else propagated
+    if not 1 <= propagated <= 3 * neighbors:
+        raise ValueError(f"propagated must be within [1, 3·neighbors = {3 * neighbors}], got {propagated}")
     with torch.no_grad(), full_precision(query):
         steps = query.shape[0] * query.shape[2] * query.shape[3] * (iterations + 1)
         return _patchmatch(query, key, patch_size, neighbors, iterations, key_mask, init, generator,
-                           _kernel(query.device, compiled, steps))
+                           _kernel(query.device, compiled, steps), propagated)
 
 
 def _kernel(device: torch.device, compiled: bool | None, steps: int = COMPILED_STEPS):
@@ -428,7 +433,7 @@ class _Search:
         return torch.where(self.inside(y, x), y * Wk + x, -1)
 
 
-def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator, kernel) -> NNF:
+def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator, kernel, propagated) -> NNF:
     maps = _Maps(query, key, patch_size)
     B, Hq, Wq, Hk, Wk = maps.B, maps.Hq, maps.Wq, maps.Hk, maps.Wk
     device = query.device
@@ -451,9 +456,9 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
     if init is not None:
         seed = (init.indices if isinstance(init, NNF) else init).to(device).reshape(n, -1)
     if kernel is not None:
-        indices, distances = _compiled_search(kernel, search, listed, starts, counts, seed, k, iterations)
+        indices, distances = _compiled_search(kernel, search, listed, starts, counts, seed, k, iterations, propagated)
         return NNF(indices.view(B, Hq, Wq, k), distances.view(B, Hq, Wq, k))
-    held = _torch_search(search, listed, starts, counts, seed, k, iterations)
+    held = _torch_search(search, listed, starts, counts, seed, k, iterations, propagated)
     del search, listed  # the key table
 
     # Exact re-ranking of the best 2k; empty slots point at the best match and are ruled out.
@@ -473,7 +478,7 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
 
 
 def _torch_search(search: _Search, listed: Tensor, starts: Tensor, counts: Tensor, seed: Tensor | None, k: int,
-                  iterations: int) -> Tensor:
+                  iterations: int, propagated: int) -> Tensor:
     """The search loop in torch operations, chunk by chunk: the held entries (n, 3k)."""
     maps, device = search.maps, search.maps.q.device
     Hq, Wq, Hk, Wk = maps.Hq, maps.Wq, maps.Hk, maps.Wk
@@ -498,13 +503,13 @@ def _torch_search(search: _Search, listed: Tensor, starts: Tensor, counts: Tenso
             rows = slice(a, a + chunk)
             mine = held[rows]
             keys = mine.int()
-            fresh = [search.propagate(rows, held, jumps, 2 * k), search.random_search(keys), search.around_best(keys)]
+            fresh = [search.propagate(rows, held, jumps, propagated), search.random_search(keys), search.around_best(keys)]
             held[rows] = search.merge(mine, search.entries(rows, torch.cat(fresh, 1)))
     return held
 
 
 def _compiled_search(kernel, search: _Search, listed: Tensor, starts: Tensor, counts: Tensor, seed: Tensor | None,
-                     k: int, iterations: int) -> tuple[Tensor, Tensor]:
+                     k: int, iterations: int, propagated: int) -> tuple[Tensor, Tensor]:
     """The same search loop and re-ranking compiled (`search_kernel`): indices and distances (n, k)."""
     maps = search.maps
     step = 1 << 14
@@ -516,7 +521,8 @@ def _compiled_search(kernel, search: _Search, listed: Tensor, starts: Tensor, co
     draw = int(torch.randint(0, 1 << 62, (1,), generator=search.generator))
     shape, threads = (maps.B, maps.Hq, maps.Wq, maps.Hk, maps.Wk), torch.get_num_threads()
     held = kernel.search(search.table.numpy(), qrows.numpy(), listed.numpy(), starts.numpy(), counts.numpy(),
-                         seeds.numpy(), shape, maps.r, 3 * k, iterations, 2 * k, search.radii.int().numpy(), draw, threads)
+                         seeds.numpy(), shape, maps.r, 3 * k, iterations, propagated, search.radii.int().numpy(), draw,
+                         threads)
     del qrows, search.table
     indices, distances = kernel.rerank(maps.q.numpy(), maps.k.numpy(), held, k, shape, maps.r, threads)
     return torch.from_numpy(indices), torch.from_numpy(distances)
@@ -592,6 +598,7 @@ class PSAL(nn.Module):
         temperature: float = 1.0,
         aggregation: str = "center",
         query_chunk: int = 1 << 16,
+        propagated: int | None = None,
     ) -> None:
         super().__init__()
         if aggregation not in ("center", "patch"):
@@ -600,11 +607,13 @@ class PSAL(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.patch_size, self.neighbors, self.iterations = patch_size, neighbors, iterations
         self.temperature, self.aggregation, self.query_chunk = temperature, aggregation, query_chunk
+        self.propagated = propagated  # PatchMatch's propagated matches per neighbour (None: 2k, `patchmatch`)
 
     def extra_repr(self) -> str:
         return (
             f"patch_size={self.patch_size}, neighbors={self.neighbors}, iterations={self.iterations}, "
             f"temperature={self.temperature}, aggregation={self.aggregation!r}"
+            + (f", propagated={self.propagated}" if self.propagated is not None else "")
         )
 
     def forward(
@@ -646,6 +655,7 @@ class PSAL(nn.Module):
         return patchmatch(
             q.detach(), k.detach(), patch_size=self.patch_size, neighbors=self.neighbors,
             iterations=self.iterations, key_mask=key_mask, init=init, generator=generator,
+            propagated=self.propagated,
         )
 
     def attend(

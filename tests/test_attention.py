@@ -81,6 +81,32 @@ def test_patchmatch_is_close_to_exact_knn_on_photos(case: str, compiled: bool) -
     assert recall >= 0.6 and ratio <= 1.05, (recall, ratio)
 
 
+def test_propagated_matches_reach_either_search_loop_and_keep_the_quality(compiled: bool,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`propagated` (the upscaler's 6 of k = 4) is what the loop propagates; the matches stay good;
+    out of [1, 3k] it is a clear error."""
+    seen = []
+    if compiled:
+        from psal_cli import search_kernel
+
+        search = search_kernel.search
+        monkeypatch.setattr(search_kernel, "search", lambda *a: seen.append(a[10]) or search(*a))
+    else:
+        propagate = attention._Search.propagate
+        monkeypatch.setattr(attention._Search, "propagate",
+                            lambda self, rows, held, jumps, slots: seen.append(slots) or propagate(self, rows, held, jumps, slots))
+    query, key = NATURAL["conv C=16, two photos"]()
+    for propagated, expected in ((6, 6), (None, 8)):
+        seen.clear()
+        found = patchmatch(query, key, generator=seeded(), compiled=compiled, propagated=propagated)
+        assert seen and set(seen) == {expected}
+        recall, ratio = quality(found, exact_knn(query, key))
+        assert recall >= 0.6 and ratio <= 1.05, (propagated, recall, ratio)
+    for wrong in (0, 13):
+        with pytest.raises(ValueError, match="propagated"):
+            patchmatch(query, key, compiled=compiled, propagated=wrong)
+
+
 @pytest.mark.parametrize("case", NATURAL)
 def test_a_gpus_larger_search_steps_keep_the_quality(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU PatchMatch updates up to `_GPU_CHUNK` queries per step: here each whole map in one."""

@@ -166,6 +166,9 @@ class PSALUpscale(nn.Module):
         # PatchMatch iterations (maps above attention.EXACT_PAIRS): more find closer matches,
         # not more useful ones end to end.
         iterations: int = 3
+        # Matches each neighbour propagates in PatchMatch (None: 2·neighbors): 6 of the 8 find
+        # matches as useful (figures within 0.001 dB on a 1 MP mosaic) in a fifth less time.
+        propagated: int | None = 6
         temperature: float = 1.0
 
     def __init__(self, config: Config) -> None:
@@ -176,7 +179,7 @@ class PSALUpscale(nn.Module):
         c = config
         self.head = Head(c.channels, c.blocks_before, c.inner_channels)
         psal = PSAL(patch_size=c.patch_size, neighbors=c.neighbors, iterations=c.iterations,
-                    temperature=c.temperature, aggregation="center")
+                    temperature=c.temperature, aggregation="center", propagated=c.propagated)
         self.attention = Attention(c.channels, c.qk_channels, psal) if c.attention else None
         self.tail = Tail(c.channels, c.blocks_after, c.scale, c.inner_channels)
 
