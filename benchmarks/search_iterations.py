@@ -9,11 +9,13 @@ and time. The search sees all 100 photos at once, so it has plenty of wrong plac
 
     python benchmarks/search_iterations.py --iterations 6 3 2 --seeds 0 1
     python benchmarks/search_iterations.py --iterations 3 --chunks 512 4096   # the CPU's and a GPU's step
+    python benchmarks/search_iterations.py --iterations 3 --propagated 8 6 4 --seeds 0 1 --data FOLDER
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from pathlib import Path
 
@@ -50,6 +52,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--chunks", type=int, nargs="+", default=[attention._CHUNK],
                         help="queries per PatchMatch step (the CPU's is the default; a GPU's is larger)")
+    parser.add_argument("--propagated", type=int, nargs="+", default=[0],
+                        help="matches each neighbour propagates (0: the model file's setting)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -60,16 +64,18 @@ def main() -> None:
     bicubic = y_metrics(to_float(lr_image.resize(hr_image.size, Image.Resampling.BICUBIC)), hr, scale)[0]
     print(f"{args.model.name}, ×{scale} of a {lr_image.width}×{lr_image.height} mosaic of {args.data}: "
           f"bicubic {bicubic:.4f} dB, {args.threads} thread(s)")
-    print(f"{'chunk':>6} {'iterations':>10} {'seed':>4} {'Y PSNR dB':>10} {'seconds':>8}")
-    for chunk in args.chunks:
+    print(f"{'chunk':>6} {'iterations':>10} {'propagated':>10} {'seed':>4} {'Y PSNR dB':>10} {'seconds':>8}")
+    psal = model.attention.psal
+    for chunk, iterations, propagated in itertools.product(args.chunks, args.iterations, args.propagated):
         attention._CHUNK = chunk  # the matches a device with this step size finds, found on the CPU
-        for iterations in args.iterations:
-            model.attention.psal.iterations = iterations
-            for seed in args.seeds:
-                start = time.time()
-                sr = run_network(model, {"image": lr}, Options(device="cpu", tile=512, seed=seed))
-                print(f"{chunk:>6} {iterations:>10} {seed:>4} {y_metrics(sr, hr, scale)[0]:10.4f} "
-                      f"{time.time() - start:8.1f}", flush=True)
+        psal.iterations = iterations
+        psal.propagated = propagated or model.config.propagated
+        for seed in args.seeds:
+            start = time.time()
+            sr = run_network(model, {"image": lr}, Options(device="cpu", tile=512, seed=seed))
+            shown = psal.propagated or 2 * psal.neighbors
+            print(f"{chunk:>6} {iterations:>10} {shown:>10} {seed:>4} {y_metrics(sr, hr, scale)[0]:10.4f} "
+                  f"{time.time() - start:8.1f}", flush=True)
 
 
 if __name__ == "__main__":
