@@ -1,4 +1,4 @@
-"""How many PatchMatch iterations the upscaler needs on a 1-megapixel feature map.
+"""How many PatchMatch iterations, and propagated matches, the upscaler needs on a 1-megapixel feature map.
 
 The evaluation sets are too small for the question (a ×4 BSD100 input has 10 k
 positions: the exact search runs there), so this tiles all 100 BSD100 photos into one
@@ -9,7 +9,8 @@ and time. The search sees all 100 photos at once, so it has plenty of wrong plac
 
     python benchmarks/search_iterations.py --iterations 6 3 2 --seeds 0 1
     python benchmarks/search_iterations.py --iterations 3 --chunks 512 4096   # the CPU's and a GPU's step
-    python benchmarks/search_iterations.py --iterations 3 --propagated 8 6 4 --seeds 0 1 --data FOLDER
+    python benchmarks/search_iterations.py --iterations 3 --propagated 8 6 --seeds 0 1 \
+        --data ../shared/data/train --pick 1 4     # 100 training photos: for choosing settings
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from psal_cli.training import image_files, to_float
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def mosaic(folder: Path, columns: int = 10, tile: tuple[int, int] = (480, 320)) -> Image.Image:
+def mosaic(folder: Path, pick: slice = slice(None), columns: int = 10, tile: tuple[int, int] = (480, 320)) -> Image.Image:
     """The folder's photos, landscape and cut to `tile`, side by side in rows of `columns`."""
     cells = []
-    for path in image_files(folder):
+    for path in image_files(folder)[pick]:
         photo = Image.open(path).convert("RGB")
         if photo.height > photo.width:
             photo = photo.transpose(Image.Transpose.ROTATE_90)
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--chunks", type=int, nargs="+", default=[attention._CHUNK],
                         help="queries per PatchMatch step (the CPU's is the default; a GPU's is larger)")
+    parser.add_argument("--pick", type=int, nargs=2, default=[0, 1], metavar=("START", "STEP"),
+                        help="the folder's photos START, START + STEP, … (sorted; rows of 10 are kept)")
     parser.add_argument("--propagated", type=int, nargs="+", default=[0],
                         help="matches each neighbour propagates (0: the model file's setting)")
     parser.add_argument("--threads", type=int, default=1)
@@ -59,7 +62,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.model, task="upscale")
     scale = model.config.scale
-    hr_image, lr_image = degrade(mosaic(args.data), scale)
+    hr_image, lr_image = degrade(mosaic(args.data, slice(args.pick[0], None, args.pick[1])), scale)
     hr, lr = to_float(hr_image), to_float(lr_image)
     bicubic = y_metrics(to_float(lr_image.resize(hr_image.size, Image.Resampling.BICUBIC)), hr, scale)[0]
     print(f"{args.model.name}, ×{scale} of a {lr_image.width}×{lr_image.height} mosaic of {args.data}: "
