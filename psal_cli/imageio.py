@@ -5,7 +5,8 @@ families: gray (L, I;16) or colour (RGB), each with or without alpha. Tensors ar
 in [0, 1], shape (1, C, H, W), so 16-bit images keep their precision end to end.
 Writing goes back to the input's family (16-bit stays 16-bit where the format allows),
 carries the ICC profile and EXIF, and is atomic (psal_cli.files): a temporary file renamed
-into place, so an interrupted run never leaves a partial output behind.
+into place, so an interrupted run never leaves a partial output behind. PNG is written here,
+not by Pillow, so that its deflate runs on several threads (`_png`).
 """
 
 from __future__ import annotations
