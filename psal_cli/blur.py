@@ -30,7 +30,7 @@ def gaussian_blur(x: Tensor, sigma: float, pad: bool = True) -> Tensor:
     n = x.shape[-2] - 2 * r
     rows = max(8, _BAND_BYTES // max(1, x[..., :1, :].numel() * x.element_size()))
     bands = []
-    for y0 in range(0, n, rows):
+    for y0 in range(0, max(n, 1), rows):  # one band even when nothing is left (n = 0), as before
         band = x[..., y0 : y0 + min(rows, n - y0) + 2 * r, :]
         # Each pass as a weighted sum of shifted slices: on a CPU a depthwise convolution of a
         # few channels costs two to three times more.

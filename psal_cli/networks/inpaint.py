@@ -645,7 +645,8 @@ def pyramid_fill(image: Tensor, mask: Tensor, iterations: int = 20) -> Tensor:
         filled = x + F.interpolate(filled, size=x.shape[-2:], mode="bilinear", align_corners=False) * (1 - k)
         # Jacobi changes only cells not wholly known: it runs on their box grown by a ring of
         # known cells, which keep their values and feed the box's edge as the full map would.
-        rows, cols = (k < 1).any(0).any(0).any(1).nonzero(), (k < 1).any(0).any(0).any(0).nonzero()
+        partly = (k < 1).any(0).any(0)  # (h, w)
+        rows, cols = partly.any(1).nonzero(), partly.any(0).nonzero()
         if len(rows) == 0:
             continue
         y0, y1 = max(0, int(rows[0]) - 1), min(k.shape[-2], int(rows[-1]) + 2)
