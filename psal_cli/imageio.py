@@ -256,14 +256,15 @@ def _png(img: Image.Image, icc: bytes | None, exif: bytes | None, threads: int) 
     filtered[:1, 1:] = rows[:1]
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as the filter defines it
     data = memoryview(filtered.reshape(-1))
-    step = filtered.shape[1] * max(1, -(-filtered.shape[0] // max(1, min(threads, data.nbytes // _PNG_PART))))
+    count = max(1, min(threads, data.nbytes // _PNG_PART))  # parts: whole rows, as even as rows allow
+    step = filtered.shape[1] * -(-filtered.shape[0] // count)
     parts = [data[i : i + step] for i in range(0, data.nbytes, step)]
 
     def deflate(i: int) -> bytes:
         z = zlib.compressobj(1, zlib.DEFLATED, -15)  # raw deflate: the header and checksum are the stream's
         return z.compress(parts[i]) + z.flush(zlib.Z_FINISH if i == len(parts) - 1 else zlib.Z_SYNC_FLUSH)
 
-    with ThreadPoolExecutor(max(1, min(threads, len(parts)))) as pool:
+    with ThreadPoolExecutor(len(parts)) as pool:
         deflated = list(pool.map(deflate, range(len(parts))))
     stream = b"".join([b"\x78\x01", *deflated, struct.pack(">I", zlib.adler32(data))])
     out = [b"\x89PNG\r\n\x1a\n",
