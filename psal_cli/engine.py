@@ -28,6 +28,9 @@ from psal_cli.networks.stages import LocalStage, view
 log = logging.getLogger("psal")
 
 OnTile = Callable[[int, int], None]
+# An upsampling stage's output tile may be this many tiles on a side: at ×4 a 512-px tile
+# thus has 256-px inputs, not 128, and a receptive radius of 14 px adds 23 %, not 48 %.
+OUTPUT_TILES = 2
 
 
 @dataclass
@@ -35,7 +38,7 @@ class Options:
     """How to run a network: where, in which precision, in which tiles, with which seed."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    tile: int | None = None  # tile side in pixels (at each stage's larger resolution); 0 = whole; None = auto
+    tile: int | None = None  # tile side in pixels (a stage's input side, engine.OUTPUT_TILES); 0 = whole; None = auto
     tile_overlap: int | None = None  # context around a tile; None = the stage's receptive radius (exact)
     half: bool = False  # float16 on CUDA/MPS; ignored on CPU
     precision: str = "auto"  # the convolutions on the CPU: auto | fp32 | bf16 (`resolve_precision`)
@@ -253,8 +256,9 @@ class Tiled:
             raise ValueError(f"{type(stage).__name__} needs sizes divisible by {align}, got {W}×{H}")
         radius = stage.radius if self.overlap is None else self.overlap
         context = -(-radius // align) * align  # rounded up to the stride grid
-        # The tile bounds the larger of the stage's input and output sides.
-        side = H * W if self.tile <= 0 else max(1, int(self.tile / max(Fraction(1), scale)))
+        # The tile bounds the stage's input side, and its output side at OUTPUT_TILES tiles: an
+        # upsampling stage's activations are at its input resolution (its output has few channels).
+        side = H * W if self.tile <= 0 else max(1, int(self.tile / max(Fraction(1), scale / OUTPUT_TILES)))
         side = max(align, side // align * align)
         rows, cols = range(0, H, side), range(0, W, side)
         total, out = len(rows) * len(cols), None

@@ -82,7 +82,13 @@ def test_tiled_engine_equals_whole_image(exact_pairs: int, monkeypatch: pytest.M
     gray, ref = rgb_to_luma(example("chelsea.png", 50)), example("coffee.png", 40)
     whole = run_network(model, {"gray": gray, "reference": ref}, Options(device="cpu", precision="fp32", tile=0))
     tiled = run_network(model, {"gray": gray, "reference": ref}, Options(device="cpu", precision="fp32", tile=16))
-    assert torch.allclose(whole, tiled, atol=1e-5)
+    # Tiled stages equal untiled ones to ~3e-8, which can flip k-NN choices between tied patches
+    # (flat quantised grey makes many): on an AVX2 CPU 2.8 % of the pixels differ, by < 0.01.
+    off = (tiled - whole).abs().amax(1)
+    assert (off <= 1 / 255).float().mean() >= 0.95 and off.max() <= 0.02
+    seamy = run_network(model, {"gray": gray, "reference": ref},
+                        Options(device="cpu", precision="fp32", tile=16, tile_overlap=0))
+    assert (seamy - whole).abs().max() > 0.05  # without the overlap: 0.10
 
 
 def test_gradient_reaches_psal_queries_and_keys() -> None:
