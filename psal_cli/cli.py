@@ -393,9 +393,11 @@ def inpaint(
 
       psal inpaint photo.png --mask hole.png -o filled.png
 
-      psal inpaint photos/ --mask masks/ --dilate 4 -o filled/   [dim](masks matched by file name)[/]
+      psal inpaint photos/ --mask masks/ --dilate 4 -o filled/
 
       psal inpaint cutout.png --mask-from-alpha -o filled.png
+
+    [dim]Masks in a folder are matched to the inputs by file name.[/]
     """
     common = Common.of(locals())
 
@@ -429,7 +431,9 @@ def colorize(
 
       psal colorize gray.png --reference colour.jpg -o out.png
 
-      psal colorize scans/ --reference refs/ -o coloured/   [dim](refs matched by file name)[/]
+      psal colorize scans/ --reference refs/ -o coloured/
+
+    [dim]References in a folder are matched to the inputs by file name.[/]
     """
     common = Common.of(locals())
 
@@ -459,11 +463,9 @@ def upscale(
 ) -> None:
     """Enlarge images by 2, 3 or 4; alpha is enlarged alongside.
 
-    Two families of installed networks: [bold]real[/] (upscale-real-x*, trained on blurred, noisy,
-    JPEG-compressed photos) and [bold]bicubic[/] (upscale-x*, trained on clean reductions: sharper on
-    clean images, but it sharpens noise and JPEG blocks too). By default a JPEG input or one with
-    visible noise gets [bold]real[/], any other [bold]bicubic[/], and a line says which and why;
-    [bold]--model real[/] or [bold]--model bicubic[/] forces one, [bold]--model FILE[/] uses that file.
+    Two families of installed networks: [bold]real[/] (upscale-real-x*, trained on blurred, noisy, JPEG-compressed photos) and [bold]bicubic[/] (upscale-x*, trained on clean reductions: sharper on clean images, but it sharpens noise and JPEG blocks too).
+
+    By default a JPEG input or one with visible noise gets [bold]real[/], any other [bold]bicubic[/], and a line says which and why; [bold]--model real[/] or [bold]--model bicubic[/] forces one, [bold]--model FILE[/] uses that file.
 
     [bold]Examples[/]
 
@@ -865,8 +867,7 @@ def _main(
     Layer: fill holes ([bold]inpaint[/]), colour gray photos after a reference
     ([bold]colorize[/]), enlarge ([bold]upscale[/]).
 
-    Every command reads files, folders, globs or standard input (-) and writes atomically.
-    Run [bold]psal COMMAND --help[/] for its options and examples.
+    Every command reads files, folders, globs or standard input (-) and writes atomically. Run [bold]psal COMMAND --help[/] for its options and examples.
     """
 
 
