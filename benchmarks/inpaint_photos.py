@@ -97,6 +97,11 @@ def main() -> None:
     model = load_model(args.model or default_model_path("inpaint"), task="inpaint")[0].eval()
     shipped = model.config
     variants = ([] if args.no_shipped else [("psal", {})]) + [variant(v) for v in args.variant]
+    # Each variant is its own network (layers are built from the config), sharing the weights.
+    networks = {}
+    for name, overrides in variants:
+        networks[name] = type(model)(replace(shipped, **overrides)).eval()
+        networks[name].load_state_dict(model.state_dict())
     methods = [name for name, _ in variants] + ["telea", "ns"] + ([] if args.no_patchmatch else ["patchmatch"])
     rows = []
     for family in args.families:
@@ -109,9 +114,8 @@ def main() -> None:
                 row = {"family": family, "seed": seed, "photo": name, "repeated": name in REPEATED,
                        "true_sharpness": sharpness_ratio(truth, hole)}
                 for method, overrides in variants:
-                    model.config = replace(shipped, **overrides)
                     start = time.time()
-                    out = inpaint_tensor(model, seen, hole, seed)
+                    out = inpaint_tensor(networks[method], seen, hole, seed)
                     row[f"{method}_seconds"] = time.time() - start
                     row.update({f"{method}_{k}": v for k, v in inpaint_metrics(out, truth, hole).items()})
                 for method in methods[len(variants):]:

@@ -479,3 +479,34 @@ def test_copy_restores_structure_repeated_elsewhere_at_full_resolution():
         errors[name] = (out - truth).abs()[~known].mean().item()
     assert errors["copy"] < 0.02 and errors["copy, top level voted only"] < 0.04, errors
     assert errors["no copy"] > 0.05, errors
+
+
+def test_a_narrow_hole_above_the_working_size_is_copied_from_the_structure_beside_it():
+    """A 4-px scratch across a facade four times the working size is filled at the native
+    size, then copied coarse to fine: the windows come back from their intact copies, where
+    the (untrained) network alone leaves a wrong guess. At the working size the copy does
+    not run: the output is the network's, bit for bit."""
+    h, w = 96, 192
+    truth = windows(h, w)
+    hole = box_hole(h, w, 40, 44, 20, 170)
+    seen = truth * (1 - hole)
+    errors = {}
+    for name, over in {"copy": {}, "no copy": {"copy_narrow": False}}.items():
+        with torch.no_grad():
+            out = tiny(work_size=48, work_pixels=1 << 20, detail=False, **over)(image=seen, mask=hole)
+        known = ~hole.bool().expand_as(out)
+        assert torch.equal(out[known], truth[known])
+        errors[name] = (out - truth).abs()[~known].mean().item()
+    assert errors["copy"] < 0.02 and errors["no copy"] > 0.05, errors
+    with torch.no_grad():
+        outs = [tiny(work_size=192, detail=False, copy_narrow=on)(image=seen, mask=hole) for on in (True, False)]
+    assert torch.equal(*outs)
+
+
+@pytest.mark.parametrize("rows, start", [(8, (64, 96)), (16, (32, 48)), (32, (32, 48)), (4, (128, 192))])
+def test_the_copy_of_a_narrow_hole_starts_where_its_half_width_is_one_to_two_start_radii(rows, start):
+    """Halved while the half-width stays ≥ copy_start_radius (2 px) and the short side ≥ 32:
+    an 8-row scratch (half-width 4) starts at half size, 16 rows (8) at a quarter, 32 rows
+    stop at the short side's 32 px, and a 4-row one (2 px) at full size."""
+    hole = box_hole(128, 192, 50, 50 + rows, 10, 180)
+    assert tiny().copy_start(hole) == start

@@ -6,13 +6,16 @@
     fill ─ its correction of the pre-fill upsampled onto the full-size pre-fill, or (copy) PatchMatch +
         patch votes level by level (×2) up to full size
         ─ detail: PSAL over the full-resolution pixels ─ out
+    a narrow hole of a photo above the working size: fill at native size ─ detail
+        ─ copy: PatchMatch + patch votes from a level where the hole is 2–4 px wide up to full size ─ out
 
-On a photo larger than the working size, the optional copy stage (`copy_structure`) starts from
-the network's fill and copies the hole, at every level up to the native size, from the
-known patches that best match it (multi-scale patch inpainting: each level's matches
-seed the next), keeping the network's fill where nothing known matches well. Structure
-that repeats in the photo (windows, brick courses, railings) is so copied at full
-resolution instead of painted from the working size.
+The copy stage (`copy_structure`) starts from the network's fill and copies the hole, at
+every level up to the native size, from the known patches that best match it
+(multi-scale patch inpainting: each level's matches seed the next), keeping the
+network's fill where nothing known matches well. Structure that repeats in the photo
+(windows, brick courses, railings, tiles) crossed by a scratch is so copied at full
+resolution instead of painted by a network trained on smaller photos. For wide holes it
+is optional (from the working size up, `copy`).
 
 A small network can only paint the low frequencies of a hole, and any resize-based tool
 blurs on top of that when the photo is larger than the network's working size. The
@@ -187,15 +190,23 @@ class PSALInpaint(nn.Module):
         detail_energy_weight: float = 2.0  # weight of the texture-energy channel in the match features
         detail_coherence: float = 3.0  # price of a seam between blocks copied from unrelated places (× median match distance)
         detail_coherence_sweeps: int = 8
-        # Photos above the working size: coarse-to-fine patch copying from it up to the native size. Off by
-        # default: with the detail stage on top it lowered the hole's accuracy on held-out photos.
+        # A narrow hole (half-width at most copy_radius pixels) of a photo above the working size, filled
+        # at the native size and detailed: then copied coarse to fine (copy_structure) from the level where
+        # its half-width is under twice copy_start_radius pixels. At or below the working size, where the
+        # network was trained, and on wider strokes, the fill and detail alone measured better.
+        copy_narrow: bool = True
+        copy_radius: float = 32
+        copy_start_radius: float = 2.0
+        # A wide hole of a photo above the working size: coarse-to-fine copying from the working size up to
+        # the native size. Off by default: with the detail stage on top it lowered the hole's accuracy on
+        # held-out photos.
         copy: bool = False
         copy_patch: int = 7  # patch side of the copy, in pixels of each level
-        copy_iterations: int = 1  # search-and-vote rounds per level (Wexler et al.'s EM steps)
+        copy_iterations: int = 2  # search-and-vote rounds per level (Wexler et al.'s EM steps)
         copy_search_iterations: int = 2  # PatchMatch iterations per search
         copy_search_size: int = 2048  # above this long side the NNF is only upsampled and voted with, not searched
         copy_temperature: float = 0.05  # vote weights softmax(−D / (this × median D)): Wexler's distance weighting
-        copy_trust: float = 0.15  # RMS patch error (0–1 levels) at which a copy and the network's fill weigh alike
+        copy_trust: float = 0.05  # RMS patch error (0–1 levels) at which a copy and the network's fill weigh alike
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -222,25 +233,36 @@ class PSALInpaint(nn.Module):
 
     def run(self, ex, image: Tensor, mask: Tensor) -> Tensor:
         """image (B, 3, H, W) in [0, 1], mask (B, 1, H, W) 1 = hole → (B, 3, H, W), known pixels unchanged."""
+        c = self.config
         H, W = image.shape[-2:]
         known = 1 - mask
         image = image * known
         size = self.working_size(H, W, mask)
+        # A narrow hole (filled above the working size) of a photo above the working size.
+        narrow = max(H, W) > c.work_size and size != self.working_size(H, W)
+        # Not copied (not measured): a narrow hole filled below the native size, on a photo above
+        # work_pixels; the copy's time grows with the photo's size.
+        copied = c.copy_narrow and narrow and size == (H, W) and hole_radius(mask) <= c.copy_radius
         if size == (H, W):
             out = self.fill_ensemble(ex, image, mask)
         else:
             small = ex.whole(lambda x, m: _reduce(x, m, size), image, mask)  # (B, 4, h, w)
             fill = self.fill_ensemble(ex, small[:, :3], small[:, 3:])
-            if self.config.copy:
+            if c.copy:
                 out = ex.whole(partial(self.copy_structure, generator=ex.generator), image, mask, fill)
             else:
                 out = ex.whole(self.upsample_fill, image, mask, fill, small)
-        if self.config.detail:
+        if c.detail:
             # A narrow hole is filled as the photo's own push-pull fill plus an up-sampled
             # correction (`upsample_fill`): what it lacks is texture, the native band, not
             # all that the reduction lost (a wider band there cost accuracy on held-out photos).
-            reduction = max(H / size[0], W / size[1]) if size == self.working_size(H, W) else 1.0
+            reduction = 1.0 if narrow else max(H / size[0], W / size[1])
             out = ex.whole(partial(self.add_detail, generator=ex.generator, reduction=reduction), out, mask)
+        if copied:
+            # Detailed first: where the copy is not trusted, the detailed fill shows (a detail
+            # stage on top of the copy lowered its accuracy on held-out photos).
+            out = ex.whole(partial(self.copy_structure, generator=ex.generator, start=self.copy_start(mask)),
+                           image, mask, out)
         return out
 
     def upsample_fill(self, image: Tensor, mask: Tensor, fill: Tensor, small: Tensor) -> Tensor:
@@ -326,21 +348,35 @@ class PSALInpaint(nn.Module):
                         query_mask=hole[:, 0] > 0)
         return out * hole
 
-    def copy_structure(self, image: Tensor, mask: Tensor, fill: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Refine the working-size fill into a full-resolution copy of the known image, coarse to fine.
+    def copy_start(self, mask: Tensor) -> tuple[int, int]:
+        """The coarsest level of a narrow hole's copy: the photo halved while the hole's half-width
+        (`hole_radius`) stays at least copy_start_radius pixels and its short side 32.
+
+        There the hole is a line a pixel or two wide, and patches of the known image around
+        it match by the structure they hold, not by the network's smooth guess inside it.
+        """
+        H, W = mask.shape[-2:]
+        radius, f = hole_radius(mask), 1
+        while radius / (2 * f) >= self.config.copy_start_radius and min(H, W) / (2 * f) >= 32:
+            f *= 2
+        return max(4, round(H / f)), max(4, round(W / f))
+
+    def copy_structure(self, image: Tensor, mask: Tensor, fill: Tensor, generator: torch.Generator | None = None,
+                       start: tuple[int, int] | None = None) -> Tensor:
+        """Refine the network's fill into a full-resolution copy of the known image, coarse to fine.
 
         Multi-scale patch inpainting (Wexler et al. 2007, Newson et al. 2014) started from
-        the network's fill: from the working size up to the native size in steps of at most
-        ×2, each level reduces the photo (known pixels only, `_reduce`), votes with the
-        nearest-neighbour field of the level below (upsampled) and then searches and votes
-        `copy_iterations` times (`copy_level`). So a window's edge or a brick course crossing
-        the hole is copied at every resolution from the intact copies beside it, not painted
-        from the working size. Above `copy_search_size` the upsampled field is voted with as
+        the network's fill: from `start` (default: the fill's size, the working size) up to
+        the native size in steps of at most ×2, each level reduces the photo (known pixels
+        only, `_reduce`), votes with the nearest-neighbour field of the level below
+        (upsampled) and then searches and votes `copy_iterations` times (`copy_level`). So a
+        window's edge or a brick course crossing the hole is copied at every resolution from
+        the intact copies beside it, not painted by the network. Above `copy_search_size` the upsampled field is voted with as
         it is (bounded time on very large photos). Known pixels stay exact.
         """
         c = self.config
         H, W = image.shape[-2:]
-        sizes = [tuple(fill.shape[-2:])]
+        sizes = [start or tuple(fill.shape[-2:])]
         while sizes[-1] != (H, W):
             h, w = sizes[-1]
             sizes.append((min(H, 2 * h), min(W, 2 * w)) if 2 * max(h, w) < max(H, W) else (H, W))
@@ -381,12 +417,13 @@ class PSALInpaint(nn.Module):
             query = estimate[..., y0:y1, x0:x1]
             if min(query.shape[-2:]) < c.copy_patch:
                 break  # a box thinner than a patch (a hole on a corner of a tiny photo): the network's fill stays
-            indices = self.copier.search(query, estimate, forbid, init=indices, generator=generator).indices
-            estimate = self.copy_vote(estimate, mask, prior, box, indices, valid)
+            nnf = self.copier.search(query, estimate, forbid, init=indices, generator=generator)
+            indices = nnf.indices
+            estimate = self.copy_vote(estimate, mask, prior, box, indices, valid, nnf.distances)
         return (None if indices is None else Copy(indices, box, (H, W))), estimate
 
     def copy_vote(self, estimate: Tensor, mask: Tensor, prior: Tensor, box: tuple[int, int, int, int], indices: Tensor,
-                  valid: Tensor) -> Tensor:
+                  valid: Tensor, distances: Tensor | None = None) -> Tensor:
         """Patch aggregation of the matched known patches into the hole, blended with the prior by match quality.
 
         Every query patch that covers a hole pixel votes for it, weighted by softmax(−D / T)
@@ -398,15 +435,20 @@ class PSALInpaint(nn.Module):
         c = self.config
         y0, y1, x0, x1 = box
         query = estimate[..., y0:y1, x0:x1]
-        dist = patch_distances(query, estimate, indices, c.copy_patch)  # (B, hq, wq, 1)
+        # The search's own distances when it just ran on this estimate (they are exact).
+        dist = patch_distances(query, estimate, indices, c.copy_patch) if distances is None else distances  # (B, hq, wq, 1)
         ok = valid.flatten(1).gather(1, indices.flatten(1)).view_as(indices)
         dist = torch.where(ok, dist, 1e20)
         scale = c.copy_temperature * dist.flatten(1).median(1).values.clamp(min=1e-8).view(-1, 1, 1, 1)
-        voted = self.copier.attend(None, None, estimate, indices, distances=dist / scale)  # (B, 3, hq, wq)
-        # How well the copy rebuilds the known pixels around a hole pixel says how far to trust
-        # it there (the hole's own error is unknown); far from any known pixel it is trusted.
+        # Only patches that overlap the hole vote: a known patch elsewhere may match itself, and
+        # would rebuild the known pixels around the hole perfectly whatever the copy.
         hole = mask[..., y0:y1, x0:x1]
-        error = masked_blur((voted - query).square().mean(1, keepdim=True), 1 - hole, c.copy_patch)
+        overlaps = F.max_pool2d(hole, c.copy_patch, 1, c.copy_patch // 2)  # (B, 1, hq, wq)
+        dist = torch.where(overlaps.permute(0, 2, 3, 1) > 0, dist, 1e20)
+        voted = self.copier.attend(None, None, estimate, indices, distances=dist / scale)  # (B, 3, hq, wq)
+        # How well the copy rebuilds the known pixels within a patch of the hole says how far to
+        # trust it there (the hole's own error is unknown); far from any known pixel it is trusted.
+        error = masked_blur((voted - query).square().mean(1, keepdim=True), (1 - hole) * overlaps, c.copy_patch)
         trust = torch.exp(-error / c.copy_trust**2 * math.log(2))  # ½ at an RMS error of copy_trust
         out = estimate.clone()
         out[..., y0:y1, x0:x1] = query + hole * (trust * voted + (1 - trust) * prior[..., y0:y1, x0:x1] - query)
