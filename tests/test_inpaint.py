@@ -510,3 +510,24 @@ def test_the_copy_of_a_narrow_hole_starts_where_its_half_width_is_one_to_two_sta
     stop at the short side's 32 px, and a 4-row one (2 px) at full size."""
     hole = box_hole(128, 192, 50, 50 + rows, 10, 180)
     assert tiny().copy_start(hole) == start
+
+
+def test_the_copy_keeps_the_fill_where_nothing_known_matches():
+    """A scratch across a patch of noise, unique in the photo: no known patch rebuilds the
+    noise beside the hole, so the copy is not trusted there and the fill (here the truth)
+    stays; trusted everywhere, the copy replaces it with something else. Votes of known
+    patches that match themselves would make the copy look perfect beside the hole."""
+    h, w = 96, 192
+    truth = (0.3 + 0.4 * torch.arange(w) / w).expand(h, w).clone()
+    truth[34:51, 92:109] = torch.rand(17, 17, generator=torch.Generator().manual_seed(0))
+    truth = truth.expand(3, h, w)[None].clone()
+    hole = box_hole(h, w, 40, 44, 20, 170)
+    noise = torch.zeros_like(hole, dtype=torch.bool)
+    noise[..., 40:44, 92:109] = True
+    errors = {}
+    for name, trust in {"trusted as measured": 0.05, "trusted everywhere": 1e6}.items():
+        model = tiny(detail=False, copy_trust=trust)
+        with torch.no_grad():
+            out = model.copy_structure(truth * (1 - hole), hole, truth, start=model.copy_start(hole))
+        errors[name] = (out - truth).abs()[noise.expand_as(out)].mean().item()
+    assert errors["trusted as measured"] < 0.01 and errors["trusted everywhere"] > 0.1, errors
