@@ -371,8 +371,9 @@ class PSALInpaint(nn.Module):
         only, `_reduce`), votes with the nearest-neighbour field of the level below
         (upsampled) and then searches and votes `copy_iterations` times (`copy_level`). So a
         window's edge or a brick course crossing the hole is copied at every resolution from
-        the intact copies beside it, not painted by the network. Above `copy_search_size` the upsampled field is voted with as
-        it is (bounded time on very large photos). Known pixels stay exact.
+        the intact copies beside it, not painted by the network. Above `copy_search_size` the
+        upsampled field is voted with as it is (bounded time on very large photos). Known
+        pixels stay exact.
         """
         c = self.config
         H, W = image.shape[-2:]
