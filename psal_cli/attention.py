@@ -71,6 +71,10 @@ EXACT_PAIRS = 1 << 28
 # may: a process's first compiled search loads Numba and its cached code (~1.5 s), the time
 # the torch loop takes for about this many updates on one CPU core.
 COMPILED_STEPS = 1 << 16
+# PatchMatch's longest propagation jump (`patchmatch`). Matches found this far from a query
+# reach it; `PSAL.search` with a query mask therefore searches the queries this close to it:
+# searched without that margin, inpainting's fills lost 0.3–0.7 dB on 1024-px photos.
+PROPAGATION_REACH = 8
 # The eight neighbours of the best match, tried every iteration: overlapping patches are alike.
 _NEAR = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))
 _DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))
@@ -191,6 +195,14 @@ def valid_key_centres(key_shape: tuple[int, int, int, int], patch_size: int, key
     return valid
 
 
+def _with_context(query_mask: Tensor | None) -> Tensor | None:
+    """The queries within `PROPAGATION_REACH` positions of `query_mask` (B, Hq, Wq)."""
+    if query_mask is None:
+        return None
+    reach = PROPAGATION_REACH
+    return F.max_pool2d(query_mask[:, None].float(), 2 * reach + 1, 1, reach)[:, 0] > 0
+
+
 def _check_inputs(query: Tensor, key: Tensor, patch_size: int, neighbors: int, key_mask: Tensor | None) -> None:
     if patch_size < 1 or patch_size % 2 == 0:
         raise ValueError(f"patch_size must be odd and >= 1, got {patch_size}")
@@ -219,6 +231,7 @@ def patchmatch(
     generator: torch.Generator | None = None,
     compiled: bool | None = None,
     propagated: int | None = None,
+    query_mask: Tensor | None = None,
 ) -> NNF:
     """Approximate k-nearest-neighbour patches of every query position among the keys.
 
@@ -233,6 +246,9 @@ def patchmatch(
     and a query keeps the best 3k distinct of its held and fresh candidates
     (`_Search.merge`); the best 2k are re-ranked with exact distances and the best k returned.
     `init` (an NNF or (B, Hq, Wq, k') indices into this key map) seeds the search.
+    `query_mask` (B, Hq, Wq) bool: the queries the caller will use. Only those are searched
+    (propagation then runs within them); the others get placeholder neighbours (their batch
+    element's first valid key, at its true distance), as in `exact_knn`.
     The default 8 iterations find the exact nearest patch for about 4 queries in 5 on
     natural-image features (docs/benchmarks.md); the networks set their own.
 
@@ -243,13 +259,17 @@ def patchmatch(
     one in steps of 32: matches of the same quality, not the same matches.
     """
     _check_inputs(query, key, patch_size, neighbors, key_mask)
+    if query_mask is not None and query_mask.shape != (query.shape[0], *query.shape[-2:]):
+        raise ValueError(f"query_mask must be (B, Hq, Wq) = {(query.shape[0], *query.shape[-2:])}, "
+                         f"got {tuple(query_mask.shape)}")
     propagated = 2 * neighbors if propagated is None else propagated
     if not 1 <= propagated <= 3 * neighbors:
         raise ValueError(f"propagated must be within [1, 3·neighbors = {3 * neighbors}], got {propagated}")
     with torch.no_grad(), full_precision(query):
         steps = query.shape[0] * query.shape[2] * query.shape[3] * (iterations + 1)
+        steps = steps if query_mask is None else int(query_mask.sum()) * (iterations + 1)
         return _patchmatch(query, key, patch_size, neighbors, iterations, key_mask, init, generator,
-                           _kernel(query.device, compiled, steps), propagated)
+                           _kernel(query.device, compiled, steps), propagated, query_mask)
 
 
 def _kernel(device: torch.device, compiled: bool | None, steps: int = COMPILED_STEPS):
@@ -319,18 +339,20 @@ def _search_tables(maps: _Maps, valid: Tensor, patch_size: int) -> tuple[Tensor,
 class _Search:
     """One PatchMatch run's search tables, geometry and candidate generators.
 
-    Query positions are flat (B·Hq·Wq) rows; `rows` is a slice of them (one chunk) and
-    `held` the (rows, 3k) entries held for them (search distance and key position packed
+    Query positions are flat (B·Hq·Wq) rows; `rows` is a slice of those searched (`searched`,
+    in order; all of them by default), one chunk, and `held` the (rows, 3k) entries held for them (search distance and key position packed
     in an int64, `_EMPTY`'s comment), best first; an empty slot (fewer valid keys than 3k)
     has key −1. Everything per query is made per chunk: beyond its
     inputs the search holds the key table and `held`.
     """
 
-    def __init__(self, maps: _Maps, valid: Tensor, patch_size: int, held: int, generator: torch.Generator | None) -> None:
-        self.maps, self.held_n, self.generator = maps, held, generator
+    def __init__(self, maps: _Maps, valid: Tensor, patch_size: int, held: int, generator: torch.Generator | None,
+                 searched: Tensor | None = None) -> None:
+        self.maps, self.held_n, self.generator, self.searched = maps, held, generator, searched
         self.projection, self.bias, self.table = _search_tables(maps, valid, patch_size)
         self.sentinel = self.table.shape[0] - 1
         self.n = maps.B * maps.Hq * maps.Wq
+        self.count = self.n if searched is None else searched.numel()  # queries searched
         Hk, Wk, r = maps.Hk, maps.Wk, maps.r
         device = maps.q.device
         # Valid centres lie in [r, Hk − 1 − r] × [r, Wk − 1 − r].
@@ -344,6 +366,9 @@ class _Search:
         self.sync_free = device.type != "cpu"  # no host synchronisation inside the search (`merge`)
 
     def index(self, rows: slice) -> Tensor:
+        """Flat positions (c,) int32 of the searched queries `rows`."""
+        if self.searched is not None:
+            return self.searched[rows]
         return torch.arange(rows.start, min(rows.stop, self.n), device=self.maps.q.device, dtype=torch.int32)
 
     def rand(self, *shape: int) -> Tensor:
@@ -433,7 +458,8 @@ class _Search:
         return torch.where(self.inside(y, x), y * Wk + x, -1)
 
 
-def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator, kernel, propagated) -> NNF:
+def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator, kernel, propagated,
+                query_mask=None) -> NNF:
     maps = _Maps(query, key, patch_size)
     B, Hq, Wq, Hk, Wk = maps.B, maps.Hq, maps.Wq, maps.Hk, maps.Wk
     device = query.device
@@ -444,8 +470,9 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
         raise ValueError("every key patch is masked or crosses the border: nothing to match")
     if fewest < k:
         raise ValueError(f"neighbors={k} exceeds the {fewest} valid {patch_size}×{patch_size} key patches")
-    search = _Search(maps, valid, patch_size, 3 * k, generator)
     n = B * Hq * Wq
+    searched = None if query_mask is None else query_mask.to(device).reshape(n).nonzero()[:, 0].int()  # (s,)
+    search = _Search(maps, valid, patch_size, 3 * k, generator, searched)
 
     # Init: 3k distinct valid positions (as many as exist), evenly spaced in the valid list
     # from a random start, merged with the caller's seed.
@@ -455,11 +482,17 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
     seed = None
     if init is not None:
         seed = (init.indices if isinstance(init, NNF) else init).to(device).reshape(n, -1)
+    # Queries not searched hold their batch element's first valid key alone: a placeholder.
+    first = None if query_mask is None else listed[starts][torch.arange(n, device=device) // (Hq * Wq)]  # (n,)
+    idle = None if query_mask is None else ~query_mask.to(device).reshape(n)
     if kernel is not None:
-        indices, distances = _compiled_search(kernel, search, listed, starts, counts, seed, k, iterations, propagated)
-        return NNF(indices.view(B, Hq, Wq, k), distances.view(B, Hq, Wq, k))
+        indices, distances = _compiled_search(kernel, search, listed, starts, counts, seed, first, k, iterations,
+                                              propagated)
+        return _placed(NNF(indices.view(B, Hq, Wq, k), distances.view(B, Hq, Wq, k)), idle)
     held = _torch_search(search, listed, starts, counts, seed, k, iterations, propagated)
     del search, listed  # the key table
+    if idle is not None:
+        held[idle, 0] = first[idle].long()
 
     # Exact re-ranking of the best 2k; empty slots point at the best match and are ruled out.
     indices = torch.empty(n, k, device=device, dtype=torch.int64)
@@ -474,7 +507,16 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
         exact = _patch_ssd(maps, index, maps.key_base(index)[:, None] + cand).masked_fill(~filled, math.inf)
         distances[rows], pick = exact.topk(k, 1, largest=False, sorted=True)
         indices[rows] = cand.gather(1, pick)
-    return NNF(indices.view(B, Hq, Wq, k), distances.view(B, Hq, Wq, k))
+    return _placed(NNF(indices.view(B, Hq, Wq, k), distances.view(B, Hq, Wq, k)), idle)
+
+
+def _placed(nnf: NNF, idle: Tensor | None) -> NNF:
+    """The NNF with every neighbour of the `idle` queries (n,) their placeholder, the first."""
+    if idle is not None:
+        for x in (nnf.indices, nnf.distances):
+            rows = x.view(idle.numel(), -1)
+            rows[idle] = rows[idle][:, :1].expand(-1, rows.shape[1])
+    return nnf
 
 
 def _torch_search(search: _Search, listed: Tensor, starts: Tensor, counts: Tensor, seed: Tensor | None, k: int,
@@ -482,48 +524,60 @@ def _torch_search(search: _Search, listed: Tensor, starts: Tensor, counts: Tenso
     """The search loop in torch operations, chunk by chunk: the held entries (n, 3k)."""
     maps, device = search.maps, search.maps.q.device
     Hq, Wq, Hk, Wk = maps.Hq, maps.Wq, maps.Hk, maps.Wk
-    chunk = _search_chunk(device, search.n)
-    chunks = range(0, search.n, chunk)
+    chunk = _search_chunk(device, search.count)
+    chunks = range(0, search.count, chunk)
     held = torch.full((search.n, 3 * k), _EMPTY, device=device, dtype=torch.int64)
     for a in chunks:
         rows = slice(a, a + chunk)
-        batch = (search.index(rows) // (Hq * Wq)).long()
+        at = search.index(rows).long()
+        batch = at // (Hq * Wq)
         count = counts[batch]  # (c,)
         start = (search.rand(batch.numel()) * count).long()
         spread = torch.arange(3 * k, device=device) * (count // (3 * k)).clamp(min=1)[:, None]
         cand = listed[starts[batch][:, None] + (start[:, None] + spread) % count[:, None]]  # (c, 3k)
+        at = rows if search.searched is None else at  # held's rows of the chunk
         if seed is not None:
-            mine = seed[rows]
+            mine = seed[at]
             cand = torch.cat([cand, torch.where((mine >= 0) & (mine < Hk * Wk), mine, -1).int()], 1)
-        held[rows] = search.merge(held[rows], search.entries(rows, cand))
+        held[at] = search.merge(held[at], search.entries(rows, cand))
 
     for t in range(iterations):
         jumps = (8 >> t, 1) if 8 >> t > 1 else (1,)
         for a in chunks if t % 2 == 0 else reversed(chunks):
             rows = slice(a, a + chunk)
-            mine = held[rows]
+            at = rows if search.searched is None else search.index(rows).long()
+            mine = held[at]
             keys = mine.int()
             fresh = [search.propagate(rows, held, jumps, propagated), search.random_search(keys), search.around_best(keys)]
-            held[rows] = search.merge(mine, search.entries(rows, torch.cat(fresh, 1)))
+            held[at] = search.merge(mine, search.entries(rows, torch.cat(fresh, 1)))
     return held
 
 
 def _compiled_search(kernel, search: _Search, listed: Tensor, starts: Tensor, counts: Tensor, seed: Tensor | None,
-                     k: int, iterations: int, propagated: int) -> tuple[Tensor, Tensor]:
-    """The same search loop and re-ranking compiled (`search_kernel`): indices and distances (n, k)."""
+                     placeholder: Tensor | None, k: int, iterations: int, propagated: int) -> tuple[Tensor, Tensor]:
+    """The same search loop and re-ranking compiled (`search_kernel`): indices and distances (n, k).
+    Queries not searched hold their `placeholder` key (n,) alone."""
     maps = search.maps
     step = 1 << 14
-    qrows = torch.empty(search.n, search.table.shape[1])  # filled in place: no second full-size copy
-    for a in range(0, search.n, step):
-        qrows[a : a + step] = search.query_rows(search.index(slice(a, a + step)))
+    # Rows of the searched queries, filled in place (no second full-size copy); others are never read.
+    qrows = torch.empty(search.n, search.table.shape[1])
+    for a in range(0, search.count, step):
+        index = search.index(slice(a, a + step))
+        qrows[index.long()] = search.query_rows(index)
     seeds = seed.int() if seed is not None else torch.empty(search.n, 0, dtype=torch.int32, device="cpu")
     # One draw from the caller's generator seeds the kernel's counter-based random numbers.
     draw = int(torch.randint(0, 1 << 62, (1,), generator=search.generator))
     shape, threads = (maps.B, maps.Hq, maps.Wq, maps.Hk, maps.Wk), torch.get_num_threads()
+    active = torch.ones(search.n, dtype=torch.bool)
+    if search.searched is not None:
+        active[:] = False
+        active[search.searched.long()] = True
     held = kernel.search(search.table.numpy(), qrows.numpy(), listed.numpy(), starts.numpy(), counts.numpy(),
-                         seeds.numpy(), shape, maps.r, 3 * k, iterations, propagated, search.radii.int().numpy(), draw,
-                         threads)
+                         seeds.numpy(), active.numpy(), shape, maps.r, 3 * k, iterations, propagated,
+                         search.radii.int().numpy(), draw, threads)
     del qrows, search.table
+    if placeholder is not None:
+        torch.from_numpy(held)[~active, 0] = placeholder[~active]
     indices, distances = kernel.rerank(maps.q.numpy(), maps.k.numpy(), held, k, shape, maps.r, threads)
     return torch.from_numpy(indices), torch.from_numpy(distances)
 
@@ -574,6 +628,28 @@ def _aggregate_patch(value: Tensor, indices: Tensor, logits: Tensor, patch_size:
             votes_idx.append(pad_idx[:, ys, xs] + dy * Wk + dx)
             votes_log.append(pad_log[:, ys, xs])
     return _aggregate_center(value, torch.cat(votes_idx, -1), torch.cat(votes_log, -1))  # (B, Cv, Hq, Wq)
+
+
+def _aggregate_at(value: Tensor, indices: Tensor, logits: Tensor, patch_size: int, positions: Tensor) -> Tensor:
+    """`_aggregate_patch` (`_aggregate_center` for patch_size 1) at flat query positions (n,)
+    (b·Hq·Wq + y·Wq + x) only: (n, Cv), each row as the full map's."""
+    B, Cv, Hk, Wk = value.shape
+    _, Hq, Wq, k = indices.shape
+    r = patch_size // 2
+    # The NNF padded as `_aggregate_patch` pads it; the query covering x at offset d is then a
+    # fixed offset from x in the padded layout, so one add gives all p² of them.
+    pad_idx = F.pad(indices.permute(0, 3, 1, 2), (r, r, r, r), value=r * Wk + r).permute(0, 2, 3, 1).reshape(-1, k)
+    pad_log = F.pad(logits.permute(0, 3, 1, 2), (r, r, r, r), value=-math.inf).permute(0, 2, 3, 1).reshape(-1, k)
+    Wp = Wq + 2 * r
+    d = torch.arange(-r, r + 1, device=indices.device)
+    dy, dx = d.repeat_interleave(patch_size), d.repeat(patch_size)  # (p²,), in `_aggregate_patch`'s order
+    b, y, x = positions // (Hq * Wq), positions // Wq % Hq, positions % Wq
+    source = ((b * (Hq + 2 * r) + y + r) * Wp + x + r)[:, None] - (dy * Wp + dx)  # (n, p²)
+    idx = pad_idx[source] + (dy * Wk + dx)[:, None]  # (n, p², k) key positions voted
+    weights = pad_log[source].flatten(1).softmax(-1).to(value.dtype)  # (n, p²·k)
+    v = value.permute(0, 2, 3, 1).reshape(-1, Cv)  # (B·Hk·Wk, Cv)
+    gathered = v.index_select(0, (idx.flatten(1) + (b * Hk * Wk)[:, None]).flatten()).view(*weights.shape, Cv)
+    return (weights[..., None] * gathered).sum(1)
 
 
 class PSAL(nn.Module):
@@ -642,9 +718,9 @@ class PSAL(nn.Module):
     ) -> NNF:
         """The NNF `forward` attends with, without attending: exhaustive on maps of up to
         `EXACT_PAIRS` query–key pairs, else PatchMatch (`init`, `generator`: its seed).
-        `query_mask` (B, Hq, Wq): the caller uses the output only there, so the exhaustive
-        search may skip the other queries (`exact_knn`); PatchMatch, which propagates
-        between neighbouring queries, searches them all.
+        `query_mask` (B, Hq, Wq): the caller uses the output only there. The exhaustive search
+        skips the other queries (`exact_knn`); PatchMatch searches the queries within
+        `PROPAGATION_REACH` positions of the mask, from which good matches propagate into it.
 
         Lets a network free q and k before it aggregates a large map in bands (`attend`).
         """
@@ -655,7 +731,7 @@ class PSAL(nn.Module):
         return patchmatch(
             q.detach(), k.detach(), patch_size=self.patch_size, neighbors=self.neighbors,
             iterations=self.iterations, key_mask=key_mask, init=init, generator=generator,
-            propagated=self.propagated,
+            propagated=self.propagated, query_mask=_with_context(query_mask),
         )
 
     def attend(
@@ -666,14 +742,23 @@ class PSAL(nn.Module):
         indices: Tensor,
         distances: Tensor | None = None,
         finish: Callable[[Tensor, slice], Tensor] | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """Attention output for a fixed NNF; aggregates in bands of rows when no gradient is needed.
 
         `distances` (the NNF's own) are reused unless q or k needs a gradient through them;
         q and k may then be None. `finish(band, rows)` maps each band of output rows before
         it is stored (a network's projections, a residual), so that no full-size
-        intermediate is held for a large map.
+        intermediate is held for a large map. `positions` (n,), flat query positions
+        (b·Hq·Wq + y·Wq + x): the output only there, (n, Cv), for a caller that needs a
+        sparse part of the map (`distances` are then required, and `finish` is not applied).
         """
+        if positions is not None:
+            logits = -distances / self.temperature
+            size = 1 if self.aggregation == "center" else self.patch_size
+            step = self.query_chunk
+            return torch.cat([_aggregate_at(v, indices, logits, size, positions[a : a + step])
+                              for a in range(0, positions.numel(), step)]) if positions.numel() else v.new_empty(0, v.shape[1])
         if distances is None or (torch.is_grad_enabled() and (q is not None and q.requires_grad or k is not None and k.requires_grad)):
             distances = patch_distances(q, k, indices, self.patch_size)
         logits = -distances / self.temperature  # (B, Hq, Wq, k)

@@ -177,9 +177,9 @@ def _propose(q, t, held_i, listed, starts, counts, seeds, Hq, Wq, Hk, Wk, r, slo
 
 
 @njit(cache=True, nogil=True, fastmath=_MATH)
-def _sweep(table, qrows, held_d, held_i, listed, starts, counts, seeds, B, Hq, Wq, Hk, Wk, r, slots, radii, seed, t,
-           first_band, band_step):
-    """Step t (−1: the init) of every query in bands first_band, first_band + band_step, …"""
+def _sweep(table, qrows, held_d, held_i, listed, starts, counts, seeds, active, B, Hq, Wq, Hk, Wk, r, slots, radii, seed,
+           t, first_band, band_step):
+    """Step t (−1: the init) of every `active` query in bands first_band, first_band + band_step, …"""
     rows = B * Hq
     held = held_i.shape[1]
     capacity = max(held + seeds.shape[1], 8 * slots + radii.shape[0] + 2 * held + 8)  # candidates of one step
@@ -192,8 +192,8 @@ def _sweep(table, qrows, held_d, held_i, listed, starts, counts, seeds, B, Hq, W
             size = min(_STEP, last - first - a)
             for i in range(size):
                 q = first + a + i if t % 2 == 0 else last - 1 - a - i
-                proposed[i] = _propose(q, t, held_i, listed, starts, counts, seeds, Hq, Wq, Hk, Wk, r, slots, radii,
-                                       seed, cand[i])
+                proposed[i] = 0 if not active[q] else _propose(q, t, held_i, listed, starts, counts, seeds, Hq, Wq, Hk,
+                                                               Wk, r, slots, radii, seed, cand[i])
             for i in range(size):
                 q = first + a + i if t % 2 == 0 else last - 1 - a - i
                 _consider(q, q // (Hq * Wq) * Hk * Wk, table, qrows[q], held_d, held_i, cand[i], proposed[i], dist)
@@ -240,13 +240,14 @@ def _in_parallel(threads: int, work) -> None:
 
 
 def search(table: np.ndarray, qrows: np.ndarray, listed: np.ndarray, starts: np.ndarray, counts: np.ndarray,
-           seeds: np.ndarray, shape: tuple[int, int, int, int, int], r: int, held: int, iterations: int, slots: int,
-           radii: np.ndarray, seed: int, threads: int) -> np.ndarray:
+           seeds: np.ndarray, active: np.ndarray, shape: tuple[int, int, int, int, int], r: int, held: int,
+           iterations: int, slots: int, radii: np.ndarray, seed: int, threads: int) -> np.ndarray:
     """The held key positions (n, held) int32, best first (−1: empty), of PatchMatch from a random init.
 
     table (keys + 1, D + 1) and qrows (n, D + 1) float32 as `attention._search_tables` and
     `_Search.query_rows` make them; listed/starts/counts: each batch element's valid key
-    positions; seeds (n, s) the caller's initial matches (−1: none); shape (B, Hq, Wq, Hk, Wk).
+    positions; seeds (n, s) the caller's initial matches (−1: none); active (n,) bool: the
+    queries searched (the others hold nothing, and propagate nothing); shape (B, Hq, Wq, Hk, Wk).
     """
     B, Hq, Wq, Hk, Wk = shape
     n = B * Hq * Wq
@@ -257,8 +258,8 @@ def search(table: np.ndarray, qrows: np.ndarray, listed: np.ndarray, starts: np.
     for t in range(-1, iterations):
         for parity in range(2):
             _in_parallel(threads, lambda i, threads: _sweep(
-                table, qrows, held_d, held_i, listed, starts, counts, seeds, B, Hq, Wq, Hk, Wk, r, slots, radii, seed,
-                t, parity + 2 * i, 2 * threads))
+                table, qrows, held_d, held_i, listed, starts, counts, seeds, active, B, Hq, Wq, Hk, Wk, r, slots, radii,
+                seed, t, parity + 2 * i, 2 * threads))
     return held_i
 
 

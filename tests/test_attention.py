@@ -90,7 +90,7 @@ def test_propagated_matches_reach_either_search_loop_and_keep_the_quality(compil
         from psal_cli import search_kernel
 
         search = search_kernel.search
-        monkeypatch.setattr(search_kernel, "search", lambda *a: seen.append(a[10]) or search(*a))
+        monkeypatch.setattr(search_kernel, "search", lambda *a: seen.append(a[11]) or search(*a))
     else:
         propagate = attention._Search.propagate
         monkeypatch.setattr(attention._Search, "propagate",
@@ -512,3 +512,51 @@ def test_grouped_top_k_selects_what_topk_selects(width: int) -> None:
     truth = scores.topk(4, -1, largest=False).values
     assert (picked.sort(-1).values.diff(dim=-1) != 0).all()  # four distinct keys per row
     assert torch.equal(scores.gather(-1, picked).sort(-1).values, truth.sort(-1).values)
+
+
+def test_patchmatch_searches_the_query_mask_and_gives_the_others_a_placeholder(compiled: bool) -> None:
+    """Queries in the mask get matches as close as an unmasked search finds; the others the
+    exhaustive search's placeholder (the first valid key, at its true distance)."""
+    query, key = NATURAL["conv C=16, two photos"]()
+    wanted = torch.zeros(query.shape[0], *query.shape[-2:], dtype=torch.bool)
+    wanted[:, 12:36, 8:56] = True
+    key_mask = torch.zeros(key.shape[0], *key.shape[-2:], dtype=torch.bool)
+    key_mask[:, :2] = True  # the first valid centre is masked: the placeholder is not key 0
+    found = patchmatch(query, key, generator=seeded(), compiled=compiled, key_mask=key_mask, query_mask=wanted)
+    exact = exact_knn(query, key, key_mask=key_mask, query_mask=wanted)
+    inside = (slice(None), slice(12, 36), slice(8, 56))
+    recall = (found.distances[inside][..., 0] <= exact.distances[inside][..., 0] * (1 + 1e-4) + 1e-6).float().mean()
+    assert recall >= 0.6 and found.distances[inside].mean() <= 1.05 * exact.distances[inside].mean()
+    assert torch.equal(found.indices[~wanted], exact.indices[~wanted])
+    assert torch.allclose(found.distances[~wanted], exact.distances[~wanted], rtol=1e-5)
+
+
+def test_psal_searches_the_queries_within_reach_of_its_query_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PatchMatch under `PSAL.search` gets the mask grown by the longest propagation jump
+    (Chebyshev distance ≤ PROPAGATION_REACH), so matches found beside it still reach it."""
+    seen = []
+    search = attention.patchmatch
+    monkeypatch.setattr(attention, "patchmatch", lambda *a, **kw: seen.append(kw["query_mask"]) or search(*a, **kw))
+    monkeypatch.setattr(attention, "EXACT_PAIRS", 0)
+    q = torch.randn(1, 4, 40, 50, generator=seeded())
+    wanted = torch.zeros(1, 40, 50, dtype=torch.bool)
+    wanted[0, 20, 10] = wanted[0, 3, 45] = True
+    PSAL(patch_size=3, neighbors=2).search(q, q, query_mask=wanted, generator=seeded())
+    y, x = torch.arange(40).view(-1, 1), torch.arange(50).view(1, -1)
+    reach = attention.PROPAGATION_REACH
+    near = lambda cy, cx: ((y - cy).abs() <= reach) & ((x - cx).abs() <= reach)
+    assert torch.equal(seen[0][0], near(20, 10) | near(3, 45))
+
+
+@pytest.mark.parametrize("aggregation", ["center", "patch"])
+def test_attention_at_positions_equals_the_full_map_there(aggregation: str) -> None:
+    g = seeded(3)
+    psal = PSAL(patch_size=5, neighbors=2, aggregation=aggregation)
+    v = torch.randn(2, 3, 30, 40, generator=g)
+    indices = torch.randint(2, 28, (2, 20, 25, 2), generator=g) * 40 + torch.randint(2, 38, (2, 20, 25, 2), generator=g)
+    distances = torch.rand(2, 20, 25, 2, generator=g)
+    positions = torch.randperm(2 * 20 * 25, generator=g)[:300]
+    with torch.no_grad():
+        full = psal.attend(None, None, v, indices, distances)
+        part = psal.attend(None, None, v, indices, distances, positions=positions)
+    assert torch.allclose(part, full.permute(0, 2, 3, 1).reshape(-1, 3)[positions], atol=1e-6)

@@ -531,3 +531,23 @@ def test_the_copy_keeps_the_fill_where_nothing_known_matches():
             out = model.copy_structure(truth * (1 - hole), hole, truth, start=model.copy_start(hole))
         errors[name] = (out - truth).abs()[noise.expand_as(out)].mean().item()
     assert errors["trusted as measured"] < 0.01 and errors["trusted everywhere"] > 0.1, errors
+
+
+def test_the_copy_is_the_same_in_either_memory_layout():
+    """A scratch across the whole width of a noisy facade, in channels-last tensors (as the engine may
+    hand them over) and in contiguous ones: the same copy, and its inputs untouched. (Votes
+    written through a view of the estimate once overwrote the network's fill, the fallback.)"""
+    h, w = 96, 192
+    truth = windows(h, w) + 0.1 * torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    hole = box_hole(h, w, 40, 44, 0, w)
+    fill = torch.full_like(truth, 0.5)
+    model = tiny(detail=False)
+    outs = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        seen, mask, guess = (x.contiguous(memory_format=layout) for x in (truth * (1 - hole), hole, fill))
+        before = [x.clone() for x in (seen, mask, guess)]
+        with torch.no_grad():
+            outs.append(model.copy_structure(seen, mask, guess, generator=torch.Generator().manual_seed(0),
+                                             start=model.copy_start(mask)))
+        assert all(torch.equal(x, y) for x, y in zip((seen, mask, guess), before))
+    assert torch.allclose(*outs, atol=1e-6), (outs[0] - outs[1]).abs().max()

@@ -205,7 +205,7 @@ class PSALInpaint(nn.Module):
         copy_iterations: int = 2  # search-and-vote rounds per level (Wexler et al.'s EM steps)
         copy_search_iterations: int = 2  # PatchMatch iterations per search
         copy_search_size: int = 2048  # above this long side the NNF is only upsampled and voted with, not searched
-        copy_temperature: float = 0.05  # vote weights softmax(−D / (this × median D)): Wexler's distance weighting
+        copy_temperature: float = 0.001  # vote weights softmax(−D / (this × median D)): nearly the best vote alone
         copy_trust: float = 0.05  # RMS patch error (0–1 levels) at which a copy and the network's fill weigh alike
 
     def __init__(self, config: Config) -> None:
@@ -397,9 +397,10 @@ class PSALInpaint(nn.Module):
                    generator: torch.Generator | None = None) -> tuple["Copy | None", Tensor]:
         """One level of `copy_structure`: vote with the field from below, then `rounds` × (search, vote).
 
-        Queries are the patches of the current estimate around the hole (its box grown by two
-        patch radii, so every patch that touches the hole lies inside), keys the whole level
-        with every patch that touches the hole forbidden: nothing is copied from the hole.
+        Queries are the patches of the current estimate that overlap the hole (the only ones
+        that vote, `copy_vote`), laid out on the hole's box grown by two patch radii; keys are
+        the whole level with every patch that touches the hole forbidden: nothing is copied
+        from the hole.
         """
         c = self.config
         r = c.copy_patch // 2
@@ -409,16 +410,17 @@ class PSALInpaint(nn.Module):
         if not bool(mask.any()) or int(valid.flatten(1).sum(1).min()) < 1:
             return nnf, prior
         box = hole_box(mask, 2 * r)
+        y0, y1, x0, x1 = box
+        voters = F.max_pool2d(mask[..., y0:y1, x0:x1], c.copy_patch, 1, r)[:, 0] > 0  # (B, hq, wq)
         estimate = prior
         indices = None if nnf is None else nnf.upsample(box, (H, W))
         if indices is not None:
             estimate = self.copy_vote(estimate, mask, prior, box, indices, valid)
         for _ in range(rounds):
-            y0, y1, x0, x1 = box
             query = estimate[..., y0:y1, x0:x1]
             if min(query.shape[-2:]) < c.copy_patch:
                 break  # a box thinner than a patch (a hole on a corner of a tiny photo): the network's fill stays
-            nnf = self.copier.search(query, estimate, forbid, init=indices, generator=generator)
+            nnf = self.copier.search(query, estimate, forbid, init=indices, generator=generator, query_mask=voters)
             indices = nnf.indices
             estimate = self.copy_vote(estimate, mask, prior, box, indices, valid, nnf.distances)
         return (None if indices is None else Copy(indices, box, (H, W))), estimate
@@ -428,25 +430,37 @@ class PSALInpaint(nn.Module):
         """Patch aggregation of the matched known patches into the hole, blended with the prior by match quality.
 
         Every query patch that covers a hole pixel votes for it, weighted by softmax(−D / T)
-        with T = copy_temperature × the median match distance (Wexler et al.'s weighting);
-        where the copy rebuilds the known pixels nearby badly (RMS error against copy_trust),
-        the network's fill (`prior`) takes over. Sources off `valid` (an upsampled field's that touch the
-        hole) get no weight.
+        with T = copy_temperature × the median distance of these patches' matches (Wexler et
+        al.'s weighting); where the copy rebuilds the known pixels nearby badly (RMS error
+        against copy_trust), the network's fill (`prior`) takes over. Sources off `valid` (an
+        upsampled field's that touch the hole) get no weight.
         """
         c = self.config
         y0, y1, x0, x1 = box
         query = estimate[..., y0:y1, x0:x1]
-        # The search's own distances when it just ran on this estimate (they are exact).
-        dist = patch_distances(query, estimate, indices, c.copy_patch) if distances is None else distances  # (B, hq, wq, 1)
-        ok = valid.flatten(1).gather(1, indices.flatten(1)).view_as(indices)
-        dist = torch.where(ok, dist, 1e20)
-        scale = c.copy_temperature * dist.flatten(1).median(1).values.clamp(min=1e-8).view(-1, 1, 1, 1)
+        B, C, hq, wq = query.shape
         # Only patches that overlap the hole vote: a known patch elsewhere may match itself, and
-        # would rebuild the known pixels around the hole perfectly whatever the copy.
+        # would rebuild the known pixels around the hole perfectly whatever the copy. Votes,
+        # distances and the trust's error are needed within a patch radius of the hole only.
         hole = mask[..., y0:y1, x0:x1]
         overlaps = F.max_pool2d(hole, c.copy_patch, 1, c.copy_patch // 2)  # (B, 1, hq, wq)
-        dist = torch.where(overlaps.permute(0, 2, 3, 1) > 0, dist, 1e20)
-        voted = self.copier.attend(None, None, estimate, indices, distances=dist / scale)  # (B, 3, hq, wq)
+        at = overlaps.flatten().nonzero()[:, 0]  # (n,) flat positions b·hq·wq + y·wq + x
+        # The search's own distances when it just ran on this estimate (they are exact).
+        if distances is None:
+            dist = patch_distances(query, estimate, indices.reshape(-1, 1)[at], c.copy_patch, positions=at)  # (n, 1)
+        else:
+            dist = distances.reshape(-1, 1)[at]
+        ok = valid.flatten(1).gather(1, indices.flatten(1)).flatten()[at]  # (n,)
+        dist = torch.where(ok[:, None], dist, 1e20)
+        batch = at // (hq * wq)
+        scale = torch.stack([c.copy_temperature * dist[batch == b].median().clamp(min=1e-8) if bool((batch == b).any())
+                             else dist.new_ones(()) for b in range(B)])
+        scaled = torch.full((B * hq * wq, 1), 1e20, dtype=dist.dtype, device=dist.device)  # D / T; no vote elsewhere
+        scaled[at] = dist / scale[batch, None]
+        votes = self.copier.attend(None, None, estimate, indices, distances=scaled.view(B, hq, wq, 1), positions=at)
+        voted = query.new_empty(B, hq, wq, C).copy_(query.permute(0, 2, 3, 1))  # the query, voted near the hole
+        voted.view(-1, C)[at] = votes
+        voted = voted.permute(0, 3, 1, 2)
         # How well the copy rebuilds the known pixels within a patch of the hole says how far to
         # trust it there (the hole's own error is unknown); far from any known pixel it is trusted.
         error = masked_blur((voted - query).square().mean(1, keepdim=True), (1 - hole) * overlaps, c.copy_patch)
