@@ -119,7 +119,8 @@ def main() -> None:
                     row[f"{method}_seconds"] = time.time() - start
                     row.update({f"{method}_{k}": v for k, v in inpaint_metrics(out, truth, hole).items()})
                 for method in methods[len(variants):]:
-                    out = classical(method, seen, hole, args.cache, f"{args.size}_{family}_{seed}_{name}")
+                    # The mask depends on the photo's place in the list too (eval_mask's index).
+                    out = classical(method, seen, hole, args.cache, f"{args.size}_{family}_{seed}_{index}_{name}")
                     if out is not None:
                         row.update({f"{method}_{k}": v for k, v in inpaint_metrics(out, truth, hole).items()})
                 rows.append(row)

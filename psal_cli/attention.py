@@ -72,8 +72,8 @@ EXACT_PAIRS = 1 << 28
 # the torch loop takes for about this many updates on one CPU core.
 COMPILED_STEPS = 1 << 16
 # PatchMatch's longest propagation jump (`patchmatch`). Matches found this far from a query
-# reach it; `PSAL.search` with a query mask therefore searches the queries this close to it:
-# searched without that margin, inpainting's fills lost 0.3–0.7 dB on 1024-px photos.
+# reach it; `PSAL.search` with a query mask therefore searches the queries this close to it
+# (without that margin inpainting's fills lost accuracy: docs/models/inpaint.md, "Tried").
 PROPAGATION_REACH = 8
 # The eight neighbours of the best match, tried every iteration: overlapping patches are alike.
 _NEAR = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))
@@ -340,9 +340,9 @@ class _Search:
     """One PatchMatch run's search tables, geometry and candidate generators.
 
     Query positions are flat (B·Hq·Wq) rows; `rows` is a slice of those searched (`searched`,
-    in order; all of them by default), one chunk, and `held` the (rows, 3k) entries held for them (search distance and key position packed
-    in an int64, `_EMPTY`'s comment), best first; an empty slot (fewer valid keys than 3k)
-    has key −1. Everything per query is made per chunk: beyond its
+    in order; all of them by default), one chunk, and `held` the (rows, 3k) entries held for
+    them (search distance and key position packed in an int64, `_EMPTY`'s comment), best
+    first; an empty slot (fewer valid keys than 3k) has key −1. Everything per query is made per chunk: beyond its
     inputs the search holds the key table and `held`.
     """
 
@@ -529,13 +529,13 @@ def _torch_search(search: _Search, listed: Tensor, starts: Tensor, counts: Tenso
     held = torch.full((search.n, 3 * k), _EMPTY, device=device, dtype=torch.int64)
     for a in chunks:
         rows = slice(a, a + chunk)
-        at = search.index(rows).long()
-        batch = at // (Hq * Wq)
+        index = search.index(rows).long()
+        batch = index // (Hq * Wq)
         count = counts[batch]  # (c,)
         start = (search.rand(batch.numel()) * count).long()
         spread = torch.arange(3 * k, device=device) * (count // (3 * k)).clamp(min=1)[:, None]
         cand = listed[starts[batch][:, None] + (start[:, None] + spread) % count[:, None]]  # (c, 3k)
-        at = rows if search.searched is None else at  # held's rows of the chunk
+        at = rows if search.searched is None else index  # held's rows of the chunk
         if seed is not None:
             mine = seed[at]
             cand = torch.cat([cand, torch.where((mine >= 0) & (mine < Hk * Wk), mine, -1).int()], 1)

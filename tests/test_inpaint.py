@@ -500,6 +500,10 @@ def test_a_narrow_hole_above_the_working_size_is_copied_from_the_structure_besid
     assert errors["copy"] < 0.02 and errors["no copy"] > 0.05, errors
     with torch.no_grad():
         outs = [tiny(work_size=192, detail=False, copy_narrow=on)(image=seen, mask=hole) for on in (True, False)]
+        assert torch.equal(*outs)
+        # Above copy_pixels (here one pixel less than the photo) it does not run either.
+        outs = [tiny(work_size=48, work_pixels=1 << 20, detail=False, copy_pixels=h * w - 1, copy_narrow=on)(
+            image=seen, mask=hole) for on in (True, False)]
     assert torch.equal(*outs)
 
 

@@ -197,6 +197,7 @@ class PSALInpaint(nn.Module):
         copy_narrow: bool = True
         copy_radius: float = 32
         copy_start_radius: float = 2.0
+        copy_pixels: int = 1 << 22  # photos above this many pixels are not copied: the copy takes ~4× the fill
         # A wide hole of a photo above the working size: coarse-to-fine copying from the working size up to
         # the native size. Off by default: with the detail stage on top it lowered the hole's accuracy on
         # held-out photos.
@@ -240,9 +241,8 @@ class PSALInpaint(nn.Module):
         size = self.working_size(H, W, mask)
         # A narrow hole (filled above the working size) of a photo above the working size.
         narrow = max(H, W) > c.work_size and size != self.working_size(H, W)
-        # Not copied (not measured): a narrow hole filled below the native size, on a photo above
-        # work_pixels; the copy's time grows with the photo's size.
-        copied = c.copy_narrow and narrow and size == (H, W) and hole_radius(mask) <= c.copy_radius
+        # The copy's time grows with the photo's size: photos above copy_pixels are not copied.
+        copied = c.copy_narrow and narrow and H * W <= c.copy_pixels and hole_radius(mask) <= c.copy_radius
         if size == (H, W):
             out = self.fill_ensemble(ex, image, mask)
         else:
