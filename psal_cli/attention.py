@@ -266,8 +266,8 @@ def patchmatch(
     if not 1 <= propagated <= 3 * neighbors:
         raise ValueError(f"propagated must be within [1, 3·neighbors = {3 * neighbors}], got {propagated}")
     with torch.no_grad(), full_precision(query):
-        steps = query.shape[0] * query.shape[2] * query.shape[3] * (iterations + 1)
-        steps = steps if query_mask is None else int(query_mask.sum()) * (iterations + 1)
+        queries = query.shape[0] * query.shape[2] * query.shape[3] if query_mask is None else int(query_mask.sum())
+        steps = queries * (iterations + 1)
         return _patchmatch(query, key, patch_size, neighbors, iterations, key_mask, init, generator,
                            _kernel(query.device, compiled, steps), propagated, query_mask)
 
@@ -486,8 +486,8 @@ def _patchmatch(query, key, patch_size, k, iterations, key_mask, init, generator
     first = None if query_mask is None else listed[starts][torch.arange(n, device=device) // (Hq * Wq)]  # (n,)
     idle = None if query_mask is None else ~query_mask.to(device).reshape(n)
     if kernel is not None:
-        indices, distances = _compiled_search(kernel, search, listed, starts, counts, seed, first, k, iterations,
-                                              propagated)
+        indices, distances = _compiled_search(kernel, search, listed, starts, counts, seed, first, idle, k,
+                                              iterations, propagated)
         return _placed(NNF(indices.view(B, Hq, Wq, k), distances.view(B, Hq, Wq, k)), idle)
     held = _torch_search(search, listed, starts, counts, seed, k, iterations, propagated)
     del search, listed  # the key table
@@ -554,9 +554,10 @@ def _torch_search(search: _Search, listed: Tensor, starts: Tensor, counts: Tenso
 
 
 def _compiled_search(kernel, search: _Search, listed: Tensor, starts: Tensor, counts: Tensor, seed: Tensor | None,
-                     placeholder: Tensor | None, k: int, iterations: int, propagated: int) -> tuple[Tensor, Tensor]:
+                     placeholder: Tensor | None, idle: Tensor | None, k: int, iterations: int,
+                     propagated: int) -> tuple[Tensor, Tensor]:
     """The same search loop and re-ranking compiled (`search_kernel`): indices and distances (n, k).
-    Queries not searched hold their `placeholder` key (n,) alone."""
+    The `idle` queries (n,) bool are not searched and hold their `placeholder` key (n,) alone."""
     maps = search.maps
     step = 1 << 14
     # Rows of the searched queries, filled in place (no second full-size copy); others are never read.
@@ -568,16 +569,13 @@ def _compiled_search(kernel, search: _Search, listed: Tensor, starts: Tensor, co
     # One draw from the caller's generator seeds the kernel's counter-based random numbers.
     draw = int(torch.randint(0, 1 << 62, (1,), generator=search.generator))
     shape, threads = (maps.B, maps.Hq, maps.Wq, maps.Hk, maps.Wk), torch.get_num_threads()
-    active = torch.ones(search.n, dtype=torch.bool)
-    if search.searched is not None:
-        active[:] = False
-        active[search.searched.long()] = True
+    active = torch.ones(search.n, dtype=torch.bool) if idle is None else ~idle
     held = kernel.search(search.table.numpy(), qrows.numpy(), listed.numpy(), starts.numpy(), counts.numpy(),
                          seeds.numpy(), active.numpy(), shape, maps.r, 3 * k, iterations, propagated,
                          search.radii.int().numpy(), draw, threads)
     del qrows, search.table
-    if placeholder is not None:
-        torch.from_numpy(held)[~active, 0] = placeholder[~active]
+    if idle is not None:
+        torch.from_numpy(held)[idle, 0] = placeholder[idle]
     indices, distances = kernel.rerank(maps.q.numpy(), maps.k.numpy(), held, k, shape, maps.r, threads)
     return torch.from_numpy(indices), torch.from_numpy(distances)
 

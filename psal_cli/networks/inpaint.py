@@ -411,29 +411,30 @@ class PSALInpaint(nn.Module):
             return nnf, prior
         box = hole_box(mask, 2 * r)
         y0, y1, x0, x1 = box
-        voters = F.max_pool2d(mask[..., y0:y1, x0:x1], c.copy_patch, 1, r)[:, 0] > 0  # (B, hq, wq)
+        voters = F.max_pool2d(mask[..., y0:y1, x0:x1], c.copy_patch, 1, r)  # (B, 1, hq, wq): patches over the hole
         estimate = prior
         indices = None if nnf is None else nnf.upsample(box, (H, W))
         if indices is not None:
-            estimate = self.copy_vote(estimate, mask, prior, box, indices, valid)
+            estimate = self.copy_vote(estimate, mask, prior, box, voters, indices, valid)
         for _ in range(rounds):
             query = estimate[..., y0:y1, x0:x1]
             if min(query.shape[-2:]) < c.copy_patch:
                 break  # a box thinner than a patch (a hole on a corner of a tiny photo): the network's fill stays
-            nnf = self.copier.search(query, estimate, forbid, init=indices, generator=generator, query_mask=voters)
+            nnf = self.copier.search(query, estimate, forbid, init=indices, generator=generator, query_mask=voters[:, 0] > 0)
             indices = nnf.indices
-            estimate = self.copy_vote(estimate, mask, prior, box, indices, valid, nnf.distances)
+            estimate = self.copy_vote(estimate, mask, prior, box, voters, indices, valid, nnf.distances)
         return (None if indices is None else Copy(indices, box, (H, W))), estimate
 
-    def copy_vote(self, estimate: Tensor, mask: Tensor, prior: Tensor, box: tuple[int, int, int, int], indices: Tensor,
-                  valid: Tensor, distances: Tensor | None = None) -> Tensor:
+    def copy_vote(self, estimate: Tensor, mask: Tensor, prior: Tensor, box: tuple[int, int, int, int], voters: Tensor,
+                  indices: Tensor, valid: Tensor, distances: Tensor | None = None) -> Tensor:
         """Patch aggregation of the matched known patches into the hole, blended with the prior by match quality.
 
         Every query patch that covers a hole pixel votes for it, weighted by softmax(−D / T)
         with T = copy_temperature × the median distance of these patches' matches (Wexler et
         al.'s weighting); where the copy rebuilds the known pixels nearby badly (RMS error
         against copy_trust), the network's fill (`prior`) takes over. Sources off `valid` (an
-        upsampled field's that touch the hole) get no weight.
+        upsampled field's that touch the hole) get no weight. `voters` (B, 1, hq, wq): 1 at the
+        patches of `box` that overlap the hole.
         """
         c = self.config
         y0, y1, x0, x1 = box
@@ -443,8 +444,7 @@ class PSALInpaint(nn.Module):
         # would rebuild the known pixels around the hole perfectly whatever the copy. Votes,
         # distances and the trust's error are needed within a patch radius of the hole only.
         hole = mask[..., y0:y1, x0:x1]
-        overlaps = F.max_pool2d(hole, c.copy_patch, 1, c.copy_patch // 2)  # (B, 1, hq, wq)
-        at = overlaps.flatten().nonzero()[:, 0]  # (n,) flat positions b·hq·wq + y·wq + x
+        at = voters.flatten().nonzero()[:, 0]  # (n,) flat positions b·hq·wq + y·wq + x
         # The search's own distances when it just ran on this estimate (they are exact).
         if distances is None:
             dist = patch_distances(query, estimate, indices.reshape(-1, 1)[at], c.copy_patch, positions=at)  # (n, 1)
@@ -463,7 +463,7 @@ class PSALInpaint(nn.Module):
         voted = voted.permute(0, 3, 1, 2)
         # How well the copy rebuilds the known pixels within a patch of the hole says how far to
         # trust it there (the hole's own error is unknown); far from any known pixel it is trusted.
-        error = masked_blur((voted - query).square().mean(1, keepdim=True), (1 - hole) * overlaps, c.copy_patch)
+        error = masked_blur((voted - query).square().mean(1, keepdim=True), (1 - hole) * voters, c.copy_patch)
         trust = torch.exp(-error / c.copy_trust**2 * math.log(2))  # ½ at an RMS error of copy_trust
         out = estimate.clone()
         out[..., y0:y1, x0:x1] = query + hole * (trust * voted + (1 - trust) * prior[..., y0:y1, x0:x1] - query)
