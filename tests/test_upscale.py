@@ -403,6 +403,12 @@ def test_train_real_holds_out_a_selection_split_and_records_the_degradation(tmp_
     assert [point["step"] for point in curve] == [1, 2]
     assert {"selection_real_psnr", "selection_psnr", "selection_real_bicubic_psnr"} <= set(curve[-1])
     assert info.metrics["selection_real_psnr"] == pytest.approx(curve[-1]["selection_real_psnr"], abs=1e-4)
+    assert degradation["from_step"] == 0
+    # Resumed, the run still records the step its real-photo training started from.
+    resumed = tmp_path / "resumed.safetensors"
+    task.train(folders, resumed, 4, init=out, steps=1, batch=2, patch=32, degradation="real", validate_every=1)
+    again = read_info(resumed).training
+    assert again["steps"] == 3 and again["degradation"]["from_step"] == 0
 
 
 def test_evaluate_real_degradation_is_each_photo_its_own_seeded_draw(tmp_path: Path) -> None:

@@ -362,7 +362,10 @@ def train(
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device,
                            validate_every=validate_every, loss=loss, minutes=minutes)
     if degradation == "real":
-        meta["degradation"] = {"name": "real", "from_step": done, "ranges": degradations.TRAINING.describe(),
+        # A resumed real-photo run keeps the step its degradation started from.
+        previous = meta.get("degradation") or {}
+        start = previous.get("from_step", done) if previous.get("name") == "real" else done
+        meta["degradation"] = {"name": "real", "from_step": start, "ranges": degradations.TRAINING.describe(),
                                "selection": [f.name for f in held_out]}
         validate = _validation(held_out, scale, crop=256, prefix="selection", degradation="real")
     else:
