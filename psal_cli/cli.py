@@ -200,14 +200,28 @@ def _usage(message: str) -> Exception:
 # -- the shared pipeline ------------------------------------------------------------------
 
 
-def _setup_logging(quiet: bool, debug: bool) -> None:
-    class Stderr(logging.Handler):  # looks up sys.stderr at each call: progress bars redirect it
-        def emit(self, record: logging.LogRecord) -> None:
-            prefix = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
-            print(f"{prefix}{record.getMessage()}", file=sys.stderr)
+class _Stderr(logging.Handler):  # looks up sys.stderr at each call: progress bars redirect it
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        print(f"{prefix}{record.getMessage()}", file=sys.stderr)
 
-    log.handlers[:] = [Stderr()]
+
+class _OtherLibraries(logging.Handler):
+    """Other libraries' records (asyncio's "exception was never retrieved" when a store drops a
+    connection) detail a failure psal reports in its own line: shown with --debug only."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.name.startswith("psal"):
+            print(self.format(record), file=sys.stderr)
+
+
+def _setup_logging(quiet: bool, debug: bool) -> None:
+    log.handlers[:] = [_Stderr()]
     log.setLevel(logging.DEBUG if debug else logging.ERROR if quiet else logging.INFO)
+    # A root handler also keeps logging's last resort from printing their tracebacks.
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _OtherLibraries)]
+    root.addHandler(_OtherLibraries(logging.DEBUG if debug else logging.CRITICAL + 1))
 
 
 def _message(e: Exception) -> str:

@@ -487,6 +487,20 @@ def test_non_image_input_and_debug_traceback() -> None:
     assert not Path("out.png").exists()
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_other_libraries_tracebacks_only_with_debug(debug: bool) -> None:
+    """asyncio logs "exception was never retrieved" with a traceback when a store drops a
+    connection mid-write (s3fs): psal's own line reports that failure, --debug shows the rest."""
+    script = (
+        "import asyncio, gc; from psal_cli import cli\n"
+        f"cli._setup_logging(quiet=False, debug={debug})\n"
+        "f = asyncio.new_event_loop().create_future()\n"
+        "f.set_exception(ConnectionResetError('Cannot write to closing transport'))\n"
+        "del f; gc.collect()\n")
+    err = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stderr
+    assert ("closing transport" in err) == debug, err
+
+
 def test_no_installed_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PSAL_WEIGHTS", str(tmp_path / "empty"))
     make_image("in.png")
