@@ -17,7 +17,7 @@ from psal_cli.attention import patch_distances, valid_key_centres
 from psal_cli.engine import Options, run_network
 from psal_cli.modelfile import default_model_path, load_model, read_info
 from psal_cli.networks import create_model
-from psal_cli.networks.inpaint import _reduce, _resize, coherent_nnf, hole_radius, pyramid_fill
+from psal_cli.networks.inpaint import Band, _reduce, _resize, coherent_nnf, far_share, hole_radius, pyramid_fill
 from psal_cli.networks.stages import Direct
 from psal_cli.tasks import inpaint as task
 from psal_cli.training import to_float
@@ -98,9 +98,38 @@ def test_the_detail_gain_is_full_up_to_a_reduction_of_two_then_goes_to_one():
     reduction of 2 (a 1024-px photo's wide hole), and falls towards 1 as the reduction grows."""
     model = tiny()
     c, hole = model.config, box_hole(64, 64, 8, 56, 8, 56)
-    weight = [model.detail_weight(hole, c.detail_sigma * r)[0, 0, 32, 32].item() for r in (1, 2, 3, 8)]
+    weight = [model.detail_weight(hole, model.detail_band(hole, r))[0, 0, 32, 32].item() for r in (1, 2, 3, 8)]
     assert weight[0] == pytest.approx(c.detail_gain) and weight[1] == pytest.approx(c.detail_gain)
     assert c.detail_gain > weight[2] > weight[3] > 1 and weight[3] < 1 + 0.1 * (c.detail_gain - 1)
+
+
+@pytest.mark.parametrize("radius", [1, 3, 6])
+def test_far_share_against_the_distance_to_the_nearest_known_pixel(radius):
+    """Random dots and blobs: the share of hole pixels more than `radius` pixels (Chebyshev)
+    from a known one, the photo's border not counting as known."""
+    gen = torch.Generator().manual_seed(radius)
+    for trial in range(36):
+        cell, grow = (1, 3, 6, 9)[trial % 4], trial // 4 % 3  # sparse dots and blobs, grown by 0–2 px
+        hole = (torch.rand(1, 1, 54 // cell, 72 // cell, generator=gen) < 0.02 + 0.04 * (trial % 5)).float()
+        hole = torch.nn.functional.interpolate(hole, size=(54, 72), mode="nearest")
+        hole = torch.nn.functional.max_pool2d(hole, 2 * grow + 1, 1, grow)
+        known = torch.nonzero(hole[0, 0] == 0)  # (n, 2)
+        far = 0  # hole pixels farther than radius from their nearest known pixel
+        for y, x in torch.nonzero(hole[0, 0]).tolist():
+            far += not len(known) or (known - torch.tensor([y, x])).abs().amax(1).min().item() > radius
+        assert far_share(hole, radius) == pytest.approx(far / max(1, hole.sum().item()))
+
+
+def test_thin_holes_get_the_thin_band_and_wide_ones_the_wide_band():
+    model = tiny()
+    c = model.config
+    scratch, patch = box_hole(64, 96, 30, 35, 5, 90), box_hole(64, 96, 20, 44, 30, 66)  # half-widths 3 and 12
+    blot = scratch.clone()
+    blot[..., 27:40, 40:53] = 1  # a blot 13 px across on the scratch: its centre is 7 px from a known pixel
+    assert 0 < far_share(blot, c.thin_radius) <= c.thin_share
+    assert model.detail_band(scratch) == model.detail_band(blot) == Band(c.thin_sigma, c.thin_ramp, c.thin_gain)
+    assert model.detail_band(patch) == Band(c.detail_sigma, c.detail_ramp, c.detail_gain)
+    assert tiny(thin_radius=0).detail_band(scratch) == Band(c.detail_sigma, c.detail_ramp, c.detail_gain)
 
 
 def test_a_reduced_photo_keeps_full_resolution_edges_across_a_thin_scratch():
@@ -183,8 +212,9 @@ def test_detail_copies_known_texture_only():
 @pytest.mark.parametrize("where", ["corner pixel", "scratch across", "scratch on the edge"])
 def test_detail_of_holes_thinner_than_a_search_patch(where):
     """A one-pixel hole's box is thinner than PatchMatch's 3-block patch (it failed with
-    "query map (1, 94) is smaller than one 3×3 patch"); the long scratch makes 3-px blocks."""
-    model = tiny(detail_ramp=0)
+    "query map (1, 94) is smaller than one 3×3 patch"); the long scratch makes 3-px blocks.
+    As wide holes (thin_radius=0): a thin hole's fade-in leaves a one-pixel one no texture."""
+    model = tiny(detail_ramp=0, thin_radius=0)
     rows, cols = {"corner pixel": (slice(0, 1), slice(0, 1)), "scratch across": (slice(20, 21), slice(10, 290)),
                   "scratch on the edge": (slice(39, 40), slice(0, 300))}[where]
     hole = torch.zeros(1, 1, 40, 300)
