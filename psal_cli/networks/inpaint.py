@@ -207,12 +207,12 @@ class PSALInpaint(nn.Module):
         detail_coherence: float = 3.0  # price of a seam between blocks copied from unrelated places (× median match distance)
         detail_coherence_sweeps: int = 8
         # A thin hole (at most thin_share of its pixels farther than thin_radius full-resolution pixels
-        # from a known one: scratches, thin strokes, where they cross) is a few pixels across, so a fade-in as narrow as detail_ramp leaves texture on
-        # pixels next to the seam, where it costs accuracy for little sharpness. It copies a finer band
-        # (thin_sigma), faded in further (thin_ramp) and raised more (thin_gain): on the selection split
-        # the hole error fell by ~0.2 at the same sharpness (docs/models/inpaint.md).
+        # from a known one: scratches, thin strokes, blots where they cross) is a few pixels across, so
+        # a fade-in as narrow as detail_ramp leaves texture beside the seam, where it costs accuracy for
+        # little sharpness. It copies a finer band (thin_sigma), faded in further (thin_ramp) and raised
+        # more (thin_gain) to the same sharpness (docs/models/inpaint.md, "Thin holes").
         thin_radius: int = 6  # 0 = every hole as a wide one
-        thin_share: float = 0.1  # the evaluation's thin strokes: 0–2 %; thick ones: 32–61 %
+        thin_share: float = 0.1  # far from both: the evaluation's thin strokes, thick strokes and boxes
         thin_sigma: float = 0.5
         thin_ramp: float = 2.0
         thin_gain: float = 4.0
@@ -500,8 +500,8 @@ class PSALInpaint(nn.Module):
         """Copy the high frequencies of matching known full-resolution patches into the hole.
 
         Works on the hole's box grown by the search margin; the low-pass that separates
-        painted from copied frequencies widens with the `reduction` to the working size
-        (σ = detail_sigma × reduction), since the upsampled fill lacks all of them.
+        painted from copied frequencies (`detail_band`) widens with the `reduction` to the
+        working size, since the upsampled fill lacks all of them.
         """
         band = self.detail_band(mask, reduction)
         y0, y1, x0, x1 = hole_box(mask, self.config.detail_search + math.ceil(3 * band.sigma))
