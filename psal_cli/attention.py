@@ -349,12 +349,17 @@ class _Search:
     def __init__(self, maps: _Maps, valid: Tensor, patch_size: int, held: int, generator: torch.Generator | None,
                  searched: Tensor | None = None) -> None:
         self.maps, self.held_n, self.generator, self.searched = maps, held, generator, searched
+        device = maps.q.device
+        if generator is not None and device.type != "cpu":
+            # One draw of the caller's generator seeds one on the device: drawing each step's
+            # numbers on the host and copying them stalled a GPU's queue (docs/benchmarks.md).
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(int(torch.randint(0, 1 << 62, (1,), generator=generator)))
         self.projection, self.bias, self.table = _search_tables(maps, valid, patch_size)
         self.sentinel = self.table.shape[0] - 1
         self.n = maps.B * maps.Hq * maps.Wq
         self.count = self.n if searched is None else searched.numel()  # queries searched
         Hk, Wk, r = maps.Hk, maps.Wk, maps.r
-        device = maps.q.device
         # Valid centres lie in [r, Hk − 1 − r] × [r, Wk − 1 − r].
         self.lo, self.hi_y, self.hi_x = r, Hk - 1 - r, Wk - 1 - r
         radii, window = [], max(Hk, Wk)
@@ -372,8 +377,7 @@ class _Search:
         return torch.arange(rows.start, min(rows.stop, self.n), device=self.maps.q.device, dtype=torch.int32)
 
     def rand(self, *shape: int) -> Tensor:
-        # Drawn on the CPU (a CPU generator): a seed gives the same search on every device.
-        return torch.rand(*shape, generator=self.generator, device="cpu").to(self.maps.q.device)
+        return torch.rand(*shape, generator=self.generator, device=self.maps.q.device)
 
     def inside(self, y: Tensor, x: Tensor) -> Tensor:
         return (y >= self.lo) & (y <= self.hi_y) & (x >= self.lo) & (x <= self.hi_x)
