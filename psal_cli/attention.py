@@ -78,6 +78,16 @@ PROPAGATION_REACH = 8
 # The eight neighbours of the best match, tried every iteration: overlapping patches are alike.
 _NEAR = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))
 _DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))
+
+
+def _jumps(t: int) -> tuple[int, ...]:
+    """Propagation's jumps at iteration t: PROPAGATION_REACH·2⁻ᵗ and 1, then 1 alone."""
+    first = PROPAGATION_REACH >> t
+    return (first, 1) if first > 1 else (1,)
+
+
+_JUMP_SETS = tuple(dict.fromkeys(_jumps(t) for t in range(PROPAGATION_REACH.bit_length() + 1)))
+
 # A held entry is the int64 (search distance as an order-preserving int32) << 32 | key
 # position: sorting entries ranks them and brings a key's repeats side by side. _INF_ORDER
 # is +inf's; an empty slot has an infinite distance and key −1.
@@ -368,6 +378,11 @@ class _Search:
             window //= 2
         self.radii = torch.tensor(radii, device=device, dtype=torch.float32)  # (R,)
         self.near = torch.tensor(_NEAR, device=device, dtype=torch.int32)  # (8, 2)
+        # Propagation's offsets (4J, 2) per jump set, made once: a small tensor made from the
+        # host at every step would be a copy and a wait for a GPU.
+        self.offsets = {jumps: torch.tensor([(s * ey, s * ex) for s in jumps for ey, ex in _DIRECTIONS],
+                                            device=device, dtype=torch.int32)
+                        for jumps in _JUMP_SETS}
         self.sync_free = device.type != "cpu"  # no host synchronisation inside the search (`merge`)
 
     def index(self, rows: slice) -> Tensor:
@@ -432,7 +447,7 @@ class _Search:
         Hq, Wq, Wk = self.maps.Hq, self.maps.Wq, self.maps.Wk
         index = self.index(rows)
         qb, qy, qx = index // (Hq * Wq), index // Wq % Hq, index % Wq
-        step = torch.tensor([(s * ey, s * ex) for s in jumps for ey, ex in _DIRECTIONS], device=held.device, dtype=torch.int32)
+        step = self.offsets[jumps]
         sy, sx = qy[:, None] + step[:, 0], qx[:, None] + step[:, 1]  # (c, 4J)
         source = (qb[:, None] * Hq + sy.clamp(0, Hq - 1)) * Wq + sx.clamp(0, Wq - 1)
         src = held[:, :slots][source].int()  # (c, 4J, slots)
@@ -546,7 +561,7 @@ def _torch_search(search: _Search, listed: Tensor, starts: Tensor, counts: Tenso
         held[at] = search.merge(held[at], search.entries(rows, cand))
 
     for t in range(iterations):
-        jumps = (8 >> t, 1) if 8 >> t > 1 else (1,)
+        jumps = _jumps(t)
         for a in chunks if t % 2 == 0 else reversed(chunks):
             rows = slice(a, a + chunk)
             at = rows if search.searched is None else search.index(rows).long()
