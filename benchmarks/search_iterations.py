@@ -8,7 +8,8 @@ engine, as `psal upscale` would, for each iteration count and seed: Y PSNR (4-px
 and time. The search sees all 100 photos at once, so it has plenty of wrong places to look.
 
     python benchmarks/search_iterations.py --iterations 6 3 2 --seeds 0 1
-    python benchmarks/search_iterations.py --iterations 3 --chunks 512 4096   # the CPU's and a GPU's step
+    python benchmarks/search_iterations.py --iterations 2 --torch-loop --chunks 4096 65536 \
+        --data ../shared/data/train --pick 1 4     # the matches a GPU's steps find, found on the CPU
     python benchmarks/search_iterations.py --iterations 3 --propagated 8 6 --seeds 0 1 \
         --data ../shared/data/train --pick 1 4     # 100 training photos: for choosing settings
 """
@@ -52,13 +53,19 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, nargs="+", default=[6, 3, 2])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--chunks", type=int, nargs="+", default=[attention._CHUNK],
-                        help="queries per PatchMatch step (the CPU's is the default; a GPU's is larger)")
+                        help="queries per PatchMatch step of the torch loop (--torch-loop; a GPU's are larger)")
+    parser.add_argument("--torch-loop", action="store_true",
+                        help="search with the torch loop (a GPU's) instead of the compiled one, which ignores --chunks")
     parser.add_argument("--pick", type=int, nargs=2, default=[0, 1], metavar=("START", "STEP"),
                         help="the folder's photos START, START + STEP, … (sorted; rows of 10 are kept)")
     parser.add_argument("--propagated", type=int, nargs="+", default=[0],
                         help="matches each neighbour propagates (0: the model file's setting)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.chunks != [attention._CHUNK] and not args.torch_loop:
+        parser.error("--chunks sets the torch loop's steps: give --torch-loop too")
+    if args.torch_loop:
+        attention.COMPILED_STEPS = 1 << 62  # no search is large enough for the compiled loop
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.model, task="upscale")
     scale = model.config.scale
