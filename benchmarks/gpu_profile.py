@@ -25,16 +25,14 @@ from torch.profiler import ProfilerActivity, profile
 from psal_cli import attention, edit
 from psal_cli.engine import Options
 from psal_cli.modelfile import default_model_path, load_model
-
-ROOT = Path(__file__).resolve().parents[1]
-PHOTO = ROOT.parent / "shared" / "data" / "photos" / "alfred-schrock-shoE2y51uX0.jpg"
+from speed import DATA, PHOTO  # benchmarks/, the folder of this script: speed.py's photo
 RULES = [(4096, 128), (65536, 8), (1 << 20, 1)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--photo", type=Path, default=PHOTO)
+    parser.add_argument("--photo", type=Path, default=DATA / "photos" / PHOTO)
     parser.add_argument("--sides", type=int, nargs="*", default=[600, 1000])
     parser.add_argument("--profile-side", type=int, default=600, help="0: no profile")
     args = parser.parse_args()
