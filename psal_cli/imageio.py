@@ -153,10 +153,13 @@ def is_gray(img: Image.Image) -> bool:
 def to_tensor(img: Image.Image) -> tuple[Tensor, Tensor | None]:
     """Split an image into colour (1, C, H, W), C = 1 (gray) or 3, and alpha (1, 1, H, W) or None."""
     scale = 65535.0 if img.mode == "I;16" else 255.0
-    a = np.asarray(img).astype(np.float32) / scale
+    a = np.asarray(img)
     if a.ndim == 2:
         a = a[:, :, None]
-    t = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None]  # (1, C, H, W)
+    # Converted and transposed by torch, on its threads (numpy's one thread took 0.1 s at 4 MP);
+    # torch has no uint16 arithmetic, hence int32 for 16-bit gray.
+    src = torch.from_numpy(a.astype(np.int32) if a.dtype == np.uint16 else np.require(a, requirements="W"))
+    t = torch.empty(a.shape[2], a.shape[0], a.shape[1]).copy_(src.permute(2, 0, 1)).div_(scale)[None]  # (1, C, H, W)
     if img.mode in ("LA", "RGBA"):
         return t[:, :-1], t[:, -1:]
     return t, None

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import random_image
 from PIL import Image
 
@@ -17,7 +18,7 @@ from psal_cli.attention import patch_distances, valid_key_centres
 from psal_cli.engine import Options, run_network
 from psal_cli.modelfile import default_model_path, load_model, read_info
 from psal_cli.networks import create_model
-from psal_cli.networks.inpaint import Band, _reduce, _resize, coherent_nnf, far_share, hole_radius, pyramid_fill
+from psal_cli.networks.inpaint import Band, _bicubic_crop, _reduce, _resize, coherent_nnf, far_share, hole_radius, pyramid_fill
 from psal_cli.networks.stages import Direct
 from psal_cli.tasks import inpaint as task
 from psal_cli.training import to_float
@@ -152,6 +153,17 @@ def test_a_reduced_photo_keeps_full_resolution_edges_across_a_thin_scratch():
     assert torch.equal(ours[known], truth[known])
     error = lambda out: (out - truth).abs()[~known].mean().item()
     assert error(ours) < 0.7 * error(whole), (error(ours), error(whole))
+
+
+@pytest.mark.parametrize("small, size", [((51, 40), (225, 178)), ((64, 48), (32, 24)), ((1, 5), (3, 9))])
+def test_bicubic_crop_is_the_crop_of_torchs_resize(small, size):
+    """Up, down and from a single row: every crop, the image's corners and edges included."""
+    x = torch.rand(2, 3, *small, generator=torch.Generator().manual_seed(1))
+    whole = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+    H, W = size
+    for box in [(0, H, 0, W), (H // 3, H // 2 + 1, W // 5, W - 1), (H - 1, H, 0, 1)]:
+        y0, y1, x0, x1 = box
+        torch.testing.assert_close(_bicubic_crop(x, size, box), whole[..., y0:y1, x0:x1], rtol=0, atol=1e-6)
 
 
 def fill_centre(model: torch.nn.Module, w: int, h: int) -> Image.Image:

@@ -299,15 +299,14 @@ class PSALInpaint(nn.Module):
         up-sampled fill would blur them. Known pixels kept."""
         H, W = image.shape[-2:]
         it = self.config.prefill_iterations
-        correction = fill - pyramid_fill(small[:, :3], small[:, 3:], it)
-        correction = F.interpolate(correction, size=(H, W), mode="bicubic", align_corners=False)
         y0, y1, x0, x1 = hole_box(mask, 2)
         crop = (..., slice(y0, y1), slice(x0, x1))
+        correction = _bicubic_crop(fill - pyramid_fill(small[:, :3], small[:, 3:], it), (H, W), (y0, y1, x0, x1))
         # A few Jacobi steps per level: the correction carries what the working size saw, the
         # base has only to follow the known pixels at full resolution (a cost of seconds at 12 MP).
         base = pyramid_fill(image[crop], mask[crop], 5)
         out = image.clone()
-        out[crop] = image[crop] + mask[crop] * (base + correction[crop]).clamp(0, 1)
+        out[crop] = image[crop] + mask[crop] * (base + correction).clamp(0, 1)
         return out
 
     def working_size(self, height: int, width: int, mask: Tensor | None = None) -> tuple[int, int]:
@@ -779,6 +778,21 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def _bicubic_crop(x: Tensor, size: tuple[int, int], box: tuple[int, int, int, int]) -> Tensor:
+    """`F.interpolate(x, size, mode="bicubic", align_corners=False)[..., y0:y1, x0:x1]` to rounding,
+    computing only that crop (the whole of a 12 MP resize was a quarter of a second).
+
+    The resize is separable: the crop is R · x · Cᵀ, where R and C are the rows of torch's own
+    1-D weights (the resize of each unit vector; a width of 1 stays 1 with weight 1, exactly).
+    """
+    def weights(n: int, out: int, lo: int, hi: int) -> Tensor:  # (hi − lo, n)
+        unit = torch.eye(n, dtype=x.dtype, device=x.device).view(n, 1, n, 1)
+        return F.interpolate(unit, size=(out, 1), mode="bicubic", align_corners=False)[:, 0, lo:hi, 0].T
+
+    y0, y1, x0, x1 = box
+    return weights(x.shape[-2], size[0], y0, y1) @ x @ weights(x.shape[-1], size[1], x0, x1).T
 
 
 @dataclass
