@@ -714,7 +714,11 @@ def _busy_threads() -> float:
         for _ in range(3):  # a median of three, 5 ms apart: a moment's blip does not count, start-up stays quick
             running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
             samples.append(int(running) - 1)
-            time.sleep(0.005)
+            # Waited out running, not asleep: two processes started together read at the same
+            # moments, and asleep each missed the other (both took every core: 10× slower).
+            end = time.perf_counter() + 0.005
+            while time.perf_counter() < end:
+                pass
         return sorted(samples)[1]
     except (OSError, IndexError, ValueError):
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0

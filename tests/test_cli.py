@@ -684,6 +684,25 @@ def test_default_threads_see_another_process_running(monkeypatch: pytest.MonkeyP
     assert during == before - 1 or during == 1
 
 
+def test_default_threads_of_two_processes_started_together_see_each_other() -> None:
+    """Two processes that count the busy cores at the same moments (the second 1.5 ms behind,
+    as two runs of `xargs -P 2` can be) must each see the other: both taking every core made
+    their pair ten times slower."""
+    if not Path("/proc/loadavg").exists():
+        pytest.skip("reads /proc/loadavg")
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    code = ("import os, sys, time; from psal_cli import cli; "
+            f"os.sched_getaffinity = lambda pid: {set(cores[:2])}; start = float(sys.argv[1]); "
+            "time.sleep(max(0.0, start - time.time())); print(cli.default_threads())")
+    for _ in range(3):
+        start = time.time() + 1.0  # both past their imports by then
+        runs = [subprocess.Popen([sys.executable, "-c", code, str(start + delay)], stdout=subprocess.PIPE, text=True)
+                for delay in (0.0, 0.0015)]
+        assert [int(run.communicate()[0]) for run in runs] == [1, 1]
+
+
 def test_unknown_precision_is_a_usage_error() -> None:
     make_image("in.png")
     result = psal("upscale", "in.png", "--precision", "fp16", code=2)
