@@ -290,7 +290,7 @@ def _batch(task: str, c: Common, body: Callable[[Invocation], Callable[..., Any]
     if half and device.type == "cpu":  # said once here, not by the engine for every image
         log.warning("--half has no effect on the CPU: running in float32")
         half = False
-    _threads(c.threads)
+    cores = SharedCores(c.threads)
     options = Options(device=c.device, tile=c.tile, tile_overlap=c.tile_overlap, half=half,
                       precision=c.precision.value, seed=c.seed)
     # --ext names every output that goes to standard output (-o -, or - in without -o).
@@ -298,7 +298,11 @@ def _batch(task: str, c: Common, body: Callable[[Invocation], Callable[..., Any]
     from psal_cli.imageio import large_images
 
     with large_images(), Reporter(len(items), enabled=not c.quiet and sys.stderr.isatty()) as reporter:
-        process = body(Invocation(task, c, options, reporter.tile))
+        def on_tile(done: int, total: int) -> None:
+            reporter.tile(done, total)
+            cores.tile(done, total)
+
+        process = body(Invocation(task, c, options, on_tile))
         for result in batch.run_batch(
                 items, process, stdin=_binary(sys.stdin),
                 stdout=_binary(sys.stdout), quality=c.quality,
@@ -702,26 +706,78 @@ def default_threads() -> int:
     start-up, not from the load average: that one lags by a minute, so a run right after
     another (a shell loop) would take the previous run's threads for other work.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = _cores()
     return max(1, min(cores, cores - round(_busy_threads())))
+
+
+def _cores() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _busy_threads() -> float:
     """Threads of other work running now: the median of a few reads of /proc/loadavg's
     runnable count, less this process's one (the 1-minute load average without /proc)."""
+    samples = []
+    for _ in range(3):  # a median of three, 5 ms apart: a moment's blip does not count, start-up stays quick
+        running = _runnable()
+        if running is None:
+            return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        samples.append(running - 1)
+        # Waited out running, not asleep: two processes started together read at the same
+        # moments, and asleep each missed the other (both took every core: 10× slower).
+        end = time.perf_counter() + 0.005
+        while time.perf_counter() < end:
+            pass
+    return sorted(samples)[1]
+
+
+class SharedCores:
+    """psal's default threads kept right while a batch runs: between tiles, at most once a
+    second, the threads become the idle cores again (others' runnable threads, from the
+    kernel's count less this process's own). A process that started alone then gives a core
+    to one that starts later, and takes it back when that one ends. `--threads` fixes them."""
+
+    def __init__(self, threads: int | None) -> None:
+        import torch
+
+        self.fixed = threads is not None
+        torch.set_num_threads(threads or default_threads())
+        self.due = time.monotonic() + 1.0
+
+    def tile(self, done: int, total: int) -> None:
+        if self.fixed or time.monotonic() < self.due:
+            return
+        import torch
+
+        self.due = time.monotonic() + 1.0
+        running = _runnable()
+        if running is None:
+            return
+        others, cores = max(0, running - _own_runnable()), _cores()
+        threads = max(1, min(cores, cores - others))
+        if threads != torch.get_num_threads():
+            log.debug("%d other threads running: %d threads", others, threads)
+            torch.set_num_threads(threads)
+
+
+def _runnable() -> int | None:
+    """Runnable threads on the machine now (/proc/loadavg), or None without /proc."""
     try:
-        samples = []
-        for _ in range(3):  # a median of three, 5 ms apart: a moment's blip does not count, start-up stays quick
-            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
-            samples.append(int(running) - 1)
-            # Waited out running, not asleep: two processes started together read at the same
-            # moments, and asleep each missed the other (both took every core: 10× slower).
-            end = time.perf_counter() + 0.005
-            while time.perf_counter() < end:
-                pass
-        return sorted(samples)[1]
+        return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
     except (OSError, IndexError, ValueError):
-        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        return None
+
+
+def _own_runnable() -> int:
+    """This process's runnable threads: its thread pool's, spinning or working, and this one."""
+    count = 0
+    for task in Path("/proc/self/task").glob("*/stat"):
+        try:
+            count += task.read_text().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            pass  # a thread that ended meanwhile
+    return max(1, count)
 
 
 @app.command()

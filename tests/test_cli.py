@@ -703,6 +703,46 @@ def test_default_threads_of_two_processes_started_together_see_each_other() -> N
         assert [int(run.communicate()[0]) for run in runs] == [1, 1]
 
 
+def test_default_threads_follow_other_work_between_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch's threads drop to one core while a real busy process runs beside it and come
+    back when it ends; never more often than once a second, and never under --threads."""
+    if not Path("/proc/loadavg").exists():
+        pytest.skip("reads /proc")
+    import torch
+
+    from psal_cli import cli
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(cores[:2]))
+    before = torch.get_num_threads()
+    try:
+        shared, fixed = cli.SharedCores(None), cli.SharedCores(2)
+        alone = torch.get_num_threads()
+        if alone != 2:
+            pytest.skip("other work keeps a core busy")
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.5)
+            shared.tile(1, 3)
+            assert torch.get_num_threads() == alone  # within the second since the start
+            shared.due = fixed.due = 0.0
+            fixed.tile(1, 3)
+            assert torch.get_num_threads() == alone
+            shared.tile(2, 3)
+            assert torch.get_num_threads() == 1
+        finally:
+            spinner.kill()
+            spinner.wait()
+        time.sleep(0.2)
+        shared.due = 0.0
+        shared.tile(3, 3)
+        assert torch.get_num_threads() == alone
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_unknown_precision_is_a_usage_error() -> None:
     make_image("in.png")
     result = psal("upscale", "in.png", "--precision", "fp16", code=2)
