@@ -156,8 +156,8 @@ def to_tensor(img: Image.Image) -> tuple[Tensor, Tensor | None]:
     a = np.asarray(img)
     if a.ndim == 2:
         a = a[:, :, None]
-    # Converted and transposed by torch, on its threads (numpy's one thread took 0.1 s at 4 MP);
-    # torch has no uint16 arithmetic, hence int32 for 16-bit gray.
+    # Converted and transposed by torch, on its threads (numpy runs on one); 16-bit gray goes
+    # through int32, since torch's uint16 has few operations.
     src = torch.from_numpy(a.astype(np.int32) if a.dtype == np.uint16 else np.require(a, requirements="W"))
     t = torch.empty(a.shape[2], a.shape[0], a.shape[1]).copy_(src.permute(2, 0, 1)).div_(scale)[None]  # (1, C, H, W)
     if img.mode in ("LA", "RGBA"):

@@ -782,7 +782,7 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 def _bicubic_crop(x: Tensor, size: tuple[int, int], box: tuple[int, int, int, int]) -> Tensor:
     """`F.interpolate(x, size, mode="bicubic", align_corners=False)[..., y0:y1, x0:x1]` to rounding,
-    computing only that crop (the whole of a 12 MP resize was a quarter of a second).
+    computing only that crop, not the whole photo's resize.
 
     The resize is separable: the crop is R · x · Cᵀ, where R and C are the rows of torch's own
     1-D weights (the resize of each unit vector; a width of 1 stays 1 with weight 1, exactly).
