@@ -718,27 +718,30 @@ def test_default_threads_follow_other_work_between_tiles(monkeypatch: pytest.Mon
     monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(cores[:2]))
     before = torch.get_num_threads()
     try:
-        shared, fixed = cli.SharedCores(None), cli.SharedCores(2)
-        alone = torch.get_num_threads()
-        if alone != 2:
+        shared = cli.SharedCores(None)
+        if torch.get_num_threads() != 2:
             pytest.skip("other work keeps a core busy")
+        fixed = cli.SharedCores(2)
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
             time.sleep(0.5)
             shared.tile(1, 3)
-            assert torch.get_num_threads() == alone  # within the second since the start
+            assert torch.get_num_threads() == 2  # within the second since the start
             shared.due = fixed.due = 0.0
             fixed.tile(1, 3)
-            assert torch.get_num_threads() == alone
+            assert torch.get_num_threads() == 2
             shared.tile(2, 3)
             assert torch.get_num_threads() == 1
         finally:
             spinner.kill()
             spinner.wait()
-        time.sleep(0.2)
-        shared.due = 0.0
-        shared.tile(3, 3)
-        assert torch.get_num_threads() == alone
+        for _ in range(50):  # back to both cores once the machine is idle again (other work may linger)
+            time.sleep(0.1)
+            shared.due = 0.0
+            shared.tile(3, 3)
+            if torch.get_num_threads() == 2:
+                break
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 
