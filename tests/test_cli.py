@@ -698,7 +698,8 @@ def test_default_threads_of_two_processes_started_together_see_each_other() -> N
             "time.sleep(max(0.0, start - time.time())); print(cli.default_threads())")
     for _ in range(3):
         start = time.time() + 1.0  # both past their imports by then
-        runs = [subprocess.Popen([sys.executable, "-c", code, str(start + delay)], stdout=subprocess.PIPE, text=True)
+        runs = [subprocess.Popen([sys.executable, "-c", code, str(start + delay)], stdout=subprocess.PIPE, text=True,
+                                 env=psal_env())
                 for delay in (0.0, 0.0015)]
         assert [int(run.communicate()[0]) for run in runs] == [1, 1]
 
