@@ -739,10 +739,8 @@ class SharedCores:
     to one that starts later, and takes it back when that one ends. `--threads` fixes them."""
 
     def __init__(self, threads: int | None) -> None:
-        import torch
-
         self.fixed = threads is not None
-        torch.set_num_threads(threads or default_threads())
+        _threads(threads)
         self.due = time.monotonic() + 1.0
 
     def tile(self, done: int, total: int) -> None:

@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -663,38 +665,48 @@ def test_default_threads_are_the_idle_cores(cores: set[int], busy: int, threads:
     assert cli.default_threads() == threads
 
 
-def test_default_threads_see_another_process_running(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A real busy process (a spinning child) takes one core of the two this process may use."""
+@pytest.fixture
+def two_cores(monkeypatch: pytest.MonkeyPatch) -> set[int]:
+    """Two of this process's cores, the only ones psal may use (skips without /proc or two cores)."""
     if not Path("/proc/loadavg").exists():
-        pytest.skip("reads /proc/loadavg")
+        pytest.skip("reads /proc")
     from psal_cli import cli
 
-    cores = sorted(os.sched_getaffinity(0))
+    cores = set(sorted(os.sched_getaffinity(0))[:2])
     if len(cores) < 2:
         pytest.skip("needs two cores")
-    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(cores[:2]))
-    before = cli.default_threads()
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: cores)
+    return cores
+
+
+@contextmanager
+def busy_process() -> Iterator[None]:
+    """A real busy process (a spinning child) beside this one while the block runs."""
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)
-        during = cli.default_threads()
+        yield
     finally:
         spinner.kill()
         spinner.wait()
+
+
+def test_default_threads_see_another_process_running(two_cores: set[int]) -> None:
+    """A real busy process takes one core of the two this process may use."""
+    from psal_cli import cli
+
+    before = cli.default_threads()
+    with busy_process():
+        during = cli.default_threads()
     assert during == before - 1 or during == 1
 
 
-def test_default_threads_of_two_processes_started_together_see_each_other() -> None:
+def test_default_threads_of_two_processes_started_together_see_each_other(two_cores: set[int]) -> None:
     """Two processes that count the busy cores at the same moments (the second 1.5 ms behind,
     as two runs of `xargs -P 2` can be) must each see the other: both taking every core made
     their pair ten times slower."""
-    if not Path("/proc/loadavg").exists():
-        pytest.skip("reads /proc/loadavg")
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        pytest.skip("needs two cores")
     code = ("import os, sys, time; from psal_cli import cli; "
-            f"os.sched_getaffinity = lambda pid: {set(cores[:2])}; start = float(sys.argv[1]); "
+            f"os.sched_getaffinity = lambda pid: {two_cores}; start = float(sys.argv[1]); "
             "time.sleep(max(0.0, start - time.time())); print(cli.default_threads())")
     for _ in range(3):
         start = time.time() + 1.0  # both past their imports by then
@@ -704,28 +716,18 @@ def test_default_threads_of_two_processes_started_together_see_each_other() -> N
         assert [int(run.communicate()[0]) for run in runs] == [1, 1]
 
 
-def test_default_threads_follow_other_work_between_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_threads_follow_other_work_between_tiles(two_cores: set[int]) -> None:
     """A batch's threads drop to one core while a real busy process runs beside it and come
     back when it ends; never more often than once a second, and never under --threads."""
-    if not Path("/proc/loadavg").exists():
-        pytest.skip("reads /proc")
-    import torch
-
     from psal_cli import cli
 
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        pytest.skip("needs two cores")
-    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(cores[:2]))
     before = torch.get_num_threads()
     try:
         shared = cli.SharedCores(None)
         if torch.get_num_threads() != 2:
             pytest.skip("other work keeps a core busy")
         fixed = cli.SharedCores(2)
-        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        try:
-            time.sleep(0.5)
+        with busy_process():
             shared.tile(1, 3)
             assert torch.get_num_threads() == 2  # within the second since the start
             shared.due = fixed.due = 0.0
@@ -733,9 +735,6 @@ def test_default_threads_follow_other_work_between_tiles(monkeypatch: pytest.Mon
             assert torch.get_num_threads() == 2
             shared.tile(2, 3)
             assert torch.get_num_threads() == 1
-        finally:
-            spinner.kill()
-            spinner.wait()
         for _ in range(50):  # back to both cores once the machine is idle again (other work may linger)
             time.sleep(0.1)
             shared.due = 0.0
