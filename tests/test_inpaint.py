@@ -381,6 +381,18 @@ def test_gradient_reaches_psal_inputs():
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
 
 
+def test_training_crops_are_never_enlarged():
+    # Each pixel holds its own (row, column): a photo whose short side is the crop side can
+    # only be cropped, so every crop pixel is one of the photo's, each exactly once.
+    rows, cols = torch.meshgrid(torch.arange(40), torch.arange(70), indexing="ij")
+    photo = torch.stack([rows, cols, torch.zeros_like(rows)]).byte()
+    target = task.make_sampler([photo], batch=6, patch=40)(random.Random(0))["target"] * 255
+    assert torch.allclose(target, target.round(), atol=1e-3)
+    for crop in target.round().long():
+        positions = crop[0] * 70 + crop[1]
+        assert positions.unique().numel() == 40 * 40
+
+
 def test_training_steps_reduce_loss_on_a_fixed_batch():
     sample = task.make_sampler([(photo(80, 80)[0] * 255).byte()], batch=4, patch=32)
     batch = sample(random.Random(0))

@@ -96,7 +96,8 @@ def make_sampler(photos: list[Tensor], batch: int, patch: int) -> Callable[[rand
     """Batches of random crops, each with a hole of a random family.
 
     Photos are first reduced by a random factor in [0.35, 1] (scale variety, and more
-    context per crop: the evaluation's boxes are larger than a crop); stroke widths shrink
+    context per crop: the evaluation's boxes are larger than a crop), but never below the
+    crop: a photo is not enlarged, which would train on blocky pixels. Stroke widths shrink
     by the same factor, so the strokes are those of the evaluation seen at that scale.
     """
 
@@ -104,8 +105,8 @@ def make_sampler(photos: list[Tensor], batch: int, patch: int) -> Callable[[rand
         images, masks = [], []
         for _ in range(batch):
             photo = photos[rng.randrange(len(photos))]
-            factor = rng.uniform(0.35, 1.0)
             h, w = photo.shape[-2:]
+            factor = rng.uniform(min(1.0, max(0.35, patch / min(h, w))), 1.0)
             size = (max(patch, round(h * factor)), max(patch, round(w * factor)))
             reduced = F.interpolate(photo[None].float(), size=size, mode="area")[0]
             images.append(random_crop(reduced, patch, rng) / 255)
