@@ -362,9 +362,27 @@ def test_fill_ensemble_keeps_known_pixels_and_averages_views():
     assert torch.allclose(four, seen + hole * (one + sum(views)) / 4, atol=1e-6)
 
 
-def test_tiled_equals_untiled():
+def test_a_wide_hole_is_filled_as_the_mean_of_two_scales():
+    image, hole = photo(96, 128), box_hole(96, 128, 24, 72, 32, 96)  # half-width 24: wide above 8
+    seen = image * (1 - hole)
+    plain = dict(detail=False, work_radius=8)
+    run = lambda model: model.run(Direct(), image=seen, mask=hole)
+    with torch.no_grad():
+        both = run(tiny(fill_scales=2, **plain))
+        native = run(tiny(**plain))
+        half = run(tiny(work_size=64, **plain))  # the wide hole's working size: 48×64
+        narrow = run(tiny(fill_scales=2, detail=False, work_radius=24))
+    assert torch.allclose(both, (native + half) / 2, atol=1e-6)
+    assert (both - native).abs().max() > 1e-3
+    assert torch.equal(narrow, native)  # a narrow hole is filled once
+    known = ~hole.bool().expand_as(image)
+    assert torch.equal(both[known], seen[known])
+
+
+@pytest.mark.parametrize("over", [{}, {"fill_scales": 2, "work_radius": 4}])
+def test_tiled_equals_untiled(over):
     image, hole = photo(72, 88), torch.from_numpy(task.eval_mask("thick", 72, 88, 0))[None, None].float()
-    model = tiny()
+    model = tiny(**over)
     inputs = {"image": image * (1 - hole), "mask": hole}
     whole = run_network(model, inputs, Options(device="cpu", precision="fp32", tile=0))
     tiled = run_network(model, inputs, Options(device="cpu", precision="fp32", tile=24))
