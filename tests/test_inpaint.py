@@ -372,9 +372,11 @@ def test_a_wide_hole_is_filled_as_the_mean_of_two_scales():
         native = run(tiny(**plain))
         half = run(tiny(work_size=64, **plain))  # the wide hole's working size: 48×64
         narrow = run(tiny(fill_scales=2, detail=False, work_radius=24))
+        reduced = run(tiny(fill_scales=2, work_size=64, **plain))
     assert torch.allclose(both, (native + half) / 2, atol=1e-6)
     assert (both - native).abs().max() > 1e-3
     assert torch.equal(narrow, native)  # a narrow hole is filled once
+    assert torch.equal(reduced, half)  # and so is a hole of a photo above the working size
     known = ~hole.bool().expand_as(image)
     assert torch.equal(both[known], seen[known])
 
