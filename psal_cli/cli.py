@@ -706,13 +706,13 @@ def default_threads() -> int:
     start-up, not from the load average: that one lags by a minute, so a run right after
     another (a shell loop) would take the previous run's threads for other work.
     """
-    cores = _cores()
-    return max(1, min(cores, cores - round(_busy_threads())))
+    return _idle_cores(round(_busy_threads()))
 
 
-def _cores() -> int:
-    """The cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def _idle_cores(others: int) -> int:
+    """The cores this process may use less `others` running threads of other work; at least one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, cores - others))
 
 
 def _busy_threads() -> float:
@@ -752,8 +752,8 @@ class SharedCores:
         running = _runnable()
         if running is None:
             return
-        others, cores = max(0, running - _own_runnable()), _cores()
-        threads = max(1, min(cores, cores - others))
+        others = max(0, running - _own_runnable())
+        threads = _idle_cores(others)
         if threads != torch.get_num_threads():
             log.debug("%d other threads running: %d threads", others, threads)
             torch.set_num_threads(threads)

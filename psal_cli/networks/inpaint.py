@@ -272,9 +272,10 @@ class PSALInpaint(nn.Module):
         # A narrow hole (filled above the working size) of a photo above the working size.
         narrow = max(H, W) > c.work_size and size != self.working_size(H, W)
         # The copy's time grows with the photo's size: photos above copy_pixels are not copied.
-        copied = c.copy_narrow and narrow and H * W <= c.copy_pixels and hole_radius(mask) <= c.copy_radius
+        radius = hole_radius(mask)
+        copied = c.copy_narrow and narrow and H * W <= c.copy_pixels and radius <= c.copy_radius
         if size == (H, W):
-            out = self.scale_ensemble(ex, image, mask, c.fill_scales > 1 and hole_radius(mask) > c.work_radius)
+            out = self.scale_ensemble(ex, image, mask, c.fill_scales > 1 and radius > c.work_radius)
         else:
             small = ex.whole(lambda x, m: _reduce(x, m, size), image, mask)  # (B, 4, h, w)
             fill = self.fill_ensemble(ex, small[:, :3], small[:, 3:])
@@ -331,9 +332,12 @@ class PSALInpaint(nn.Module):
     def accepts_size(self, input_name: str, height: int, width: int) -> bool:
         """Whether a photo this size can be filled: PSAL over the encoder's features (1/4 of
         the working size) needs `attn_neighbors` key patches (5×5 px with the defaults)."""
+        return self.fills_at(*self.working_size(height, width))
+
+    def fills_at(self, height: int, width: int) -> bool:
+        """Whether the network can fill at this working size (enough key patches in its features)."""
         c, down = self.config, int(1 / self.encoder.scale)
-        h, w = self.working_size(height, width)
-        return holds_patches(-(-h // down), -(-w // down), c.attn_patch, c.attn_neighbors)
+        return holds_patches(-(-height // down), -(-width // down), c.attn_patch, c.attn_neighbors)
 
     def scale_ensemble(self, ex, image: Tensor, mask: Tensor, wide: bool) -> Tensor:
         """`fill_ensemble` at this size; for a `wide` hole, averaged with the fill at half this
@@ -341,9 +345,7 @@ class PSALInpaint(nn.Module):
         out = self.fill_ensemble(ex, image, mask)
         H, W = image.shape[-2:]
         half = (max(1, round(H / 2)), max(1, round(W / 2)))
-        down = int(1 / self.encoder.scale)
-        c = self.config
-        if not wide or not holds_patches(-(-half[0] // down), -(-half[1] // down), c.attn_patch, c.attn_neighbors):
+        if not wide or not self.fills_at(*half):
             return out
         small = ex.whole(lambda x, m: _reduce(x, m, half), image, mask)
         coarse = ex.whole(self.upsample_fill, image, mask, self.fill_ensemble(ex, small[:, :3], small[:, 3:]), small)
