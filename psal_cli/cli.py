@@ -785,7 +785,7 @@ def train(
         "--output", "-o", metavar="FILE", show_default=False,
         help="Model file to write (.safetensors); checkpoints replace it as training goes.")],
     data: Annotated[list[Path] | None, typer.Option(
-        "--data", metavar="DIR", show_default=False, help="Folder of training photos; upscale: repeat for several.  "
+        "--data", metavar="DIR", show_default=False, help="Folder of training photos; inpaint, upscale: repeat for several.  "
         "[dim]\\[default: ../shared/data/train][/]")] = None,
     scale: Annotated[int | None, typer.Option("--scale", min=2, max=4, help="upscale: 2, 3 or 4.")] = None,
     init: Annotated[Path | None, typer.Option(
@@ -836,7 +836,7 @@ def train(
     data = data or [SHARED_DATA / "train"]
     for folder in data:
         _folder(folder, "--data")
-    if len(data) > 1 and task != Task.upscale:
+    if len(data) > 1 and task == Task.colorize:
         raise typer.BadParameter(f"several folders: {task.value} trains on one", param_hint="--data")
     _existing(init, "--init")
     if output.exists() and not overwrite and (init is None or init.resolve() != output.resolve()):

@@ -8,6 +8,7 @@ any of them with `--init` and a shipped weights file is a checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -86,6 +87,34 @@ def data_description(data: Path, photos: int, limit: int | None = None) -> str:
     shared/data/train used whole, else the folder given and how many photos it gave."""
     shared = Path(data).resolve().parts[-3:] == ("shared", "data", "train") and not limit
     return SHARED_TRAIN if shared else f"{data} ({photos} photos)"
+
+
+def photo_picker(count: int, weights: list[float] | None = None) -> Callable[[random.Random], int]:
+    """A draw of a photo's index among `count`: uniform, or in proportion to `weights` (pixel
+    counts, so that a large photo gives as many crops as its area holds)."""
+    if not weights:
+        return lambda rng: rng.randrange(count)
+    cumulative = list(itertools.accumulate(weights))
+    return lambda rng: rng.choices(range(count), cum_weights=cumulative)[0]
+
+
+def selection_split(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out selection files) of one folder's sorted photos: every tenth
+    photo, from the first, is held out to choose among checkpoints and never trained on."""
+    return [f for i, f in enumerate(files) if i % 10], [f for i, f in enumerate(files) if not i % 10]
+
+
+def training_files(folders: list[Path], hold_out: bool) -> tuple[list[Path], list[Path], str]:
+    """(photos to train on, held-out photos, the data as the model file records it) of these
+    folders; with `hold_out`, every folder's `selection_split` is held out."""
+    files, held_out, described = [], [], []
+    for folder in folders:
+        mine, selection = selection_split(image_files(folder)) if hold_out else (image_files(folder), [])
+        files += mine
+        held_out += selection
+        # Not the shared set by name once photos of it are held out.
+        described.append(f"{folder} ({len(mine)} photos)" if selection else data_description(folder, len(mine)))
+    return files, held_out, " + ".join(described)
 
 
 def random_crop(photo: Tensor, size: int, rng: random.Random) -> Tensor:

@@ -596,6 +596,8 @@ def test_train_and_eval_usage_errors() -> None:
     result = psal("train", "colorize", "--loss", "l2", "-o", "new.safetensors", "--data", "photos", code=2)
     assert "--loss" in result.stderr and "does not apply to colorize" in result.stderr
     assert "'l3' is not one of" in psal("train", "upscale", "--loss", "l3", "-o", "n.safetensors", code=2).stderr
+    result = psal("train", "colorize", "-o", "n.safetensors", "--data", "photos", "--data", "photos", code=2)
+    assert "several folders: colorize trains on one" in result.stderr
     result = psal("train", "upscale", "-o", "m.safetensors", "--data", "photos", code=2)
     assert "m.safetensors exists" in result.stderr and Path("m.safetensors").read_bytes() == b"x"
     assert "no such file" in psal("train", "upscale", "-o", "n.safetensors", "--data", "nope", code=2).stderr

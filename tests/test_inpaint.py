@@ -413,6 +413,24 @@ def test_training_crops_are_never_enlarged():
         assert positions.unique().numel() == 40 * 40
 
 
+def test_training_reduces_large_photos_to_the_largest_side_first():
+    # A ramp of one level per 4 px along a 1024-px photo: reduced to 256 px its slope is one
+    # level per pixel, and the random reduction after that only steepens it. Without the
+    # first reduction the slope would be at most 0.25 / 0.35 = 0.71.
+    ramp = (torch.arange(1024) / 4).expand(3, 512, 1024).byte()
+    target = task.make_sampler([ramp], batch=8, patch=32, largest=256)(random.Random(0))["target"] * 255
+    slopes = torch.maximum(target.diff(dim=-1).abs().mean((1, 2, 3)), target.diff(dim=-2).abs().mean((1, 2, 3)))
+    assert (slopes > 0.95).all() and (slopes < 0.25 / 0.087 + 0.05).all(), slopes
+
+
+@pytest.mark.parametrize("weighted, white", [(False, 0.5), (True, 16 / 17)])
+def test_training_photos_are_drawn_by_their_pixels_when_weighted(weighted, white):
+    small, large = torch.zeros(3, 64, 64, dtype=torch.uint8), torch.full((3, 256, 256), 255, dtype=torch.uint8)
+    target = task.make_sampler([small, large], batch=400, patch=32, weighted=weighted)(random.Random(0))["target"]
+    share = (target.mean((1, 2, 3)) > 0.5).float().mean().item()
+    assert abs(share - white) < 0.05, share
+
+
 def test_training_steps_reduce_loss_on_a_fixed_batch():
     sample = task.make_sampler([(photo(80, 80)[0] * 255).byte()], batch=4, patch=32)
     batch = sample(random.Random(0))
@@ -505,6 +523,17 @@ def test_train_writes_and_resumes(tmp_path):
         filled = model(image=image * (1 - hole), mask=hole)
     assert torch.equal(filled * (1 - hole), image * (1 - hole))  # known pixels kept exactly
     assert filled.isfinite().all() and 0 <= filled.min() and filled.max() <= 1
+
+
+def test_train_on_several_folders_records_each(tmp_path):
+    for folder, count in (("a", 2), ("b", 1)):
+        (tmp_path / folder).mkdir()
+        for i in range(count):
+            image = (photo(70, 90)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+            Image.fromarray(image).save(tmp_path / folder / f"{i}.png")
+    out = tmp_path / "m.safetensors"
+    task.train([tmp_path / "a", tmp_path / "b"], out, steps=1, batch=1, patch=32)
+    assert read_info(out).training["data"] == f"{tmp_path / 'a'} (2 photos) + {tmp_path / 'b'} (1 photos)"
 
 
 def test_ssim_equals_the_2d_window_formula():

@@ -29,8 +29,8 @@ from psal_cli.engine import autocast, network_precision
 from psal_cli.metrics import psnr, ssim, to_uint8_levels
 from psal_cli.networks.stages import Direct
 from psal_cli.tasks.common import Report, model_to_evaluate, resume
-from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos, random_crop,
-                               to_float)
+from psal_cli.training import (TrainOptions, fit, image_files, load_photos_of, photo_picker, random_crop, to_float,
+                               training_files)
 
 log = logging.getLogger("psal")
 
@@ -92,19 +92,26 @@ def eval_mask(family: str, h: int, w: int, index: int, seed: int = 0) -> np.ndar
     return make_mask(family, h, w, np.random.default_rng([seed, list(FAMILIES).index(family), index]))
 
 
-def make_sampler(photos: list[Tensor], batch: int, patch: int) -> Callable[[random.Random], dict[str, Tensor]]:
+def make_sampler(photos: list[Tensor], batch: int, patch: int, *, largest: int = 1024, weighted: bool = False
+                 ) -> Callable[[random.Random], dict[str, Tensor]]:
     """Batches of random crops, each with a hole of a random family.
 
-    Photos are first reduced by a random factor in [0.35, 1] (scale variety, and more
+    A photo with a long side over `largest` is first reduced to it: the network fills at
+    most about a megapixel (a narrow hole; a wide one at the smaller working size), so a
+    2048-px photo is seen at the scales it is filled at, not as a zoom into smooth detail.
+    Photos are then reduced by a random factor in [0.35, 1] (scale variety, and more
     context per crop: the evaluation's boxes are larger than a crop), but never below the
     crop: a photo is not enlarged, which would train on blocky pixels. Stroke widths shrink
     by the same factor, so the strokes are those of the evaluation seen at that scale.
+    `weighted` draws photos in proportion to their pixels once reduced to `largest`.
     """
+    photos = [_at_most(photo, largest) for photo in photos]
+    pick = photo_picker(len(photos), [float(p.shape[-1] * p.shape[-2]) for p in photos] if weighted else None)
 
     def sample(rng: random.Random) -> dict[str, Tensor]:
         images, masks = [], []
         for _ in range(batch):
-            photo = photos[rng.randrange(len(photos))]
+            photo = photos[pick(rng)]
             h, w = photo.shape[-2:]
             factor = rng.uniform(min(1.0, max(0.35, patch / min(h, w))), 1.0)
             size = (max(patch, round(h * factor)), max(patch, round(w * factor)))
@@ -119,6 +126,16 @@ def make_sampler(photos: list[Tensor], batch: int, patch: int) -> Callable[[rand
     return sample
 
 
+def _at_most(photo: Tensor, side: int) -> Tensor:
+    """A (3, H, W) uint8 photo with its long side reduced to `side` (area average) if it is longer."""
+    h, w = photo.shape[-2:]
+    if max(h, w) <= side:
+        return photo
+    factor = side / max(h, w)
+    size = (round(h * factor), round(w * factor))
+    return F.interpolate(photo[None].float(), size=size, mode="area")[0].round().clamp(0, 255).byte()
+
+
 def hole_l1(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Mean absolute error over hole pixels of the learned fill (known pixels are copied, so they carry no loss)."""
     mask = batch["mask"]
@@ -127,7 +144,7 @@ def hole_l1(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def train(
-    data: Path,
+    data: Path | list[Path],
     out: Path,
     *,
     init: Path | None = None,
@@ -144,7 +161,8 @@ def train(
 
     `patch` is the training crop side; holes are drawn from the evaluation families.
     `init` resumes from a model file: its config and step count carry on. Only the learned
-    fill is trained; the full-resolution detail transfer has no weights.
+    fill is trained; the full-resolution detail transfer has no weights. `data` may be
+    several folders; crops are then drawn in proportion to each photo's pixels (`make_sampler`).
     """
     from psal_cli.networks import create_model
 
@@ -154,13 +172,15 @@ def train(
     else:
         torch.manual_seed(seed)
         model = create_model("psal-inpaint")
-    photos = load_photos(Path(data))
+    folders = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+    files, _, described = training_files(folders, hold_out=False)
+    photos = load_photos_of(files)
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, lr_final=lr / 50, seed=seed,
                            device=device, log_every=25, checkpoint_every=checkpoint_every, minutes=minutes)
     params = sum(p.numel() for p in model.parameters())
     log.info(f"psal-inpaint: {params} parameters, {len(photos)} photos, {options.length} from step {done}")
-    fit(model, make_sampler(photos, batch, patch), hole_l1, options, Path(out),
-        training_meta={**meta, "data": data_description(data, len(photos)), "loss": "L1 over hole pixels",
+    fit(model, make_sampler(photos, batch, patch, weighted=len(folders) > 1), hole_l1, options, Path(out),
+        training_meta={**meta, "data": described, "loss": "L1 over hole pixels",
                        "masks": "thin/thick/box as in evaluation"},
         done_steps=done)
 

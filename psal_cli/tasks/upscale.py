@@ -8,7 +8,6 @@ run, so every figure compares with published ×2/×3/×4 results.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 import time
@@ -26,8 +25,8 @@ from psal_cli.engine import Options, run_network
 from psal_cli.metrics import psnr, rgb_to_y, shave, ssim, to_uint8_levels
 from psal_cli.choices import DEGRADATIONS, LOSSES
 from psal_cli.tasks.common import Report, model_to_evaluate, resume
-from psal_cli.training import (TrainOptions, data_description, fit, image_files, load_photos_of, random_crop,
-                               to_float)
+from psal_cli.training import (TrainOptions, fit, image_files, load_photos_of, photo_picker, random_crop, to_float,
+                               training_files)
 
 log = logging.getLogger("psal")
 
@@ -70,13 +69,12 @@ def make_sampler(photos: list[Tensor], scale: int, batch: int, patch: int, *, re
     """
     patch -= patch % scale
     check_degradation(degradation)
-    cumulative = list(itertools.accumulate(weights)) if weights else None
+    pick = photo_picker(len(photos), weights)
 
     def sample(rng: random.Random) -> dict[str, Tensor]:
         lrs, hrs = [], []
         for _ in range(batch):
-            index = rng.choices(range(len(photos)), cum_weights=cumulative)[0] if cumulative else rng.randrange(len(photos))
-            photo = photos[index]
+            photo = photos[pick(rng)]
             side = round(patch / rng.uniform(rescale, 1.0)) if rescale < 1 and rng.random() < 0.5 else patch
             image = Image.fromarray(random_crop(photo, side, rng).permute(1, 2, 0).numpy())  # (S, S, 3) uint8
             if image.size != (patch, patch):
@@ -248,25 +246,6 @@ def _validation(files: list[Path], scale: int, crop: int, prefix: str = "val_cro
         return figures
 
     return validate
-
-
-def selection_split(files: list[Path]) -> tuple[list[Path], list[Path]]:
-    """(training files, held-out selection files) of one folder's sorted photos: every tenth
-    photo, from the first, is held out to choose among checkpoints and never trained on."""
-    return [f for i, f in enumerate(files) if i % 10], [f for i, f in enumerate(files) if not i % 10]
-
-
-def training_files(folders: list[Path], hold_out: bool) -> tuple[list[Path], list[Path], str]:
-    """(photos to train on, held-out photos, the data as the model file records it) of these
-    folders; with `hold_out`, every folder's `selection_split` is held out."""
-    files, held_out, described = [], [], []
-    for folder in folders:
-        mine, selection = selection_split(image_files(folder)) if hold_out else (image_files(folder), [])
-        files += mine
-        held_out += selection
-        # Not the shared set by name once photos of it are held out.
-        described.append(f"{folder} ({len(mine)} photos)" if selection else data_description(folder, len(mine)))
-    return files, held_out, " + ".join(described)
 
 
 def train(
