@@ -92,20 +92,21 @@ def eval_mask(family: str, h: int, w: int, index: int, seed: int = 0) -> np.ndar
     return make_mask(family, h, w, np.random.default_rng([seed, list(FAMILIES).index(family), index]))
 
 
-def make_sampler(photos: list[Tensor], batch: int, patch: int, *, largest: int = 1024, weighted: bool = False
+def make_sampler(photos: list[Tensor], batch: int, patch: int, *, largest: int | None = None, weighted: bool = False
                  ) -> Callable[[random.Random], dict[str, Tensor]]:
     """Batches of random crops, each with a hole of a random family.
 
-    A photo with a long side over `largest` is first reduced to it: the network fills at
-    most about a megapixel (a narrow hole; a wide one at the smaller working size), so a
-    2048-px photo is seen at the scales it is filled at, not as a zoom into smooth detail.
+    A photo with a long side over `largest` is first reduced to it (training passes the
+    side of the network's largest working size, `work_pixels`: it fills a narrow hole at
+    about a megapixel, a wide one smaller), so a 2048-px photo is seen at the scales it is
+    filled at, not as a zoom into smooth detail.
     Photos are then reduced by a random factor in [0.35, 1] (scale variety, and more
     context per crop: the evaluation's boxes are larger than a crop), but never below the
     crop: a photo is not enlarged, which would train on blocky pixels. Stroke widths shrink
     by the same factor, so the strokes are those of the evaluation seen at that scale.
     `weighted` draws photos in proportion to their pixels once reduced to `largest`.
     """
-    photos = [_at_most(photo, largest) for photo in photos]
+    photos = [_at_most(photo, largest) for photo in photos] if largest else photos
     pick = photo_picker(len(photos), [float(p.shape[-1] * p.shape[-2]) for p in photos] if weighted else None)
 
     def sample(rng: random.Random) -> dict[str, Tensor]:
@@ -179,7 +180,8 @@ def train(
                            device=device, log_every=25, checkpoint_every=checkpoint_every, minutes=minutes)
     params = sum(p.numel() for p in model.parameters())
     log.info(f"psal-inpaint: {params} parameters, {len(photos)} photos, {options.length} from step {done}")
-    fit(model, make_sampler(photos, batch, patch, weighted=len(folders) > 1), hole_l1, options, Path(out),
+    sampler = make_sampler(photos, batch, patch, largest=math.isqrt(model.config.work_pixels), weighted=len(folders) > 1)
+    fit(model, sampler, hole_l1, options, Path(out),
         training_meta={**meta, "data": described, "loss": "L1 over hole pixels",
                        "masks": "thin/thick/box as in evaluation"},
         done_steps=done)
