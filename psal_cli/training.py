@@ -104,6 +104,11 @@ def selection_split(files: list[Path]) -> tuple[list[Path], list[Path]]:
     return [f for i, f in enumerate(files) if i % 10], [f for i, f in enumerate(files) if not i % 10]
 
 
+def folders_of(data: Path | list[Path]) -> list[Path]:
+    """The training folders of a `--data` given once (a path) or several times (a list)."""
+    return [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+
+
 def training_files(folders: list[Path], hold_out: bool) -> tuple[list[Path], list[Path], str]:
     """(photos to train on, held-out photos, the data as the model file records it) of these
     folders; with `hold_out`, every folder's `selection_split` is held out."""

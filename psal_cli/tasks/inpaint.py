@@ -29,8 +29,8 @@ from psal_cli.engine import autocast, network_precision
 from psal_cli.metrics import psnr, ssim, to_uint8_levels
 from psal_cli.networks.stages import Direct
 from psal_cli.tasks.common import Report, model_to_evaluate, resume
-from psal_cli.training import (TrainOptions, fit, image_files, load_photos_of, photo_picker, random_crop, to_float,
-                               training_files)
+from psal_cli.training import (TrainOptions, fit, folders_of, image_files, load_photos_of, photo_picker, random_crop,
+                               to_float, training_files)
 
 log = logging.getLogger("psal")
 
@@ -173,14 +173,15 @@ def train(
     else:
         torch.manual_seed(seed)
         model = create_model("psal-inpaint")
-    folders = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+    folders = folders_of(data)
     files, _, described = training_files(folders, hold_out=False)
     photos = load_photos_of(files)
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, lr_final=lr / 50, seed=seed,
                            device=device, log_every=25, checkpoint_every=checkpoint_every, minutes=minutes)
     params = sum(p.numel() for p in model.parameters())
     log.info(f"psal-inpaint: {params} parameters, {len(photos)} photos, {options.length} from step {done}")
-    sampler = make_sampler(photos, batch, patch, largest=math.isqrt(model.config.work_pixels), weighted=len(folders) > 1)
+    largest = math.isqrt(model.config.work_pixels)
+    sampler = make_sampler(photos, batch, patch, largest=largest, weighted=len(folders) > 1)
     fit(model, sampler, hole_l1, options, Path(out),
         training_meta={**meta, "data": described, "loss": "L1 over hole pixels",
                        "masks": "thin/thick/box as in evaluation"},

@@ -25,8 +25,8 @@ from psal_cli.engine import Options, run_network
 from psal_cli.metrics import psnr, rgb_to_y, shave, ssim, to_uint8_levels
 from psal_cli.choices import DEGRADATIONS, LOSSES
 from psal_cli.tasks.common import Report, model_to_evaluate, resume
-from psal_cli.training import (TrainOptions, fit, image_files, load_photos_of, photo_picker, random_crop, to_float,
-                               training_files)
+from psal_cli.training import (TrainOptions, fit, folders_of, image_files, load_photos_of, photo_picker, random_crop,
+                               to_float, training_files)
 
 log = logging.getLogger("psal")
 
@@ -332,7 +332,7 @@ def train(
     if not model.accepts_size("image", side, side):
         raise ValueError(f"--patch {patch} makes {side}×{side}-px inputs at ×{scale}, too few for PSAL's patches: use a larger --patch")
     check_degradation(degradation)
-    folders = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+    folders = folders_of(data)
     files, held_out, meta["data"] = training_files(folders, hold_out=degradation == "real")
     photos = load_photos_of(files)
     small = next((f for f, photo in zip(files, photos) if min(photo.shape[-2:]) < patch), None)
