@@ -155,6 +155,30 @@ def test_a_reduced_photo_keeps_full_resolution_edges_across_a_thin_scratch():
     assert error(ours) < 0.7 * error(whole), (error(ours), error(whole))
 
 
+def test_a_wide_hole_on_a_reduced_photo_is_the_working_size_fill_enlarged():
+    """A box a third of a photo four times the working size (detail off): the result is the
+    network's fill at the working size, enlarged (torch's bicubic resize). The photo's own
+    push-pull fill under the enlarged correction, which a scratch gets, strays from that fill:
+    across a hole this wide the two push-pull fills differ."""
+    model = tiny(work_size=64, work_pixels=0, detail=False)
+    H, W = 256, 320
+    truth = photo(H, W)
+    hole = box_hole(H, W, 60, 200, 80, 260)
+    size = model.working_size(H, W, hole)
+    assert size == (51, 64)
+    seen = truth * (1 - hole)
+    with torch.no_grad():
+        out = model(image=seen, mask=hole)
+        small = _reduce(seen, hole, size)
+        fill = model.fill_ensemble(Direct(), small[:, :3], small[:, 3:])
+        narrow = model.upsample_fill(seen, hole, fill, small)  # what a scratch would get
+    enlarged = seen + hole * _resize(fill, (H, W))
+    torch.testing.assert_close(out, enlarged, rtol=0, atol=1e-5)
+    inside = F.max_pool2d(1 - small[:, 3:], 5, 1, 2) == 0  # hole cells 2 cells from a known one
+    gap = lambda x: (F.interpolate(x, size=size, mode="area") - fill).abs()[inside.expand_as(fill)].mean().item()
+    assert gap(narrow) > 2 * gap(out), (gap(narrow), gap(out))
+
+
 @pytest.mark.parametrize("small, size", [((51, 40), (225, 178)), ((64, 48), (32, 24)), ((1, 5), (3, 9))])
 def test_bicubic_crop_is_the_crop_of_torchs_resize(small, size):
     """Up, down and from a single row: every crop, the image's corners and edges included."""
@@ -373,7 +397,9 @@ def test_a_wide_hole_is_filled_as_the_mean_of_two_scales():
         half = run(tiny(work_size=64, **plain))  # the wide hole's working size: 48×64
         narrow = run(tiny(fill_scales=2, detail=False, work_radius=24))
         reduced = run(tiny(fill_scales=2, work_size=64, **plain))
-    assert torch.allclose(both, (native + half) / 2, atol=1e-6)
+        model, small = tiny(**plain), _reduce(seen, hole, (48, 64))
+        coarse = model.upsample_fill(seen, hole, model.fill_ensemble(Direct(), small[:, :3], small[:, 3:]), small)
+    assert torch.allclose(both, (native + coarse) / 2, atol=1e-6)
     assert (both - native).abs().max() > 1e-3
     assert torch.equal(narrow, native)  # a narrow hole is filled once
     assert torch.equal(reduced, half)  # and so is a hole of a photo above the working size

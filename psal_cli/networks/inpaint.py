@@ -282,7 +282,7 @@ class PSALInpaint(nn.Module):
             if c.copy:
                 out = ex.whole(partial(self.copy_structure, generator=ex.generator), image, mask, fill)
             else:
-                out = ex.whole(self.upsample_fill, image, mask, fill, small)
+                out = ex.whole(partial(self.upsample_fill, correction=narrow), image, mask, fill, small)
         if c.detail:
             # A narrow hole is filled as the photo's own push-pull fill plus an up-sampled
             # correction (`upsample_fill`): what it lacks is texture, the native band, not
@@ -296,22 +296,30 @@ class PSALInpaint(nn.Module):
                            image, mask, out)
         return out
 
-    def upsample_fill(self, image: Tensor, mask: Tensor, fill: Tensor, small: Tensor) -> Tensor:
-        """The working-size fill brought to the photo's size: the network's correction of the
-        push-pull fill (`fill` minus the push-pull fill of `small`, the reduced photo and hole),
-        up-sampled onto the push-pull fill of the photo itself, which follows the known pixels
-        at full resolution (a thin scratch's edges, fine structure beside it) where an
-        up-sampled fill would blur them. Known pixels kept."""
+    def upsample_fill(self, image: Tensor, mask: Tensor, fill: Tensor, small: Tensor, correction: bool = True) -> Tensor:
+        """The working-size fill brought to the photo's size. Known pixels kept.
+
+        With `correction`, the network's correction of the push-pull fill (`fill` minus the
+        push-pull fill of `small`, the reduced photo and hole) is up-sampled onto the push-pull
+        fill of the photo itself, which follows the known pixels at full resolution (a thin
+        scratch's edges, fine structure beside it) where an up-sampled fill would blur them.
+        Without, the fill itself is up-sampled: what a wide hole on a photo reduced to the
+        working size takes, since across a hole that wide the two push-pull fills differ by
+        more than any detail the photo's own adds (the model card, "Photos of 1024 px").
+        """
         H, W = image.shape[-2:]
-        it = self.config.prefill_iterations
         y0, y1, x0, x1 = hole_box(mask, 2)
         crop = (..., slice(y0, y1), slice(x0, x1))
-        correction = _bicubic_crop(fill - pyramid_fill(small[:, :3], small[:, 3:], it), (H, W), (y0, y1, x0, x1))
-        # A few Jacobi steps per level: the correction carries what the working size saw, the
-        # base has only to follow the known pixels at full resolution (a cost of seconds at 12 MP).
-        base = pyramid_fill(image[crop], mask[crop], 5)
+        if correction:
+            it = self.config.prefill_iterations
+            delta = _bicubic_crop(fill - pyramid_fill(small[:, :3], small[:, 3:], it), (H, W), (y0, y1, x0, x1))
+            # A few Jacobi steps per level: the correction carries what the working size saw, the
+            # base has only to follow the known pixels at full resolution (a cost of seconds at 12 MP).
+            up = pyramid_fill(image[crop], mask[crop], 5) + delta
+        else:
+            up = _bicubic_crop(fill, (H, W), (y0, y1, x0, x1))
         out = image.clone()
-        out[crop] = image[crop] + mask[crop] * (base + correction).clamp(0, 1)
+        out[crop] = image[crop] + mask[crop] * up.clamp(0, 1)
         return out
 
     def working_size(self, height: int, width: int, mask: Tensor | None = None) -> tuple[int, int]:
@@ -341,7 +349,11 @@ class PSALInpaint(nn.Module):
 
     def scale_ensemble(self, ex, image: Tensor, mask: Tensor, wide: bool) -> Tensor:
         """`fill_ensemble` at this size; for a `wide` hole, averaged with the fill at half this
-        size brought back by `upsample_fill` (the config's fill_scales). Known pixels exact."""
+        size brought back by `upsample_fill` (the config's fill_scales). Known pixels exact.
+
+        The half-size fill comes back as a correction of this size's push-pull fill: beside the
+        native fill, that measured as well as the enlarged fill itself on the selection split
+        (the model card), and is how the two scales were chosen."""
         out = self.fill_ensemble(ex, image, mask)
         H, W = image.shape[-2:]
         half = (max(1, round(H / 2)), max(1, round(W / 2)))
