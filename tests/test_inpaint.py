@@ -66,18 +66,20 @@ def test_hole_radius_counts_the_erosions_that_remove_a_box(rows, cols, radius):
     assert hole_radius(torch.zeros(1, 1, 240, 256)) == 0
 
 
-def test_working_size_is_native_for_narrow_holes_and_reduced_for_wide_ones():
-    """A hole of half-width work_radius or less is filled at native size, within work_pixels
-    and never below work_size; a wider one, or no mask, at work_size."""
+def test_working_size_is_the_largest_at_which_the_hole_is_work_radius_wide():
+    """A hole of half-width work_radius or less is filled at native size, within work_pixels;
+    a wider one at the size where its half-width is work_radius, within work_pixels and never
+    below work_size; no mask, at work_size."""
     model = tiny(work_size=64, work_pixels=384 * 512, work_radius=8)
     H, W = 384, 512
     assert model.working_size(H, W) == (48, 64)
     assert model.working_size(H, W, box_hole(H, W, 100, 104, 0, W)) == (H, W)  # a 4-px scratch
     assert model.working_size(H, W, box_hole(H, W, 100, 116, 0, W)) == (H, W)  # half-width 8
-    assert model.working_size(H, W, box_hole(H, W, 100, 120, 0, W)) == (48, 64)  # half-width 10
-    assert model.working_size(H, W, box_hole(H, W, 100, 300, 100, 400)) == (48, 64)  # wide
+    assert model.working_size(H, W, box_hole(H, W, 100, 120, 0, W)) == (307, 410)  # half-width 10: × 0.8
+    assert model.working_size(H, W, box_hole(H, W, 100, 300, 100, 400)) == (48, 64)  # half-width 100: × 0.08
     capped = tiny(work_size=64, work_pixels=96 * 128, work_radius=8)
     assert capped.working_size(H, W, box_hole(H, W, 100, 104, 0, W)) == (96, 128)
+    assert capped.working_size(H, W, box_hole(H, W, 100, 120, 0, W)) == (96, 128)
 
 
 def test_the_detail_band_is_native_for_a_narrow_hole_and_the_reductions_for_a_wide_one(monkeypatch):

@@ -188,9 +188,9 @@ class PSALInpaint(nn.Module):
         attn_neighbors: int = 4
         attn_iterations: int = 3
         work_size: int = 512  # long side of the working resolution at least (larger photos are reduced, then detailed)
-        # A narrow hole (strokes, scratches: a half-width, hole_radius, of at most work_radius pixels) is
-        # filled at a larger working size, the native one up to work_pixels: the network then sees the
-        # structure beside it at full resolution. A wider hole needs the context of a reduced photo.
+        # A hole is filled at the largest size, up to the native one and work_pixels, at which its half-width
+        # (hole_radius) is at most work_radius pixels: the network then sees the structure beside a scratch or
+        # a stroke at full resolution, or as near it as it can. A box needs the context of a reduced photo.
         work_pixels: int = 1 << 20
         work_radius: int = 64
         fill_flips: int = 4  # self-ensemble at inference: mean fill over the first 1–8 views of stages.VIEWS
@@ -325,14 +325,18 @@ class PSALInpaint(nn.Module):
     def working_size(self, height: int, width: int, mask: Tensor | None = None) -> tuple[int, int]:
         """The size the network fills at: the photo's, or reduced to a long side of work_size.
 
-        With the `mask`, a narrow hole (half-width at most work_radius pixels, `hole_radius`)
-        is filled at the native size, or reduced to work_pixels pixels if the photo holds
-        more (never below work_size). Without it, the size a wide hole gets.
+        With the `mask`, the largest size, at most the native one and work_pixels pixels, at
+        which the hole's half-width (`hole_radius`) is at most work_radius pixels, and never
+        below work_size: a scratch is filled at the native size (or at work_pixels on a larger
+        photo), a thick stroke across a large photo at about work_pixels, a box at work_size.
+        Without it, the size the widest hole gets.
         """
         c = self.config
         factor = c.work_size / max(height, width)
-        if mask is not None and hole_radius(mask) <= c.work_radius:
-            factor = max(factor, math.sqrt(c.work_pixels / (height * width)))
+        if mask is not None:
+            radius = hole_radius(mask)
+            narrow = c.work_radius / radius if radius else math.inf
+            factor = max(factor, min(narrow, math.sqrt(c.work_pixels / (height * width))))
         if factor >= 1:
             return height, width
         return max(4, round(height * factor)), max(4, round(width * factor))
