@@ -2,7 +2,8 @@
 
 Each photo of `--photos` (names in ../shared/data/photos, default: HELD_OUT, never trained
 on) is reduced with Lanczos to a long side of `--size` and gets the seeded masks of `psal
-eval inpaint` (`eval_mask(family, H, W, index, seed)`, index = its place in the list).
+eval inpaint` (`eval_mask(family, H, W, index, seed)`, index = its place in the list), or
+the `object` family: an ellipse over 3 % of the photo, a removed object (`object_mask`).
 Methods: psal with the shipped settings and with each `--variant` (config overrides of
 the model), OpenCV Telea and Navier–Stokes, and PatchMatch inpainting (pypatchmatch,
 15×15 patches; `--no-patchmatch` skips it). The classical outputs are cached under
@@ -60,6 +61,18 @@ def classical(method: str, seen: torch.Tensor, hole: torch.Tensor, cache: Path |
     return out
 
 
+def object_mask(h: int, w: int, index: int, seed: int) -> np.ndarray:
+    """The `object` family: an ellipse over ~3 % of the photo (a removed object, between the
+    evaluation's strokes and boxes in size), its aspect and place drawn from (seed, index)."""
+    rng = np.random.default_rng([seed, index, 3])
+    aspect = rng.uniform(0.6, 1.6)
+    area = 0.03 * h * w
+    ry, rx = math.sqrt(area / math.pi * aspect), math.sqrt(area / math.pi / aspect)
+    cy, cx = rng.uniform(0.2 * h + ry, 0.8 * h - ry), rng.uniform(0.2 * w + rx, 0.8 * w - rx)
+    y, x = np.ogrid[:h, :w]
+    return (((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1).astype(np.float32)
+
+
 def variant(spec: str) -> tuple[str, dict]:
     """'name:key=value,key=value' → (name, overrides), values parsed as JSON where they parse."""
     name, _, rest = spec.partition(":")
@@ -77,7 +90,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", nargs="+", default=list(HELD_OUT))
     parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--families", nargs="+", default=["thin", "thick", "box"])
+    parser.add_argument("--families", nargs="+", default=["thin", "thick", "box"],
+                        choices=["thin", "thick", "box", "object"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--model", type=Path, help="model file (default: the shipped weights/inpaint)")
     parser.add_argument("--variant", action="append", default=[], help="name:key=value,... config overrides")
@@ -109,7 +123,8 @@ def main() -> None:
             for index, name in enumerate(args.photos):
                 truth = load(name, args.size)
                 h, w = truth.shape[-2:]
-                hole = torch.from_numpy(eval_mask(family, h, w, index, seed))[None, None].float()
+                mask = object_mask(h, w, index, seed) if family == "object" else eval_mask(family, h, w, index, seed)
+                hole = torch.from_numpy(mask)[None, None].float()
                 seen = truth * (1 - hole)
                 row = {"family": family, "seed": seed, "photo": name, "repeated": name in REPEATED,
                        "true_sharpness": sharpness_ratio(truth, hole)}
