@@ -305,7 +305,7 @@ class PSALInpaint(nn.Module):
         scratch's edges, fine structure beside it) where an up-sampled fill would blur them.
         Without, the fill itself is up-sampled: what a wide hole on a photo reduced to the
         working size takes, since across a hole that wide the two push-pull fills differ by
-        more than any detail the photo's own adds (the model card, "Photos of 1024 px").
+        more than any detail the photo's own adds (the model card, "Enlarging a wide hole's fill").
         """
         H, W = image.shape[-2:]
         y0, y1, x0, x1 = hole_box(mask, 2)
@@ -335,8 +335,8 @@ class PSALInpaint(nn.Module):
         factor = c.work_size / max(height, width)
         if mask is not None:
             radius = hole_radius(mask)
-            narrow = c.work_radius / radius if radius else math.inf
-            factor = max(factor, min(narrow, math.sqrt(c.work_pixels / (height * width))))
+            fits = c.work_radius / radius if radius else math.inf  # where the hole is work_radius wide
+            factor = max(factor, min(fits, math.sqrt(c.work_pixels / (height * width))))
         if factor >= 1:
             return height, width
         return max(4, round(height * factor)), max(4, round(width * factor))
