@@ -30,6 +30,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's psal_cli, installed or not
+from psal_cli.choices import MASK_FAMILIES  # noqa: E402
 PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 # Held out from training and used to choose settings: a facade, two tilings, a shelf of
 # boxes, pine cones (structure that repeats itself), then citrus slices, a duck, leaves.
@@ -90,8 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", nargs="+", default=list(HELD_OUT))
     parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--families", nargs="+", default=["thin", "thick", "box"],
-                        choices=["thin", "thick", "box", "object"])
+    parser.add_argument("--families", nargs="+", default=list(MASK_FAMILIES), choices=[*MASK_FAMILIES, "object"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--model", type=Path, help="model file (default: the shipped weights/inpaint)")
     parser.add_argument("--variant", action="append", default=[], help="name:key=value,... config overrides")
