@@ -157,17 +157,20 @@ def test_a_reduced_photo_keeps_full_resolution_edges_across_a_thin_scratch():
     assert error(ours) < 0.7 * error(whole), (error(ours), error(whole))
 
 
-def test_a_wide_hole_on_a_reduced_photo_is_the_working_size_fill_enlarged():
-    """A box a third of a photo four times the working size (detail off): the result is the
-    network's fill at the working size, enlarged (torch's bicubic resize). The photo's own
-    push-pull fill under the enlarged correction, which a scratch gets, strays from that fill:
-    across a hole this wide the two push-pull fills differ."""
-    model = tiny(work_size=64, work_pixels=0, detail=False)
-    H, W = 256, 320
+@pytest.mark.parametrize("config, H, W, box, size", [
+    ({"work_pixels": 0}, 256, 320, (60, 200, 80, 260), (51, 64)),
+    # Filled a little above the working size (where the box is work_radius wide), but reduced 5 times.
+    ({"work_radius": 8}, 384, 512, (150, 230, 190, 310), (77, 102)),
+])
+def test_a_wide_hole_on_a_reduced_photo_is_the_working_size_fill_enlarged(config, H, W, box, size):
+    """A box on a photo far above its working size (detail off): the result is the network's
+    fill at the working size, enlarged (torch's bicubic resize). The photo's own push-pull fill
+    under the enlarged correction, which a scratch gets, strays from that fill: across a hole
+    this wide the two push-pull fills differ."""
+    model = tiny(work_size=64, detail=False, **config)
     truth = photo(H, W)
-    hole = box_hole(H, W, 60, 200, 80, 260)
-    size = model.working_size(H, W, hole)
-    assert size == (51, 64)
+    hole = box_hole(H, W, *box)
+    assert model.working_size(H, W, hole) == size
     seen = truth * (1 - hole)
     with torch.no_grad():
         out = model(image=seen, mask=hole)

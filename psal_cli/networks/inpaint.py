@@ -171,6 +171,12 @@ def hole_box(mask: Tensor, margin: int) -> tuple[int, int, int, int]:
 # softer than the photos (docs/models/inpaint.md, "Photos of 1024 px").
 _FULL_GAIN_REDUCTION = 2.0
 
+# A hole filled above the working size is narrow (the photo's own push-pull fill under the
+# network's correction, then the native band) up to this reduction: beyond it the native
+# push-pull and band lack all that the reduction lost, and a box of a tenth of a 12 MP photo,
+# filled at ~540 px, came out flat grey (docs/models/inpaint.md, "Narrow holes and boxes").
+_NARROW_REDUCTION = 4.0
+
 
 @register_model("psal-inpaint")
 class PSALInpaint(nn.Module):
@@ -269,8 +275,10 @@ class PSALInpaint(nn.Module):
         known = 1 - mask
         image = image * known
         size = self.working_size(H, W, mask)
-        # A narrow hole (filled above the working size) of a photo above the working size.
-        narrow = max(H, W) > c.work_size and size != self.working_size(H, W)
+        reduction = max(H / size[0], W / size[1])
+        # A narrow hole (filled above the working size, and at most _NARROW_REDUCTION below the
+        # native one) of a photo above the working size.
+        narrow = max(H, W) > c.work_size and size != self.working_size(H, W) and reduction <= _NARROW_REDUCTION
         # The copy's time grows with the photo's size: photos above copy_pixels are not copied.
         radius = hole_radius(mask)
         copied = c.copy_narrow and narrow and H * W <= c.copy_pixels and radius <= c.copy_radius
@@ -287,8 +295,8 @@ class PSALInpaint(nn.Module):
             # A narrow hole is filled as the photo's own push-pull fill plus an up-sampled
             # correction (`upsample_fill`): what it lacks is texture, the native band, not
             # all that the reduction lost (a wider band there cost accuracy on held-out photos).
-            reduction = 1.0 if narrow else max(H / size[0], W / size[1])
-            out = ex.whole(partial(self.add_detail, generator=ex.generator, reduction=reduction), out, mask)
+            out = ex.whole(partial(self.add_detail, generator=ex.generator, reduction=1.0 if narrow else reduction),
+                           out, mask)
         if copied:
             # Detailed first: where the copy is not trusted, the detailed fill shows (a detail
             # stage on top of the copy lowered its accuracy on held-out photos).
