@@ -205,7 +205,7 @@ class PSALInpaint(nn.Module):
         # card). On photos reduced to the working size it measured no better, and is not done.
         fill_scales: int = 1  # 1 or 2
         detail: bool = True  # full-resolution PSAL detail transfer
-        detail_gain: float = 1.7  # gain on the copied band at native size (→ 1 on reduced photos, see detail_weight)
+        detail_gain: float = 1.8  # gain on the copied band at native size (→ 1 on reduced photos, see detail_weight)
         detail_ramp: float = 1.0  # σ in full-resolution pixels of the fade-in of texture from the seam; 0 = none
         detail_sigma: float = 0.7  # low-pass that separates what the network paints from what is copied (× reduction)
         detail_match_size: int = 128  # long side of the hole box, in blocks, at which PatchMatch searches
