@@ -18,7 +18,8 @@ from psal_cli.attention import patch_distances, valid_key_centres
 from psal_cli.engine import Options, run_network
 from psal_cli.modelfile import default_model_path, load_model, read_info
 from psal_cli.networks import create_model
-from psal_cli.networks.inpaint import Band, _bicubic_crop, _reduce, _resize, coherent_nnf, far_share, hole_radius, pyramid_fill
+from psal_cli.networks.inpaint import (Band, _bicubic_crop, _reduce, _resize, coherent_nnf, far_share, hole_box, hole_radius,
+                                      pyramid_fill)
 from psal_cli.networks.stages import Direct
 from psal_cli.tasks import inpaint as task
 from psal_cli.training import to_float
@@ -182,6 +183,28 @@ def test_a_wide_hole_on_a_reduced_photo_is_the_working_size_fill_enlarged(config
     inside = F.max_pool2d(1 - small[:, 3:], 5, 1, 2) == 0  # hole cells 2 cells from a known one
     gap = lambda x: (F.interpolate(x, size=size, mode="area") - fill).abs()[inside.expand_as(fill)].mean().item()
     assert gap(narrow) > 2 * gap(out), (gap(narrow), gap(out))
+
+
+def test_the_copy_rules_out_an_upsampled_source_at_the_maps_edge():
+    """An upsampled field may point a patch at a source within a patch radius of the map's
+    edge, where it has no pixels: that vote gets no weight, whichever such source it is."""
+    model = tiny(copy_patch=15)
+    H, W = 48, 60
+    estimate = photo(H, W)
+    mask = box_hole(H, W, 18, 28, 24, 34)
+    box = hole_box(mask, 14)
+    y0, y1, x0, x1 = box
+    voters = F.max_pool2d(mask[..., y0:y1, x0:x1], 15, 1, 7)
+    valid = valid_key_centres(estimate.shape, 15, mask[:, 0] > 0)
+    indices = torch.zeros(1, y1 - y0, x1 - x0, 1, dtype=torch.long)
+    indices[0, :, :, 0] = int(valid.flatten().nonzero()[0])  # every patch from one valid source
+    votes = []
+    for edge in (H * W - 1, W // 2):  # the bottom-right corner, the middle of the top row
+        field = indices.clone()
+        field[0, 10, 12, 0] = edge  # a patch over the hole
+        with torch.no_grad():
+            votes.append(model.copy_vote(estimate, mask, estimate, box, voters, field, valid))
+    torch.testing.assert_close(votes[0], votes[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("small, size", [((51, 40), (225, 178)), ((64, 48), (32, 24)), ((1, 5), (3, 9))])

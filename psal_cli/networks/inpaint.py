@@ -514,12 +514,17 @@ class PSALInpaint(nn.Module):
         # distances and the trust's error are needed within a patch radius of the hole only.
         hole = mask[..., y0:y1, x0:x1]
         at = voters.flatten().nonzero()[:, 0]  # (n,) flat positions b·hq·wq + y·wq + x
+        # An upsampled source off `valid` may sit within a patch radius of the map's edge, where
+        # its patch has no pixels: it reads a valid centre instead, and its vote gets no weight.
+        ok = valid.flatten(1).gather(1, indices.flatten(1))  # (B, hq·wq)
+        first = valid.flatten(1).float().argmax(1, keepdim=True)  # (B, 1)
+        indices = torch.where(ok, indices.flatten(1), first).view_as(indices)
+        ok = ok.flatten()[at]  # (n,)
         # The search's own distances when it just ran on this estimate (they are exact).
         if distances is None:
             dist = patch_distances(query, estimate, indices.reshape(-1, 1)[at], c.copy_patch, positions=at)  # (n, 1)
         else:
             dist = distances.reshape(-1, 1)[at]
-        ok = valid.flatten(1).gather(1, indices.flatten(1)).flatten()[at]  # (n,)
         dist = torch.where(ok[:, None], dist, 1e20)
         batch = at // (hq * wq)
         scale = torch.stack([c.copy_temperature * dist[batch == b].median().clamp(min=1e-8) if bool((batch == b).any())
