@@ -20,7 +20,7 @@ from psal_cli.modelfile import default_model_path, load_model, read_info
 from psal_cli.networks import create_model
 from psal_cli.networks.inpaint import (Band, _bicubic_crop, _reduce, _resize, coherent_nnf, far_share, hole_box, hole_radius,
                                       pyramid_fill)
-from psal_cli.networks.stages import Direct
+from psal_cli.networks.stages import Direct, pad_to_multiple
 from psal_cli.tasks import inpaint as task
 from psal_cli.training import to_float
 
@@ -205,6 +205,26 @@ def test_the_copy_rules_out_an_upsampled_source_at_the_maps_edge():
         with torch.no_grad():
             votes.append(model.copy_vote(estimate, mask, estimate, box, voters, field, valid))
     torch.testing.assert_close(votes[0], votes[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("box", [(20, 35, 30, 50), (55, 70, 71, 90), (0, 70, 40, 41)])
+def test_the_fill_decodes_and_refines_the_holes_box_as_the_whole_map_would(box):
+    """The decoder and the refinement run on the hole's box and their receptive margins: the
+    fill equals the same network run over the whole map (a box inside, one in a corner, a
+    column from edge to edge)."""
+    model = tiny()
+    H, W = 70, 90
+    hole = box_hole(H, W, *box)
+    seen = photo(H, W) * (1 - hole)
+    with torch.no_grad():
+        out = model.fill(Direct(torch.Generator().manual_seed(3)), seen, hole)
+        base = pyramid_fill(seen, hole, model.config.prefill_iterations)
+        x, m = pad_to_multiple(base, 4), pad_to_multiple(hole, 4)
+        feat = model.encoder(x, m)
+        attended = model.attend(feat, m, generator=torch.Generator().manual_seed(3))
+        coarse = (base + model.decoder(feat, attended)[..., :H, :W]).clamp(0, 1)
+        whole = seen + hole * model.refine(seen + hole * coarse, hole)
+    torch.testing.assert_close(out, whole, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("small, size", [((51, 40), (225, 178)), ((64, 48), (32, 24)), ((1, 5), (3, 9))])

@@ -397,14 +397,25 @@ class PSALInpaint(nn.Module):
         the colours of a large hole are then right from the start, whatever the receptive
         field, and the network spends its capacity on structure.
         """
+        if not bool(mask.any()):
+            return image
         H, W = image.shape[-2:]
         base = ex.whole(lambda x, m: pyramid_fill(x, m, self.config.prefill_iterations), image, mask)  # (B, 3, H, W)
         x, m = pad_to_multiple(base, 4), pad_to_multiple(mask, 4)
-        feat = ex.local(self.encoder, x, m)  # (B, width, H/4, W/4)
+        feat = ex.local(self.encoder, x, m)  # (B, width, H/4, W/4): everywhere, the attention's keys
         attended = ex.whole(partial(self.attend, generator=ex.generator), feat, m)
-        coarse = (base + ex.local(self.decoder, feat, attended)[..., :H, :W]).clamp(0, 1)  # (B, 3, H, W)
-        comp = image + mask * coarse
-        return image + mask * ex.local(self.refine, comp, mask)
+        # The decoder and the refinement change hole pixels only: they run on the hole's box and
+        # the margins their receptive fields read, which give the same values as the whole map.
+        y0, y1, x0, x1 = hole_box(mask, self.refine.radius)  # what the refinement reads
+        r, (h, w) = self.decoder.radius, feat.shape[-2:]
+        cy0, cy1, cx0, cx1 = max(0, y0 // 4 - r), min(h, -(-y1 // 4) + r), max(0, x0 // 4 - r), min(w, -(-x1 // 4) + r)
+        correction = ex.local(self.decoder, feat[..., cy0:cy1, cx0:cx1], attended[..., cy0:cy1, cx0:cx1])
+        crop = (..., slice(y0, y1), slice(x0, x1))
+        coarse = (base[crop] + correction[..., y0 - 4 * cy0 : y1 - 4 * cy0, x0 - 4 * cx0 : x1 - 4 * cx0]).clamp(0, 1)
+        comp = image[crop] + mask[crop] * coarse
+        out = image.clone()
+        out[crop] = image[crop] + mask[crop] * ex.local(self.refine, comp, mask[crop])
+        return out
 
     def attend(self, feat: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """PSAL over the 1/4-size features: hole positions copy features of similar known patches."""
