@@ -187,8 +187,10 @@ def test_a_wide_hole_on_a_reduced_photo_is_the_working_size_fill_enlarged(config
 
 def test_the_copy_rules_out_an_upsampled_source_at_the_maps_edge():
     """An upsampled field may point a patch at a source within a patch radius of the map's
-    edge, where it has no pixels: that vote gets no weight, whichever such source it is."""
-    model = tiny(copy_patch=15)
+    edge, where it has no pixels: the vote is then that of the same field without the patch,
+    everywhere but at the patch's own centre (trust high, so that the copy shows; temperature
+    high, so that a vote that counted would move every pixel it covers)."""
+    model = tiny(copy_patch=15, copy_trust=1e3, copy_temperature=1e3)  # every vote weighs alike
     H, W = 48, 60
     estimate = photo(H, W)
     mask = box_hole(H, W, 18, 28, 24, 34)
@@ -196,25 +198,38 @@ def test_the_copy_rules_out_an_upsampled_source_at_the_maps_edge():
     y0, y1, x0, x1 = box
     voters = F.max_pool2d(mask[..., y0:y1, x0:x1], 15, 1, 7)
     valid = valid_key_centres(estimate.shape, 15, mask[:, 0] > 0)
-    indices = torch.zeros(1, y1 - y0, x1 - x0, 1, dtype=torch.long)
-    indices[0, :, :, 0] = int(valid.flatten().nonzero()[0])  # every patch from one valid source
-    votes = []
-    for edge in (H * W - 1, W // 2):  # the bottom-right corner, the middle of the top row
-        field = indices.clone()
-        field[0, 10, 12, 0] = edge  # a patch over the hole
-        with torch.no_grad():
-            votes.append(model.copy_vote(estimate, mask, estimate, box, voters, field, valid))
-    torch.testing.assert_close(votes[0], votes[1], rtol=0, atol=0)
+    centres = valid.flatten().nonzero()[:, 0]
+    pick = torch.randint(len(centres), (1, y1 - y0, x1 - x0, 1), generator=torch.Generator().manual_seed(0))
+    field = centres[pick]  # valid sources at random
+    py, px = 18, 18  # a hole pixel of the box
+    silent = voters.clone()
+    silent[0, 0, py, px] = 0
+    with torch.no_grad():
+        want = model.copy_vote(estimate, mask, estimate, box, silent, field, valid)
+        for edge in (H * W - 1, W // 2, 3 * W):  # the bottom-right corner, the top row, the left column
+            stray = field.clone()
+            stray[0, py, px, 0] = edge
+            got = model.copy_vote(estimate, mask, estimate, box, voters, stray, valid)
+            keep = torch.ones_like(mask, dtype=torch.bool)
+            keep[..., y0 + py, x0 + px] = False
+            torch.testing.assert_close(got[keep.expand_as(got)], want[keep.expand_as(want)])
+    assert (want - estimate).abs().amax() > 0.05  # the copy changed the hole
 
 
-@pytest.mark.parametrize("box", [(20, 35, 30, 50), (55, 70, 71, 90), (0, 70, 40, 41)])
-def test_the_fill_decodes_and_refines_the_holes_box_as_the_whole_map_would(box):
+@pytest.mark.parametrize("config, boxes", [
+    ({}, [(20, 35, 30, 50)]),
+    ({}, [(55, 70, 71, 90)]),
+    ({}, [(0, 70, 40, 41)]),
+    ({"decoder_dilations": (1, 4, 8)}, [(30, 33, 40, 44)]),  # a decoder that reads farther than the refinement
+    ({}, [(20, 35, 30, 50), (5, 9, 60, 75)]),  # a batch: the box around both holes
+])
+def test_the_fill_decodes_and_refines_the_holes_box_as_the_whole_map_would(config, boxes):
     """The decoder and the refinement run on the hole's box and their receptive margins: the
     fill equals the same network run over the whole map (a box inside, one in a corner, a
-    column from edge to edge)."""
-    model = tiny()
+    column from edge to edge, a small hole and a wide-reaching decoder, a batch of two)."""
+    model = tiny(**config)
     H, W = 70, 90
-    hole = box_hole(H, W, *box)
+    hole = torch.cat([box_hole(H, W, *box) for box in boxes])
     seen = photo(H, W) * (1 - hole)
     with torch.no_grad():
         out = model.fill(Direct(torch.Generator().manual_seed(3)), seen, hole)

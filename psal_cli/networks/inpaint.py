@@ -276,8 +276,8 @@ class PSALInpaint(nn.Module):
         image = image * known
         size = self.working_size(H, W, mask)
         reduction = max(H / size[0], W / size[1])
-        # A narrow hole (filled above the working size, and at most _NARROW_REDUCTION below the
-        # native one) of a photo above the working size.
+        # A narrow hole (filled above the working size, and reduced at most _NARROW_REDUCTION times
+        # from the native size) of a photo above the working size.
         narrow = max(H, W) > c.work_size and size != self.working_size(H, W) and reduction <= _NARROW_REDUCTION
         # The copy's time grows with the photo's size: photos above copy_pixels are not copied.
         radius = hole_radius(mask)
@@ -397,8 +397,6 @@ class PSALInpaint(nn.Module):
         the colours of a large hole are then right from the start, whatever the receptive
         field, and the network spends its capacity on structure.
         """
-        if not bool(mask.any()):
-            return image
         H, W = image.shape[-2:]
         base = ex.whole(lambda x, m: pyramid_fill(x, m, self.config.prefill_iterations), image, mask)  # (B, 3, H, W)
         x, m = pad_to_multiple(base, 4), pad_to_multiple(mask, 4)
@@ -406,7 +404,8 @@ class PSALInpaint(nn.Module):
         attended = ex.whole(partial(self.attend, generator=ex.generator), feat, m)
         # The decoder and the refinement change hole pixels only: they run on the hole's box and
         # the margins their receptive fields read, which give the same values as the whole map.
-        y0, y1, x0, x1 = hole_box(mask, self.refine.radius)  # what the refinement reads
+        # What the refinement reads (the whole map for a batch without a hole: zero loss, a graph).
+        y0, y1, x0, x1 = hole_box(mask, self.refine.radius) if bool(mask.any()) else (0, H, 0, W)
         r, (h, w) = self.decoder.radius, feat.shape[-2:]
         cy0, cy1, cx0, cx1 = max(0, y0 // 4 - r), min(h, -(-y1 // 4) + r), max(0, x0 // 4 - r), min(w, -(-x1 // 4) + r)
         correction = ex.local(self.decoder, feat[..., cy0:cy1, cx0:cx1], attended[..., cy0:cy1, cx0:cx1])
@@ -526,7 +525,8 @@ class PSALInpaint(nn.Module):
         hole = mask[..., y0:y1, x0:x1]
         at = voters.flatten().nonzero()[:, 0]  # (n,) flat positions b·hq·wq + y·wq + x
         # An upsampled source off `valid` may sit within a patch radius of the map's edge, where
-        # its patch has no pixels: it reads a valid centre instead, and its vote gets no weight.
+        # its patch has no pixels: it reads a valid centre instead, its vote gets no weight and
+        # no part in the temperature, and a pixel no valid vote covers keeps the prior.
         ok = valid.flatten(1).gather(1, indices.flatten(1))  # (B, hq·wq)
         first = valid.flatten(1).float().argmax(1, keepdim=True)  # (B, 1)
         indices = torch.where(ok, indices.flatten(1), first).view_as(indices)
@@ -538,8 +538,9 @@ class PSALInpaint(nn.Module):
             dist = distances.reshape(-1, 1)[at]
         dist = torch.where(ok[:, None], dist, 1e20)
         batch = at // (hq * wq)
-        scale = torch.stack([c.copy_temperature * dist[batch == b].median().clamp(min=1e-8) if bool((batch == b).any())
-                             else dist.new_ones(()) for b in range(B)])
+        counted = [(batch == b) & ok for b in range(B)]
+        scale = torch.stack([c.copy_temperature * dist[sel].median().clamp(min=1e-8) if bool(sel.any())
+                             else dist.new_ones(()) for sel in counted])
         scaled = torch.full((B * hq * wq, 1), 1e20, dtype=dist.dtype, device=dist.device)  # D / T; no vote elsewhere
         scaled[at] = dist / scale[batch, None]
         votes = self.copier.attend(None, None, estimate, indices, distances=scaled.view(B, hq, wq, 1), positions=at)
@@ -550,6 +551,9 @@ class PSALInpaint(nn.Module):
         # trust it there (the hole's own error is unknown); far from any known pixel it is trusted.
         error = masked_blur((voted - query).square().mean(1, keepdim=True), (1 - hole) * voters, c.copy_patch)
         trust = torch.exp(-error / c.copy_trust**2 * math.log(2))  # ½ at an RMS error of copy_trust
+        cast = query.new_zeros(B * hq * wq)
+        cast[at] = ok.to(cast.dtype)  # the valid votes
+        trust = trust * F.max_pool2d(cast.view(B, 1, hq, wq), c.copy_patch, 1, c.copy_patch // 2)
         out = estimate.clone()
         out[..., y0:y1, x0:x1] = query + hole * (trust * voted + (1 - trust) * prior[..., y0:y1, x0:x1] - query)
         return out
