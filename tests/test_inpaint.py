@@ -74,13 +74,13 @@ def test_working_size_is_the_largest_at_which_the_hole_is_work_radius_wide():
     model = tiny(work_size=64, work_pixels=384 * 512, work_radius=8)
     H, W = 384, 512
     assert model.working_size(H, W) == (48, 64)
-    assert model.working_size(H, W, box_hole(H, W, 100, 104, 0, W)) == (H, W)  # a 4-px scratch
-    assert model.working_size(H, W, box_hole(H, W, 100, 116, 0, W)) == (H, W)  # half-width 8
-    assert model.working_size(H, W, box_hole(H, W, 100, 120, 0, W)) == (307, 410)  # half-width 10: × 0.8
-    assert model.working_size(H, W, box_hole(H, W, 100, 300, 100, 400)) == (48, 64)  # half-width 100: × 0.08
+    assert model.working_size(H, W, hole_radius(box_hole(H, W, 100, 104, 0, W))) == (H, W)  # a 4-px scratch
+    assert model.working_size(H, W, hole_radius(box_hole(H, W, 100, 116, 0, W))) == (H, W)  # half-width 8
+    assert model.working_size(H, W, hole_radius(box_hole(H, W, 100, 120, 0, W))) == (307, 410)  # half-width 10: × 0.8
+    assert model.working_size(H, W, hole_radius(box_hole(H, W, 100, 300, 100, 400))) == (48, 64)  # half-width 100: × 0.08
     capped = tiny(work_size=64, work_pixels=96 * 128, work_radius=8)
-    assert capped.working_size(H, W, box_hole(H, W, 100, 104, 0, W)) == (96, 128)
-    assert capped.working_size(H, W, box_hole(H, W, 100, 120, 0, W)) == (96, 128)
+    assert capped.working_size(H, W, hole_radius(box_hole(H, W, 100, 104, 0, W))) == (96, 128)
+    assert capped.working_size(H, W, hole_radius(box_hole(H, W, 100, 120, 0, W))) == (96, 128)
 
 
 def test_the_detail_band_is_native_for_a_narrow_hole_and_the_reductions_for_a_wide_one(monkeypatch):
@@ -171,7 +171,7 @@ def test_a_wide_hole_on_a_reduced_photo_is_the_working_size_fill_enlarged(config
     model = tiny(work_size=64, detail=False, **config)
     truth = photo(H, W)
     hole = box_hole(H, W, *box)
-    assert model.working_size(H, W, hole) == size
+    assert model.working_size(H, W, hole_radius(hole)) == size
     seen = truth * (1 - hole)
     with torch.no_grad():
         out = model(image=seen, mask=hole)

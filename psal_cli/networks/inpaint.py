@@ -274,13 +274,13 @@ class PSALInpaint(nn.Module):
         H, W = image.shape[-2:]
         known = 1 - mask
         image = image * known
-        size = self.working_size(H, W, mask)
+        radius = hole_radius(mask)
+        size = self.working_size(H, W, radius)
         reduction = max(H / size[0], W / size[1])
         # A narrow hole (filled above the working size, and reduced at most _NARROW_REDUCTION times
         # from the native size) of a photo above the working size.
         narrow = max(H, W) > c.work_size and size != self.working_size(H, W) and reduction <= _NARROW_REDUCTION
         # The copy's time grows with the photo's size: photos above copy_pixels are not copied.
-        radius = hole_radius(mask)
         copied = c.copy_narrow and narrow and H * W <= c.copy_pixels and radius <= c.copy_radius
         if size == (H, W):
             out = self.scale_ensemble(ex, image, mask, c.fill_scales > 1 and radius > c.work_radius)
@@ -330,19 +330,18 @@ class PSALInpaint(nn.Module):
         out[crop] = image[crop] + mask[crop] * up.clamp(0, 1)
         return out
 
-    def working_size(self, height: int, width: int, mask: Tensor | None = None) -> tuple[int, int]:
+    def working_size(self, height: int, width: int, radius: float | None = None) -> tuple[int, int]:
         """The size the network fills at: the photo's, or reduced to a long side of work_size.
 
-        With the `mask`, the largest size, at most the native one and work_pixels pixels, at
-        which the hole's half-width (`hole_radius`) is at most work_radius pixels, and never
+        With the hole's half-width `radius` (`hole_radius`), the largest size, at most the native
+        one and work_pixels pixels, at which that half-width is at most work_radius pixels, and never
         below work_size: a scratch is filled at the native size (or at work_pixels on a larger
         photo), a thick stroke across a large photo at about work_pixels, a box at work_size.
         Without it, the size the widest hole gets.
         """
         c = self.config
         factor = c.work_size / max(height, width)
-        if mask is not None:
-            radius = hole_radius(mask)
+        if radius is not None:
             fits = c.work_radius / radius if radius else math.inf  # where the hole is work_radius wide
             factor = max(factor, min(fits, math.sqrt(c.work_pixels / (height * width))))
         if factor >= 1:
