@@ -7,10 +7,10 @@ as JPEG, possibly twice over (in the spirit of Real-ESRGAN's synthesis, without 
 sinc filters). Every random choice comes from the `random.Random` given, so a seed
 reproduces a degradation exactly.
 
-Two sets of ranges: `TRAINING`, what `psal train upscale --degradation real` draws from
-(wider than the evaluation's, with a share of clean bicubic crops so that clean inputs stay
-well served), and `CAMERA`, the evaluation pipeline of `psal eval upscale --degradation real`
-(each photo its own seeded draw). `draw` turns ranges into a `Recipe`; `apply` runs a recipe.
+`CAMERA` is the evaluation pipeline of `psal eval upscale --degradation real` (each photo its
+own seeded draw); `TRAINING`, what `psal train upscale --degradation real` draws from, is a
+mixture of ranges: the evaluation's own with a share of clean bicubic crops, and `WIDE`, wider
+than the evaluation's on every axis. `draw` turns ranges into a `Recipe`; `apply` runs a recipe.
 
 `noise_level` goes the other way: a cheap estimate of the noise in a photo, for choosing
 the network trained on degraded photos (`psal upscale`).
@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -67,9 +67,15 @@ CAMERA = Ranges()
 
 # Wider than CAMERA on every axis, so that the network meets each evaluation case inside its
 # training distribution; the clean share keeps it close to the bicubic network on clean inputs.
-TRAINING = Ranges(clean=0.1, blur=0.9, blur_sigma=(0.2, 2.6), anisotropic=0.4, noise=0.9,
-                  noise_sigma=(0.0, 10.0), poisson=0.25, poisson_scale=(0.05, 1.0), gray_noise=0.3,
-                  jpeg=0.9, jpeg_quality=(30, 95), second=0.2)
+WIDE = Ranges(clean=0.1, blur=0.9, blur_sigma=(0.2, 2.6), anisotropic=0.4, noise=0.9,
+              noise_sigma=(0.0, 10.0), poisson=0.25, poisson_scale=(0.05, 1.0), gray_noise=0.3,
+              jpeg=0.9, jpeg_quality=(30, 95), second=0.2)
+
+# (probability, ranges) pairs, one picked per draw. Half the draws from the photos' own ranges
+# (CAMERA) spend a small network's capacity where photos are; their clean share keeps it
+# nearer the bicubic network on clean inputs (docs/models/upscale-real.md).
+Mixture = tuple[tuple[float, Ranges], ...]
+TRAINING: Mixture = ((0.5, replace(CAMERA, clean=0.3)), (0.5, WIDE))
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,7 @@ def _noise(rng: random.Random, ranges: Ranges, sigma: tuple[float, float]) -> di
     return {"noise": _uniform(rng, sigma), "gray": gray}
 
 
-def draw(rng: random.Random, ranges: Ranges = TRAINING) -> Recipe:
+def draw(rng: random.Random, ranges: Ranges) -> Recipe:
     """A random degradation from `ranges` (every choice from `rng`)."""
     if rng.random() < ranges.clean:
         return Recipe("bicubic", Pass(), None, 0)
@@ -131,6 +137,21 @@ def draw(rng: random.Random, ranges: Ranges = TRAINING) -> Recipe:
                       quality=rng.randint(*ranges.second_jpeg_quality),
                       **_noise(rng, ranges, ranges.second_noise_sigma))
     return Recipe(filter_name, first, second, rng.getrandbits(63))
+
+
+def pick(rng: random.Random, mixture: Mixture) -> Ranges:
+    """One of a mixture's ranges, each with its probability (one number from `rng`)."""
+    u, total = rng.random(), 0.0
+    for probability, ranges in mixture:
+        total += probability
+        if u < total:
+            return ranges
+    return mixture[-1][1]
+
+
+def describe(mixture: Mixture) -> list[dict]:
+    """A mixture as JSON-ready values (what a model file records)."""
+    return [{"probability": probability, **ranges.describe()} for probability, ranges in mixture]
 
 
 def blur(image: Image.Image, kernel: torch.Tensor) -> Image.Image:
@@ -188,7 +209,7 @@ def apply(hr: Image.Image, scale: int, recipe: Recipe) -> Image.Image:
 
 def degrade_for_training(hr: Image.Image, scale: int, rng: random.Random) -> Image.Image:
     """Training's degradation of one HR crop: a `TRAINING` draw from `rng`, applied."""
-    return apply(hr, scale, draw(rng, TRAINING))
+    return apply(hr, scale, draw(rng, pick(rng, TRAINING)))
 
 
 def camera(hr: Image.Image, scale: int, seed: int, name: str) -> tuple[Image.Image, Recipe]:

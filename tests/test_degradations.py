@@ -26,8 +26,8 @@ def photo(size: tuple[int, int] = (96, 64)) -> Image.Image:
 
 def test_a_seed_reproduces_a_draw_and_its_image() -> None:
     hr = photo()
-    first, again = d.draw(random.Random(7)), d.draw(random.Random(7))
-    assert first == again and first != d.draw(random.Random(8))
+    first, again = d.draw(random.Random(7), d.WIDE), d.draw(random.Random(7), d.WIDE)
+    assert first == again and first != d.draw(random.Random(8), d.WIDE)
     assert np.array_equal(np.asarray(d.apply(hr, 4, first)), np.asarray(d.apply(hr, 4, again)))
     lr, recipe = d.camera(hr, 4, 3, "cat")
     lr_again, recipe_again = d.camera(hr, 4, 3, "cat")
@@ -50,18 +50,31 @@ def test_the_evaluation_draws_stay_in_the_camera_ranges_and_cover_them() -> None
     assert all(r.second is None and r.first.poisson == 0 and not r.first.gray for r in recipes)
 
 
-def test_training_draws_cover_the_evaluation_and_more() -> None:
-    recipes = [d.draw(random.Random(i), d.TRAINING) for i in range(1000)]
+def test_wide_draws_cover_the_evaluation_and_more() -> None:
+    recipes = [d.draw(random.Random(i), d.WIDE) for i in range(1000)]
     clean = [r for r in recipes if r == d.Recipe("bicubic", d.Pass(), None, 0)]
-    assert 60 < len(clean) < 140  # TRAINING.clean = 0.1
+    assert 60 < len(clean) < 140  # WIDE.clean = 0.1
     blurs = [r.first.blur for r in recipes if r.first.blur]
     assert min(min(b[:2]) for b in blurs) < d.CAMERA.blur_sigma[0] and max(max(b[:2]) for b in blurs) > d.CAMERA.blur_sigma[1]
     assert any(b[0] != b[1] for b in blurs) and all(0 <= b[2] < math.pi for b in blurs)
     quality = [r.first.quality for r in recipes if r.first.quality]
     assert min(quality) < 40 and max(quality) > 90
     assert any(r.first.poisson for r in recipes) and any(r.first.gray for r in recipes)
-    assert 120 < sum(r.second is not None for r in recipes) < 260  # TRAINING.second = 0.2 of the 0.9 not clean
-    assert max(r.first.noise for r in recipes) <= d.TRAINING.noise_sigma[1]
+    assert 120 < sum(r.second is not None for r in recipes) < 260  # WIDE.second = 0.2 of the 0.9 not clean
+    assert max(r.first.noise for r in recipes) <= d.WIDE.noise_sigma[1]
+
+
+def test_training_picks_each_range_of_its_mixture_by_its_probability() -> None:
+    mixture = ((0.2, d.CAMERA), (0.5, d.WIDE), (0.3, d.Ranges(clean=1.0)))
+    picks = [d.pick(random.Random(i), mixture) for i in range(2000)]
+    shares = [sum(p is ranges for p in picks) / len(picks) for _, ranges in mixture]
+    assert shares == pytest.approx([0.2, 0.5, 0.3], abs=0.04)
+    # Training's draw is the pick, then a draw of the picked ranges, from the same generator.
+    hr = Image.open(EXAMPLES / "coffee.png").convert("RGB").crop((0, 0, 64, 48))
+    rng = random.Random(7)
+    expected = d.apply(hr, 4, d.draw(rng, d.pick(rng, d.TRAINING)))
+    assert np.array_equal(np.asarray(d.degrade_for_training(hr, 4, random.Random(7))), np.asarray(expected))
+    assert sum(p for p, _ in d.TRAINING) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("sigmas", [(1.5, 1.5, 0.0), (2.0, 0.8, 0.6)])
@@ -137,8 +150,10 @@ def test_the_second_pass_degrades_further() -> None:
 def test_ranges_are_recorded_as_json() -> None:
     import json
 
-    described = json.loads(json.dumps(d.TRAINING.describe()))
-    assert described["jpeg_quality"] == list(d.TRAINING.jpeg_quality) and described["clean"] == d.TRAINING.clean
+    described = json.loads(json.dumps(d.WIDE.describe()))
+    assert described["jpeg_quality"] == list(d.WIDE.jpeg_quality) and described["clean"] == d.WIDE.clean
+    mixture = json.loads(json.dumps(d.describe(d.TRAINING)))
+    assert [(m["probability"], m["clean"]) for m in mixture] == [(p, r.clean) for p, r in d.TRAINING]
 
 
 def test_noise_level_measures_added_noise_and_not_edges() -> None:

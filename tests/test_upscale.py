@@ -374,9 +374,9 @@ def test_real_degradation_crops_are_degraded_and_weights_choose_photos() -> None
     photos are cropped in proportion to their weights."""
     flat = torch.full((3, 64, 64), 100, dtype=torch.uint8)
     photo = torch.from_numpy(np.array(Image.open(EXAMPLES / "chelsea.png").convert("RGB"))).permute(2, 0, 1).contiguous()
-    clean = task.make_sampler([photo], 4, batch=8, patch=32)(random.Random(3))
+    clean = task.make_sampler([photo], 4, batch=8, patch=32)(random.Random(6))
     real = task.make_sampler([photo], 4, batch=8, patch=32, degradation="real")
-    first, again = real(random.Random(3)), real(random.Random(3))
+    first, again = real(random.Random(6)), real(random.Random(6))
     assert torch.equal(first["image"], again["image"]) and torch.equal(first["target"][0], clean["target"][0])
     assert not torch.equal(first["image"][0], clean["image"][0])
     only_flat = task.make_sampler([photo, flat], 4, batch=16, patch=32, weights=[0.0, 1.0])(random.Random(0))
@@ -396,7 +396,8 @@ def test_train_real_holds_out_a_selection_split_and_records_the_degradation(tmp_
                config={"channels": 8, "blocks_after": 1, "qk_channels": 4})
     info = read_info(out)
     degradation = info.training["degradation"]
-    assert degradation["name"] == "real" and degradation["ranges"]["jpeg_quality"] == [30, 95]
+    assert degradation["name"] == "real" and "earlier" not in degradation
+    assert [(r["probability"], r["jpeg_quality"]) for r in degradation["ranges"]] == [(0.5, [40, 90]), (0.5, [30, 95])]
     assert degradation["selection"] == ["0_00.png", "0_10.png", "1_00.png"]  # every tenth photo of each folder
     assert info.training["data"] == f"{folders[0]} (9 photos) + {folders[1]} (2 photos)"
     curve = info.training["curve"]
@@ -409,6 +410,26 @@ def test_train_real_holds_out_a_selection_split_and_records_the_degradation(tmp_
     task.train(folders, resumed, 4, init=out, steps=1, batch=2, patch=32, degradation="real", validate_every=1)
     again = read_info(resumed).training
     assert again["steps"] == 3 and again["degradation"]["from_step"] == 0
+
+
+def test_a_resumed_real_run_records_the_ranges_its_earlier_steps_had(tmp_path: Path, monkeypatch) -> None:
+    from psal_cli import degradations
+
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        Image.open(EXAMPLES / "coffee.png").convert("RGB").crop((i, 0, 64 + i, 48)).save(tmp_path / "photos" / f"{i}.png")
+    first, second, third = (tmp_path / f"{n}.safetensors" for n in ("first", "second", "third"))
+    tiny = {"channels": 8, "blocks_after": 1, "qk_channels": 4}
+    monkeypatch.setattr(degradations, "TRAINING", ((1.0, degradations.WIDE),))
+    task.train(tmp_path / "photos", first, 4, steps=2, batch=1, patch=32, degradation="real", config=tiny)
+    monkeypatch.undo()
+    task.train(tmp_path / "photos", second, 4, init=first, steps=1, batch=1, patch=32, degradation="real")
+    task.train(tmp_path / "photos", third, 4, init=second, steps=1, batch=1, patch=32, degradation="real")
+    once, twice = (read_info(f).training["degradation"] for f in (second, third))
+    assert once["from_step"] == twice["from_step"] == 0
+    assert once["ranges"] == twice["ranges"] == degradations.describe(degradations.TRAINING)
+    # The same ranges again add nothing; the first run's are kept with the step they ended at.
+    assert once["earlier"] == twice["earlier"] == [{"until_step": 2, "ranges": degradations.describe(((1.0, degradations.WIDE),))}]
 
 
 def test_evaluate_real_degradation_is_each_photo_its_own_seeded_draw(tmp_path: Path) -> None:

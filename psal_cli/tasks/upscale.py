@@ -341,10 +341,16 @@ def train(
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device,
                            validate_every=validate_every, loss=loss, minutes=minutes)
     if degradation == "real":
-        # A resumed real-photo run keeps the step its degradation started from.
+        # A resumed real-photo run keeps the step its degradation started from, and the ranges
+        # earlier steps were drawn from when they differ from today's.
         previous = meta.get("degradation") or {}
-        start = previous.get("from_step", done) if previous.get("name") == "real" else done
-        meta["degradation"] = {"name": "real", "from_step": start, "ranges": degradations.TRAINING.describe(),
+        resumed = previous.get("name") == "real"
+        ranges = degradations.describe(degradations.TRAINING)
+        earlier = list(previous.get("earlier", [])) if resumed else []
+        if resumed and previous.get("ranges") != ranges:
+            earlier.append({"until_step": done, "ranges": previous.get("ranges")})
+        meta["degradation"] = {"name": "real", "from_step": previous.get("from_step", done) if resumed else done,
+                               "ranges": ranges, **({"earlier": earlier} if earlier else {}),
                                "selection": [f.name for f in held_out]}
         validate = _validation(held_out, scale, crop=256, prefix="selection", degradation="real")
     else:
