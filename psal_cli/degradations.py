@@ -66,7 +66,7 @@ class Ranges:
 CAMERA = Ranges()
 
 # Wider than CAMERA on every axis, so that the network meets each evaluation case inside its
-# training distribution; the clean share keeps it close to the bicubic network on clean inputs.
+# training distribution.
 WIDE = Ranges(clean=0.1, blur=0.9, blur_sigma=(0.2, 2.6), anisotropic=0.4, noise=0.9,
               noise_sigma=(0.0, 10.0), poisson=0.25, poisson_scale=(0.05, 1.0), gray_noise=0.3,
               jpeg=0.9, jpeg_quality=(30, 95), second=0.2)
@@ -140,7 +140,12 @@ def draw(rng: random.Random, ranges: Ranges) -> Recipe:
 
 
 def pick(rng: random.Random, mixture: Mixture) -> Ranges:
-    """One of a mixture's ranges, each with its probability (one number from `rng`)."""
+    """One of a mixture's ranges, each with its probability: one number from `rng`, none for a
+    mixture of one (so that `((1.0, WIDE),)` replays the draws of runs made before the mixture)."""
+    if not math.isclose(sum(p for p, _ in mixture), 1.0):
+        raise ValueError(f"a mixture's probabilities sum to 1, not {sum(p for p, _ in mixture):g}")
+    if len(mixture) == 1:
+        return mixture[0][1]
     u, total = rng.random(), 0.0
     for probability, ranges in mixture:
         total += probability
@@ -149,7 +154,7 @@ def pick(rng: random.Random, mixture: Mixture) -> Ranges:
     return mixture[-1][1]
 
 
-def describe(mixture: Mixture) -> list[dict]:
+def describe_mixture(mixture: Mixture) -> list[dict]:
     """A mixture as JSON-ready values (what a model file records)."""
     return [{"probability": probability, **ranges.describe()} for probability, ranges in mixture]
 

@@ -75,6 +75,18 @@ def test_training_picks_each_range_of_its_mixture_by_its_probability() -> None:
     expected = d.apply(hr, 4, d.draw(rng, d.pick(rng, d.TRAINING)))
     assert np.array_equal(np.asarray(d.degrade_for_training(hr, 4, random.Random(7))), np.asarray(expected))
     assert sum(p for p, _ in d.TRAINING) == pytest.approx(1.0)
+    draws = [d.draw(rng, d.pick(rng, d.TRAINING)) for rng in map(random.Random, range(2000))]
+    assert sum(r == d.Recipe("bicubic", d.Pass(), None, 0) for r in draws) / len(draws) == pytest.approx(0.2, abs=0.03)
+    with pytest.raises(ValueError, match="sum to 1"):
+        d.pick(random.Random(0), ((0.5, d.CAMERA), (0.3, d.WIDE)))
+
+
+def test_a_mixture_of_one_draws_as_its_ranges_alone() -> None:
+    """Runs made before the mixture drew from WIDE directly: a mixture of WIDE alone replays them."""
+    for seed in range(20):
+        alone, mixed = random.Random(seed), random.Random(seed)
+        assert d.draw(mixed, d.pick(mixed, ((1.0, d.WIDE),))) == d.draw(alone, d.WIDE)
+        assert mixed.random() == alone.random()
 
 
 @pytest.mark.parametrize("sigmas", [(1.5, 1.5, 0.0), (2.0, 0.8, 0.6)])
@@ -152,7 +164,7 @@ def test_ranges_are_recorded_as_json() -> None:
 
     described = json.loads(json.dumps(d.WIDE.describe()))
     assert described["jpeg_quality"] == list(d.WIDE.jpeg_quality) and described["clean"] == d.WIDE.clean
-    mixture = json.loads(json.dumps(d.describe(d.TRAINING)))
+    mixture = json.loads(json.dumps(d.describe_mixture(d.TRAINING)))
     assert [(m["probability"], m["clean"]) for m in mixture] == [(p, r.clean) for p, r in d.TRAINING]
 
 

@@ -374,6 +374,7 @@ def test_real_degradation_crops_are_degraded_and_weights_choose_photos() -> None
     photos are cropped in proportion to their weights."""
     flat = torch.full((3, 64, 64), 100, dtype=torch.uint8)
     photo = torch.from_numpy(np.array(Image.open(EXAMPLES / "chelsea.png").convert("RGB"))).permute(2, 0, 1).contiguous()
+    # Seed 6: the first crop's draw is not one of the clean ones (a fifth of them are).
     clean = task.make_sampler([photo], 4, batch=8, patch=32)(random.Random(6))
     real = task.make_sampler([photo], 4, batch=8, patch=32, degradation="real")
     first, again = real(random.Random(6)), real(random.Random(6))
@@ -425,11 +426,15 @@ def test_a_resumed_real_run_records_the_ranges_its_earlier_steps_had(tmp_path: P
     monkeypatch.undo()
     task.train(tmp_path / "photos", second, 4, init=first, steps=1, batch=1, patch=32, degradation="real")
     task.train(tmp_path / "photos", third, 4, init=second, steps=1, batch=1, patch=32, degradation="real")
+    clean = tmp_path / "clean.safetensors"
+    task.train(tmp_path / "photos", clean, 4, init=second, steps=1, batch=1, patch=32)
+    assert read_info(clean).training["degradation"] == {"name": "bicubic", "from_step": 3,
+                                                        "before": read_info(second).training["degradation"]}
     once, twice = (read_info(f).training["degradation"] for f in (second, third))
     assert once["from_step"] == twice["from_step"] == 0
-    assert once["ranges"] == twice["ranges"] == degradations.describe(degradations.TRAINING)
+    assert once["ranges"] == twice["ranges"] == degradations.describe_mixture(degradations.TRAINING)
     # The same ranges again add nothing; the first run's are kept with the step they ended at.
-    assert once["earlier"] == twice["earlier"] == [{"until_step": 2, "ranges": degradations.describe(((1.0, degradations.WIDE),))}]
+    assert once["earlier"] == twice["earlier"] == [{"until_step": 2, "ranges": degradations.describe_mixture(((1.0, degradations.WIDE),))}]
 
 
 def test_evaluate_real_degradation_is_each_photo_its_own_seeded_draw(tmp_path: Path) -> None:

@@ -345,15 +345,18 @@ def train(
         # earlier steps were drawn from when they differ from today's.
         previous = meta.get("degradation") or {}
         resumed = previous.get("name") == "real"
-        ranges = degradations.describe(degradations.TRAINING)
+        ranges = degradations.describe_mixture(degradations.TRAINING)
         earlier = list(previous.get("earlier", [])) if resumed else []
-        if resumed and previous.get("ranges") != ranges:
+        if resumed and previous.get("ranges") not in (None, ranges):
             earlier.append({"until_step": done, "ranges": previous.get("ranges")})
         meta["degradation"] = {"name": "real", "from_step": previous.get("from_step", done) if resumed else done,
                                "ranges": ranges, **({"earlier": earlier} if earlier else {}),
                                "selection": [f.name for f in held_out]}
         validate = _validation(held_out, scale, crop=256, prefix="selection", degradation="real")
     else:
+        if (meta.get("degradation") or {}).get("name") == "real":
+            # Clean steps on a real-photo file make it a clean one again; its record is kept.
+            meta["degradation"] = {"name": "bicubic", "from_step": done, "before": meta["degradation"]}
         val = val if val is not None else folders[0].parent / "val"
         validate = _validation(image_files(val, val_images), scale, crop=192) if val.is_dir() else None
     params = sum(p.numel() for p in model.parameters())
