@@ -142,8 +142,8 @@ def draw(rng: random.Random, ranges: Ranges) -> Recipe:
 def pick(rng: random.Random, mixture: Mixture) -> Ranges:
     """One of a mixture's ranges, each with its probability: one number from `rng`, none for a
     mixture of one (so that `((1.0, WIDE),)` replays the draws of runs made before the mixture)."""
-    if not math.isclose(sum(p for p, _ in mixture), 1.0):
-        raise ValueError(f"a mixture's probabilities sum to 1, not {sum(p for p, _ in mixture):g}")
+    if not math.isclose(whole := sum(p for p, _ in mixture), 1.0):
+        raise ValueError(f"a mixture's probabilities sum to 1, not {whole:g}")
     if len(mixture) == 1:
         return mixture[0][1]
     u, total = rng.random(), 0.0

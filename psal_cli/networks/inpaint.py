@@ -526,8 +526,9 @@ class PSALInpaint(nn.Module):
         # An upsampled source off `valid` may sit within a patch radius of the map's edge, where
         # its patch has no pixels: it reads a valid centre instead, its vote gets no weight and
         # no part in the temperature, and a pixel no valid vote covers keeps the prior.
-        ok = valid.flatten(1).gather(1, indices.flatten(1))  # (B, hq·wq)
-        first = valid.flatten(1).float().argmax(1, keepdim=True)  # (B, 1)
+        flat = valid.flatten(1)  # (B, H·W)
+        ok = flat.gather(1, indices.flatten(1))  # (B, hq·wq)
+        first = flat.float().argmax(1, keepdim=True)  # (B, 1)
         indices = torch.where(ok, indices.flatten(1), first).view_as(indices)
         ok = ok.flatten()[at]  # (n,)
         # The search's own distances when it just ran on this estimate (they are exact).
