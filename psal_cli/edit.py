@@ -97,7 +97,7 @@ def upscaler_for(image: Image.Image) -> tuple[str, str]:
         return "real", "a JPEG input"
     sigma = noise_level(image)
     if sigma >= NOISY:
-        return "real", f"visible noise, σ ≈ {sigma:.1f} levels"
+        return "real", f"visible noise or fine texture, σ ≈ {sigma:.1f} levels"
     return "bicubic", f"a clean input: not JPEG, noise σ ≈ {sigma:.1f} levels"
 
 
