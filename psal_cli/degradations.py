@@ -146,12 +146,8 @@ def pick(rng: random.Random, mixture: Mixture) -> Ranges:
         raise ValueError(f"a mixture's probabilities sum to 1, not {whole:g}")
     if len(mixture) == 1:
         return mixture[0][1]
-    u, total = rng.random(), 0.0
-    for probability, ranges in mixture:
-        total += probability
-        if u < total:
-            return ranges
-    return mixture[-1][1]
+    probabilities, choices = zip(*mixture)
+    return rng.choices(choices, probabilities)[0]
 
 
 def describe_mixture(mixture: Mixture) -> list[dict]:
