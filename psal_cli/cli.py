@@ -66,8 +66,11 @@ Output = Annotated[str | None, typer.Option(
     "or [bold]-[/] for standard output. Default: beside each input, with --suffix.")]
 Model = Annotated[Path | None, typer.Option(
     "--model", "-m", metavar="FILE", rich_help_panel=IO,
-    help="Model file (.safetensors); upscale: also [bold]real[/] or [bold]bicubic[/], a family of installed ones. "
-    "Default: the installed one in weights/ (see [bold]psal models[/]).")]
+    help="Model file (.safetensors). Default: the installed one in weights/ (see [bold]psal models[/]).")]
+UpscaleModel = Annotated[Path | None, typer.Option(
+    "--model", "-m", metavar="FILE|real|bicubic", rich_help_panel=IO,
+    help="Model file (.safetensors), or [bold]real[/] or [bold]bicubic[/]: that family of installed networks. "
+    "Default: real for a JPEG or noisy input, bicubic for any other.")]
 Quality = Annotated[int | None, typer.Option(
     "--quality", min=1, max=100, rich_help_panel=IO, help="JPEG/WebP quality, 1-100.  [dim]\\[default: 95][/]")]
 Recursive = Annotated[bool, typer.Option(
@@ -177,6 +180,7 @@ class Invocation:
             path = default_model_path(self.task, scale, family or "bicubic") if scale else default_model_path(self.task)
             if not path.exists():
                 what = f"{self.task} ×{scale}" if scale else self.task
+                what = f"real-photo {what}" if family == "real" else what
                 how = " --degradation real" if family == "real" else ""
                 raise NoModel(f"no trained {what} model is installed (looked for {path}); "
                               f"pass --model FILE, or train one with `psal train {self.task}{how}`")
@@ -472,7 +476,7 @@ def upscale(
         "(upscale-x<scale>, upscale-real-x<scale>). [dim]\\[default: 4, or the --model FILE's][/]")] = None,
     ensemble: Annotated[bool, typer.Option(
         "--ensemble", help="Average 8 flipped/rotated runs (self-ensemble): a little more accurate, 8× slower.")] = False,
-    output: Output = None, model: Model = None, quality: Quality = None, recursive: Recursive = False,
+    output: Output = None, model: UpscaleModel = None, quality: Quality = None, recursive: Recursive = False,
     suffix: Suffix = None, ext: Ext = None, overwrite: Overwrite = False, skip_existing: SkipExisting = False,
     shard: Shard = None, json_summary: JsonSummary = False, quiet: Quiet = False, debug: Debug = False,
     device: Device = "auto", half: Half = False, precision: PrecisionOption = Precision.auto, threads: Threads = None, seed: Seed = 0, tile: Tile = None,
@@ -513,8 +517,8 @@ def upscale(
             log.info("%s (--model %s)", paths[forced].stem, forced)
             return edit.Upscaler(model, call.options, call.on_tile)
         clean = call.load_model(scale or 4, "bicubic")
-        if not paths["real"].exists():
-            log.info("%s is not installed: %s enlarges every input", paths["real"].name, paths["bicubic"].stem)
+        if not paths["real"].exists():  # ×3: one network for every input
+            log.info("%s enlarges every input (no real-photo ×%d network is installed)", paths["bicubic"].stem, scale or 4)
             return edit.Upscaler(clean, call.options, call.on_tile)
         return edit.Upscaler(clean, call.options, call.on_tile, call.load_model(scale or 4, "real"),
                              (paths["bicubic"].stem, paths["real"].stem))
@@ -587,8 +591,11 @@ def _print_models(rows: list[dict[str, Any]], missing: list[str], wdir: Path, so
         table.add_row(name(r), r["architecture"], r["task"], str(r["scale"] or ""), _trained_for(r),
                       _human(r["parameters"], ""), _human(r["size"], "B"))
     # The figures in a table of their own: beside six columns they would be folded mid-word.
-    figures = Table(box=None, header_style="bold", title_justify="left",
-                    title="[bold]PSNR dB[/] measured by psal eval (--json: every figure)")
+    figures = Table(box=None, header_style="bold", title_justify="left", caption_justify="left",
+                    title="[bold]PSNR dB[/] measured by psal eval (--json: every figure)",
+                    caption="DATA.psnr: psal eval on the folder DATA (val: BSD100); real_psnr: camera-like inputs "
+                    "(blur, noise, JPEG). val_crops_, selection_: training's own check on centre crops of a "
+                    "few BSD100 photos, or of the photos it held out.")
     figures.add_column("model", no_wrap=True)
     figures.add_column("figures")
     for r in good:
@@ -634,7 +641,20 @@ def _human(n: int, unit: str) -> str:
 
 
 TaskArg = Annotated[Task, typer.Argument(help="inpaint, colorize or upscale.", show_default=False)]
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # beside a source checkout
+
+
+def _default_data(split: str) -> Path:
+    """../shared/data/<split> beside the source checkout, or beside the current folder.
+
+    The benchmark photos are not shipped (research-use licences), so an installed psal
+    without them asks for --data rather than naming a path inside its own environment.
+    """
+    for folder in (SHARED_DATA / split, Path("..", "shared", "data", split)):
+        if folder.is_dir():
+            return folder
+    raise typer.BadParameter(f"no photos at ../shared/data/{split} (the benchmark sets are not shipped with psal): "
+                             "give a folder of photos", param_hint="--data")
 
 
 def _task_call(task: Task, function: str, given: dict[str, Any]) -> Any:
@@ -828,12 +848,12 @@ def train(
 
     [bold]Examples[/]
 
-      psal train upscale --scale 4 -o weights/upscale-x4.safetensors
+      psal train upscale --scale 4 -o my-run/upscale-x4.safetensors
 
       psal train inpaint --steps 200 -o /tmp/try.safetensors --device cuda
     """
     _setup_logging(quiet=False, debug=debug)
-    data = data or [SHARED_DATA / "train"]
+    data = data or [_default_data("train")]
     for folder in data:
         _folder(folder, "--data")
     if len(data) > 1 and task == Task.colorize:
@@ -861,8 +881,9 @@ def evaluate(
     task: TaskArg,
     model: Annotated[Path | None, typer.Option(
         "--model", "-m", metavar="FILE", help="Model file. Default: the installed one.")] = None,
-    data: Annotated[Path, typer.Option(
-        "--data", metavar="DIR", help="Evaluation photos (never trained on).")] = SHARED_DATA / "val",
+    data: Annotated[Path | None, typer.Option(
+        "--data", metavar="DIR", show_default=False,
+        help="Evaluation photos (never trained on).  [dim]\\[default: ../shared/data/val][/]")] = None,
     scale: Annotated[int | None, typer.Option("--scale", min=2, max=4, help="upscale: 2, 3 or 4.")] = None,
     masks: Annotated[Masks | None, typer.Option("--masks", help="inpaint: thin, thick or box.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N photos.")] = None,
@@ -891,7 +912,7 @@ def evaluate(
 ) -> None:
     """Measure a model with the task's published protocol, beside classical baselines.
 
-    Super-resolution: Y-channel PSNR/SSIM against bicubic and Lanczos; inpainting: PSNR, SSIM and hole error on seeded masks; colorization: PSNR and a,b error with the reference as is and flipped (see shared/data/README.md).
+    Super-resolution: Y-channel PSNR/SSIM against bicubic and Lanczos; inpainting: PSNR, SSIM and hole error on seeded masks; colorization: PSNR and a,b error with the reference as is and flipped (README: Train and evaluate).
 
     [bold]Examples[/]
 
@@ -904,7 +925,7 @@ def evaluate(
     from psal_cli.modelfile import default_model_path, read_info, write_metrics
 
     _setup_logging(quiet=json_report, debug=debug)
-    _folder(data, "--data")
+    data = _folder(data or _default_data("val"), "--data")
     _existing(model, "--model")
     if save_metrics and limit:
         raise typer.BadParameter("records a data set's figures: measure all of it (no --limit)",

@@ -188,7 +188,8 @@ def check_memory(need: int, what: str) -> None:
               "unknown" if available is None else _size(available))
     if available is not None and need > available:
         raise NotEnoughMemory(f"{what} needs about {_size(need)} of memory, "
-                              f"{_size(available)} is available")
+                              f"{_size(available)} is available (tiling does not lower this: free memory, "
+                              "or give a smaller image)")
 
 
 def _size(n: float) -> str:

@@ -128,8 +128,9 @@ class Remote:
         try:
             return fsspec.filesystem(self.protocol)
         except ImportError as e:  # e.g. s3fs for s3://, gcsfs for gs://
-            raise UsageError(f"{self}: {self.protocol}:// needs {e.name or 'a package'} "
-                             f"({_first_line(e)}): {EXTRA} has s3fs") from None
+            if self.protocol in ("s3", "s3a"):
+                raise UsageError(f"{self}: s3:// needs s3fs: {EXTRA}") from None
+            raise UsageError(f"{self}: {self.protocol}:// needs its fsspec back-end ({_first_line(e)})") from None
         except ValueError:
             raise UsageError(f"{self}: unknown storage protocol {self.protocol}://") from None
 

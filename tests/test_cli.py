@@ -26,7 +26,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import make_image, psal_command, psal_env, run_psal, stray_files
-from psal_cli import files
+from psal_cli import cli, files
 from psal_cli.cli import app
 from psal_cli.modelfile import save_model, write_metrics
 from psal_cli.networks import create_model
@@ -239,9 +239,10 @@ def test_upscale_chooses_the_real_network_for_jpeg_and_noisy_inputs(weights: Pat
     assert "upscale-real-x4 (--model real)" in log
     assert not np.array_equal(pixels("forced_real.png"), pixels("clean_file.png"))
     log = psal("upscale", "photo.jpg", "-o", "x2.png", "--scale", "2").stderr
-    assert "upscale-real-x2.safetensors is not installed: upscale-x2 enlarges every input" in log
+    assert "upscale-x2 enlarges every input (no real-photo ×2 network is installed)" in log
     result = psal("upscale", "photo.jpg", "-o", "none.png", "--scale", "2", "--model", "real", code=1)
-    assert "upscale-real-x2.safetensors" in result.stderr and not Path("none.png").exists()
+    assert "no trained real-photo upscale ×2 model" in result.stderr and "upscale-real-x2.safetensors" in result.stderr
+    assert not Path("none.png").exists()
     assert "(--model real)" not in result.stderr  # no line names a network that is not there
 
 
@@ -608,6 +609,19 @@ def test_train_and_eval_usage_errors() -> None:
     assert "no images found in empty" in result.stderr
     psal("train", "colorize", "--scale", "2", "-o", "new/n.safetensors", "--data", "photos", code=2)
     assert not Path("new").exists()  # a refused run leaves no folder behind
+
+
+def test_default_data_beside_the_checkout_or_the_current_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "SHARED_DATA", Path("nowhere"))  # an installed psal: no checkout beside it
+    Path("work").mkdir()
+    monkeypatch.chdir("work")
+    for command in (["eval", "upscale"], ["train", "upscale", "-o", "m.safetensors"]):
+        result = psal(*command, "--threads", "1", code=2)
+        assert "no photos at ../shared/data/" in result.stderr and "give a folder of photos" in result.stderr
+    assert not Path("m.safetensors").exists()
+    make_image("../shared/data/val/a.png", size=(40, 32))
+    report = json.loads(psal("eval", "upscale", "--scale", "2", "--threads", "1", "--json").stdout)
+    assert report["data"] == str(Path("..", "shared", "data", "val")) and len(report["images"]) == 1
 
 
 def test_train_and_eval_internal_errors(monkeypatch: pytest.MonkeyPatch) -> None:

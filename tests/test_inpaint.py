@@ -574,6 +574,19 @@ def test_evaluate_on_two_images(tmp_path):
     assert "mean" in task.format_report(report)
 
 
+def test_evaluate_says_once_which_baselines_it_cannot_measure(tmp_path, monkeypatch, caplog):
+    """A baseline whose package is missing is named once in the log, not silently left out."""
+    for i in range(2):
+        random_image("RGB", (64, 48), seed=i).save(tmp_path / f"im{i}.png")
+    monkeypatch.setitem(task.CLASSICAL, "telea", lambda image, hole: None)  # what a missing OpenCV gives
+    with caplog.at_level("WARNING", logger="psal"):
+        report = task.evaluate(tmp_path, "box", tiny())
+    said = [r.getMessage() for r in caplog.records if "not measured" in r.getMessage()]
+    # once for two images (Navier–Stokes too where OpenCV is missing)
+    assert said.count('telea not measured: its package is not installed (pip install "psal-cli[eval]")') == 1
+    assert "telea" not in report.baselines and "mean" in report.baselines
+
+
 def test_classical_baselines_fill_only_the_hole_and_continue_a_vertical_edge():
     """Telea, Navier–Stokes and PatchMatch (when installed) across a box in a two-tone image:
     known pixels kept, each side of the edge filled with its own tone."""
