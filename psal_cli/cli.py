@@ -844,7 +844,7 @@ def train(
 ) -> None:
     """Train a network on a folder of photos and write its model file.
 
-    Defaults (steps, batch, crop, learning rate) are each task's; the model file records the data and steps, and [bold]--init[/] resumes from any checkpoint.
+    Defaults (steps, batch, crop, learning rate) are each task's, and the first line of the run states them; the model file records the data and steps, and [bold]--init[/] resumes from any checkpoint.
 
     [bold]Examples[/]
 

@@ -54,9 +54,10 @@ class TrainOptions:
     minutes: float | None = None
 
     @property
-    def length(self) -> str:
-        """How long the run is, for its first log line."""
-        return f"{self.minutes:g} minutes" if self.minutes else f"{self.steps} steps"
+    def summary(self) -> str:
+        """How long the run is and its recipe, for its first log line (the defaults are each task's)."""
+        length = f"{self.minutes:g} minutes" if self.minutes else f"{self.steps} steps"
+        return f"{length}, batches of {self.batch} crops of {self.patch} px, peak learning rate {self.lr:g}"
 
 
 def image_files(folder: Path, limit: int | None = None) -> list[Path]:

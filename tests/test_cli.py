@@ -578,8 +578,9 @@ def test_train_then_eval_records_metrics() -> None:
     for i in range(3):
         make_image(f"photos/{i}.png", size=(40, 32), seed=i)
     common = ["--data", "photos", "--device", "cpu"]
-    psal("train", "upscale", "--scale", "2", "--steps", "1", "--batch", "1", "--patch", "16", "--loss", "l2",
-         "--rescale", "0.5", "--shuffle-colors", "-o", "new/m.safetensors", *common)  # the folder is made when training starts
+    log = psal("train", "upscale", "--scale", "2", "--steps", "1", "--batch", "1", "--patch", "16", "--loss", "l2",
+               "--rescale", "0.5", "--shuffle-colors", "-o", "new/m.safetensors", *common).stderr  # the folder is made when training starts
+    assert "from step 0: 1 steps, batches of 1 crops of 16 px, peak learning rate 0.001" in log  # the task's default lr
     psal("eval", "upscale", "--model", "new/m.safetensors", "--scale", "2", "--threads", "1",
          "--save-metrics", *common)
     rows = json.loads(psal("models", "new/m.safetensors", "--json").stdout)["models"]

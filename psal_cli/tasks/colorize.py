@@ -127,7 +127,7 @@ def train(
     photos = load_photos(Path(data), limit)
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, seed=seed, device=device, minutes=minutes)
     log.info(f"colorize: {sum(p.numel() for p in model.parameters())} parameters, {len(photos)} photos, "
-        f"from step {done}")
+        f"from step {done}: {options.summary}")
     meta = {**earlier, "data": data_description(data, len(photos), limit), "init": str(init or "")}
     fit(model, make_sampler(photos, batch, patch), chroma_l1, options, Path(out),
         training_meta=meta, done_steps=done)

@@ -179,7 +179,7 @@ def train(
     options = TrainOptions(steps=steps, batch=batch, patch=patch, lr=lr, lr_final=lr / 50, seed=seed,
                            device=device, log_every=25, checkpoint_every=checkpoint_every, minutes=minutes)
     params = sum(p.numel() for p in model.parameters())
-    log.info(f"psal-inpaint: {params} parameters, {len(photos)} photos, {options.length} from step {done}")
+    log.info(f"psal-inpaint: {params} parameters, {len(photos)} photos, from step {done}: {options.summary}")
     largest = math.isqrt(model.config.work_pixels)
     sampler = make_sampler(photos, batch, patch, largest=largest, weighted=len(folders) > 1)
     fit(model, sampler, hole_l1, options, Path(out),

@@ -361,7 +361,7 @@ def train(
         validate = _validation(image_files(val, val_images), scale, crop=192) if val.is_dir() else None
     params = sum(p.numel() for p in model.parameters())
     log.info(f"psal-upscale ×{scale}: {params} parameters, attention {model.config.attention}, "
-        f"{len(photos)} photos, {options.length} from step {done}")
+        f"{len(photos)} photos, from step {done}: {options.summary}")
     if rescale < 1 or colors:
         meta["augmented"] = meta.get("augmented", []) + [f"rescale {rescale:g}, colors {colors} from step {done}"]
     weights = [float(p.shape[-1] * p.shape[-2]) for p in photos] if len(folders) > 1 else None
