@@ -13,7 +13,7 @@ and for each, the mean Y PSNR of the clean network, the real network, and of a r
 would take the quality into account: quality ≥ `--high` and `noise_level` below
 `edit.NOISY` → the clean network, else the real one.
 
-    python benchmarks/upscale_chooser.py --data selection --scale 4 --threads 2
+    python benchmarks/upscale_chooser.py --data selection --scale 4 --threads 2 --json benchmarks/results/upscale-chooser-x4.json
 """
 
 from __future__ import annotations
@@ -71,13 +71,14 @@ def main() -> None:
     for kind in ("clean", "camera"):
         for quality in args.qualities:
             got = [r for r in rows if r["input"] == kind and r["quality"] == quality]
-            rule = [r["bicubic"] if quality >= args.high and r["noise_level"] < NOISY else r["real"] for r in got]
+            clean_by_rule = [quality >= args.high and r["noise_level"] < NOISY for r in got]
+            rule = [r["bicubic"] if clean else r["real"] for r, clean in zip(got, clean_by_rule)]
             line = {"input": kind, "quality": quality, "photos": len(got),
                     "clean_network": statistics.mean(r["bicubic"] for r in got),
                     "real_network": statistics.mean(r["real"] for r in got),
                     "quality_rule": statistics.mean(rule),
                     "real_ahead": sum(r["real"] > r["bicubic"] for r in got),
-                    "rule_picks_clean": sum(quality >= args.high and r["noise_level"] < NOISY for r in got)}
+                    "rule_picks_clean": sum(clean_by_rule)}
             summary.append(line)
             print(f"×{args.scale} {kind} JPEG q{quality}, {line['photos']} photos: clean network "
                   f"{line['clean_network']:.2f}, real network {line['real_network']:.2f} (ahead on "

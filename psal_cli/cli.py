@@ -70,7 +70,7 @@ Model = Annotated[Path | None, typer.Option(
 UpscaleModel = Annotated[Path | None, typer.Option(
     "--model", "-m", metavar="FILE|real|bicubic", rich_help_panel=IO,
     help="Model file (.safetensors), or [bold]real[/] or [bold]bicubic[/]: that family of installed networks. "
-    "Default: real for a JPEG or noisy input, bicubic for any other.")]
+    "Default: chosen per input, as said above.")]
 Quality = Annotated[int | None, typer.Option(
     "--quality", min=1, max=100, rich_help_panel=IO, help="JPEG/WebP quality, 1-100.  [dim]\\[default: 95][/]")]
 Recursive = Annotated[bool, typer.Option(
@@ -650,11 +650,11 @@ def _default_data(split: str) -> Path:
     The benchmark photos are not shipped (research-use licences), so an installed psal
     without them asks for --data rather than naming a path inside its own environment.
     """
-    for folder in (SHARED_DATA / split, Path("..", "shared", "data", split)):
+    for folder in (SHARED_DATA / split, Path("..", "shared", "data", split).resolve()):
         if folder.is_dir():
             return folder
-    raise typer.BadParameter(f"no photos at ../shared/data/{split} (the benchmark sets are not shipped with psal): "
-                             "give a folder of photos", param_hint="--data")
+    raise typer.BadParameter(f"no folder ../shared/data/{split} beside psal's checkout or the current folder "
+                             "(the benchmark sets are not shipped with psal): give a folder of photos", param_hint="--data")
 
 
 def _task_call(task: Task, function: str, given: dict[str, Any]) -> Any:
@@ -844,7 +844,7 @@ def train(
 ) -> None:
     """Train a network on a folder of photos and write its model file.
 
-    Defaults (steps, batch, crop, learning rate) are each task's, and the first line of the run states them; the model file records the data and steps, and [bold]--init[/] resumes from any checkpoint.
+    Defaults (steps, batch, crop, learning rate) are each task's, and a line at the start of the run states them; the model file records the data and steps, and [bold]--init[/] resumes from any checkpoint.
 
     [bold]Examples[/]
 

@@ -129,7 +129,7 @@ class Remote:
             return fsspec.filesystem(self.protocol)
         except ImportError as e:  # e.g. s3fs for s3://, gcsfs for gs://
             if self.protocol in ("s3", "s3a"):
-                raise UsageError(f"{self}: s3:// needs s3fs: {EXTRA}") from None
+                raise UsageError(f"{self}: {self.protocol}:// needs s3fs: {EXTRA}") from None
             raise UsageError(f"{self}: {self.protocol}:// needs its fsspec back-end ({_first_line(e)})") from None
         except ValueError:
             raise UsageError(f"{self}: unknown storage protocol {self.protocol}://") from None

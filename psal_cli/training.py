@@ -56,7 +56,9 @@ class TrainOptions:
     @property
     def summary(self) -> str:
         """How long the run is and its recipe, for its first log line (the defaults are each task's)."""
-        length = f"{self.minutes:g} minutes" if self.minutes else f"{self.steps} steps"
+        length = f"{self.steps} step{'s' if self.steps != 1 else ''}"
+        if self.minutes:
+            length = f"{self.minutes:g} minutes" + (f" (at most {length})" if self.steps != UNTIL_THE_CLOCK else "")
         return f"{length}, batches of {self.batch} crops of {self.patch} px, peak learning rate {self.lr:g}"
 
 

@@ -580,7 +580,7 @@ def test_train_then_eval_records_metrics() -> None:
     common = ["--data", "photos", "--device", "cpu"]
     log = psal("train", "upscale", "--scale", "2", "--steps", "1", "--batch", "1", "--patch", "16", "--loss", "l2",
                "--rescale", "0.5", "--shuffle-colors", "-o", "new/m.safetensors", *common).stderr  # the folder is made when training starts
-    assert "from step 0: 1 steps, batches of 1 crops of 16 px, peak learning rate 0.001" in log  # the task's default lr
+    assert "from step 0: 1 step, batches of 1 crops of 16 px, peak learning rate 0.001" in log  # the task's default lr
     psal("eval", "upscale", "--model", "new/m.safetensors", "--scale", "2", "--threads", "1",
          "--save-metrics", *common)
     rows = json.loads(psal("models", "new/m.safetensors", "--json").stdout)["models"]
@@ -618,11 +618,16 @@ def test_default_data_beside_the_checkout_or_the_current_folder(monkeypatch: pyt
     monkeypatch.chdir("work")
     for command in (["eval", "upscale"], ["train", "upscale", "-o", "m.safetensors"]):
         result = psal(*command, "--threads", "1", code=2)
-        assert "no photos at ../shared/data/" in result.stderr and "give a folder of photos" in result.stderr
+        assert "no folder ../shared/data/" in result.stderr and "give a folder of photos" in result.stderr
     assert not Path("m.safetensors").exists()
     make_image("../shared/data/val/a.png", size=(40, 32))
     report = json.loads(psal("eval", "upscale", "--scale", "2", "--threads", "1", "--json").stdout)
-    assert report["data"] == str(Path("..", "shared", "data", "val")) and len(report["images"]) == 1
+    assert report["data"] == str(Path("..", "shared", "data", "val").resolve()) and len(report["images"]) == 1
+    for name in ("b.png", "c.png"):  # beside the checkout: taken before the current folder's
+        make_image(f"../checkout_data/val/{name}", size=(40, 32))
+    monkeypatch.setattr(cli, "SHARED_DATA", Path("../checkout_data").resolve())
+    report = json.loads(psal("eval", "upscale", "--scale", "2", "--threads", "1", "--json").stdout)
+    assert [row["name"] for row in report["images"]] == ["b", "c"]
 
 
 def test_train_and_eval_internal_errors(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -583,7 +583,7 @@ def test_evaluate_says_once_which_baselines_it_cannot_measure(tmp_path, monkeypa
         report = task.evaluate(tmp_path, "box", tiny())
     said = [r.getMessage() for r in caplog.records if "not measured" in r.getMessage()]
     # once for two images (Navier–Stokes too where OpenCV is missing)
-    assert said.count('telea not measured: its package is not installed (pip install "psal-cli[eval]")') == 1
+    assert said.count('telea not measured: unavailable (pip install "psal-cli[eval]")') == 1
     assert "telea" not in report.baselines and "mean" in report.baselines
 
 

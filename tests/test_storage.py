@@ -179,6 +179,18 @@ def test_a_url_without_the_extra_names_it(blocked: str, monkeypatch: pytest.Monk
     assert 'pip install "psal-cli[s3]"' in result.stderr
 
 
+def test_another_store_without_its_back_end_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gs:// without gcsfs: one line naming the back-end fsspec asks for (the s3 extra does not bring it)."""
+    pytest.importorskip("fsspec", reason='needs fsspec (pip install "psal-cli[s3]")')
+    monkeypatch.setitem(sys.modules, "gcsfs", None)
+    monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "gs", raising=False)
+    make_image("a.png")
+    result = runner.invoke(app, ["upscale", "a.png", "-o", "gs://bucket/a.png"])
+    assert result.exit_code == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "gs:// needs its fsspec back-end" in result.stderr and "gcsfs" in result.stderr
+
+
 def test_store_gone_mid_run(bucket: str, server: object) -> None:
     """The server stops while a batch writes to it: a clear error, exit 1, and every object
     under an output name is complete (the same bytes a local run writes)."""

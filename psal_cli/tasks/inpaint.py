@@ -319,7 +319,7 @@ def evaluate(
                 outputs[method] = out
             elif method not in skipped:  # said once: the report simply has no such column
                 skipped.add(method)
-                log.warning('%s not measured: its package is not installed (pip install "psal-cli[eval]")', method)
+                log.warning('%s not measured: unavailable (pip install "psal-cli[eval]")', method)
         for method, out in outputs.items():
             got = inpaint_metrics(out, truth, hole)
             got["sharpness_rel"] = got["sharpness"] / row["true_sharpness"]
