@@ -179,9 +179,9 @@ class Invocation:
         if path is None or family is not None:
             path = default_model_path(self.task, scale, family or "bicubic") if scale else default_model_path(self.task)
             if not path.exists():
-                what = f"{self.task} ×{scale}" if scale else self.task
-                what = f"real-photo {what}" if family == "real" else what
-                how = " --degradation real" if family == "real" else ""
+                real = family == "real"
+                what = ("real-photo " if real else "") + (f"{self.task} ×{scale}" if scale else self.task)
+                how = " --degradation real" if real else ""
                 raise NoModel(f"no trained {what} model is installed (looked for {path}); "
                               f"pass --model FILE, or train one with `psal train {self.task}{how}`")
         elif not path.exists():
